@@ -1,0 +1,141 @@
+//! Frames the hub sends.
+//!
+//! `MESSAGE` frames are the hot path. A `MESSAGE` differs between subscribers only in its
+//! `subscription` header, so [`MessageTemplate`] encodes everything else once per event (the
+//! "tail": the other headers and the body) and [`MessageTemplate::frame_for`] prepends a
+//! subscriber's pre-encoded `MESSAGE\nsubscription:…\n` line. The tail is also exactly what a
+//! node publishes to the cluster broker, so no node re-encodes an event it receives.
+
+use crate::frame::{Command, Frame, escape_header};
+use crate::heartbeat::HeartBeat;
+use std::sync::Arc;
+
+/// The server name sent in `CONNECTED`.
+pub const SERVER: &str = concat!("lockstep/", env!("CARGO_PKG_VERSION"));
+
+/// An event encoded once, shared by every subscriber of its topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageTemplate {
+    tail: Arc<str>,
+}
+
+impl MessageTemplate {
+    /// Encodes the parts of a `MESSAGE` that all subscribers share.
+    pub fn new(
+        destination: &str,
+        message_id: &str,
+        event_type: &str,
+        envelope_json: &str,
+    ) -> MessageTemplate {
+        let mut tail = String::with_capacity(envelope_json.len() + 128);
+        for (name, value) in [
+            ("destination", destination),
+            ("message-id", message_id),
+            ("content-type", "application/json"),
+            ("event-type", event_type),
+        ] {
+            tail.push_str(name);
+            tail.push(':');
+            tail.push_str(&escape_header(value));
+            tail.push('\n');
+        }
+        tail.push_str("content-length:");
+        tail.push_str(&envelope_json.len().to_string());
+        tail.push_str("\n\n");
+        tail.push_str(envelope_json);
+        tail.push('\0');
+        MessageTemplate { tail: tail.into() }
+    }
+
+    /// Rebuilds a template from a tail produced by [`MessageTemplate::tail`] (as received from
+    /// the cluster broker).
+    pub fn from_tail(tail: Arc<str>) -> MessageTemplate {
+        MessageTemplate { tail }
+    }
+
+    /// The shared part of the frame: every header but `subscription`, the body and the NUL.
+    pub fn tail(&self) -> &Arc<str> {
+        &self.tail
+    }
+
+    /// The whole `MESSAGE` frame for one subscription. `prefix` comes from
+    /// [`subscription_prefix`].
+    pub fn frame_for(&self, prefix: &str) -> String {
+        let mut frame = String::with_capacity(prefix.len() + self.tail.len());
+        frame.push_str(prefix);
+        frame.push_str(&self.tail);
+        frame
+    }
+}
+
+/// `MESSAGE\nsubscription:{id}\n`, encoded once per subscription.
+pub fn subscription_prefix(subscription_id: &str) -> String {
+    format!("MESSAGE\nsubscription:{}\n", escape_header(subscription_id))
+}
+
+/// `CONNECTED`. Not escaped, as STOMP 1.2 requires for this frame.
+pub fn connected(version: &str, session: &str, heart_beat: HeartBeat) -> Frame {
+    Frame::new(Command::Connected)
+        .with_header("version", version)
+        .with_header("server", SERVER)
+        .with_header("heart-beat", heart_beat.header_value())
+        .with_header("session", session)
+}
+
+/// `RECEIPT` for a client frame's `receipt` header.
+pub fn receipt(receipt_id: &str) -> Frame {
+    Frame::new(Command::Receipt).with_header("receipt-id", receipt_id)
+}
+
+/// `ERROR` with a short `message` header and a plain-text explanation in the body.
+pub fn error(message: &str, receipt_id: Option<&str>, details: &str) -> Frame {
+    let mut frame = Frame::new(Command::Error).with_header("message", message);
+    if let Some(id) = receipt_id {
+        frame = frame.with_header("receipt-id", id);
+    }
+    frame
+        .with_header("content-type", "text/plain")
+        .with_header("content-length", details.len().to_string())
+        .with_body(details.to_owned())
+}
+
+/// Encodes a server frame as text. Server frames carry only UTF-8 (headers are `String`s, bodies
+/// are JSON or plain text), so they can go out as WebSocket text messages, which browsers and
+/// every STOMP client library handle.
+pub fn to_text(frame: &Frame) -> String {
+    String::from_utf8_lossy(&frame.to_bytes()).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Decoder, Limits};
+    use bytes::BytesMut;
+
+    #[test]
+    fn message_template_decodes_as_a_message() {
+        let body = r#"{"id":"01","data":{"a":"x\u0000"}}"#;
+        let t = MessageTemplate::new("/team/t:1", "01", "job.progress", body);
+        let text = t.frame_for(&subscription_prefix("sub:0"));
+        let frame = Decoder::new(Limits::default())
+            .decode(&mut BytesMut::from(text.as_bytes()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.command, Command::Message);
+        assert_eq!(frame.header("subscription"), Some("sub:0"));
+        assert_eq!(frame.header("destination"), Some("/team/t:1"));
+        assert_eq!(frame.header("message-id"), Some("01"));
+        assert_eq!(frame.header("event-type"), Some("job.progress"));
+        assert_eq!(frame.header("content-type"), Some("application/json"));
+        assert_eq!(&frame.body[..], body.as_bytes());
+    }
+
+    #[test]
+    fn error_frame_carries_receipt_id() {
+        let text = to_text(&error("forbidden", Some("r-1"), "not yours"));
+        assert_eq!(
+            text,
+            "ERROR\nmessage:forbidden\nreceipt-id:r-1\ncontent-type:text/plain\ncontent-length:9\n\nnot yours\0"
+        );
+    }
+}

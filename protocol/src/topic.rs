@@ -1,0 +1,210 @@
+//! Topics (`/user/{id}`, `/team/{id}`, `/global`) and event type names.
+
+use std::fmt;
+use thiserror::Error;
+
+/// Which kind of topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TopicKind {
+    User,
+    Team,
+    Global,
+}
+
+/// A valid destination. Keeps its canonical string so the hot path never formats it again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Topic {
+    path: String,
+    kind: TopicKind,
+}
+
+/// Why a destination or event type is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TopicError {
+    #[error("unknown destination '{0}': use /user/{{id}}, /team/{{id}} or /global")]
+    UnknownDestination(String),
+    #[error("invalid id in destination '{0}': ids match [A-Za-z0-9_.:-]{{1,128}}")]
+    InvalidId(String),
+    #[error("invalid event type '{0}': types match [a-z][a-z0-9_]*(.[a-z0-9_]+)+")]
+    InvalidEventType(String),
+}
+
+/// Whether `id` is a valid user, team or item id: `[A-Za-z0-9_.:-]{1,128}`.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+impl Topic {
+    /// Parses a destination.
+    ///
+    /// # Errors
+    ///
+    /// [`TopicError`] naming the destination when it is not one of the three forms or its id
+    /// is invalid.
+    pub fn parse(destination: &str) -> Result<Topic, TopicError> {
+        let (kind, id) = if destination == "/global" {
+            return Ok(Topic::global());
+        } else if let Some(id) = destination.strip_prefix("/user/") {
+            (TopicKind::User, id)
+        } else if let Some(id) = destination.strip_prefix("/team/") {
+            (TopicKind::Team, id)
+        } else {
+            return Err(TopicError::UnknownDestination(truncate(destination)));
+        };
+        if !is_valid_id(id) {
+            return Err(TopicError::InvalidId(truncate(destination)));
+        }
+        Ok(Topic {
+            path: destination.to_owned(),
+            kind,
+        })
+    }
+
+    pub fn global() -> Topic {
+        Topic {
+            path: "/global".to_owned(),
+            kind: TopicKind::Global,
+        }
+    }
+
+    /// `/user/{id}`.
+    ///
+    /// # Errors
+    ///
+    /// When `id` is not a valid id.
+    pub fn user(id: &str) -> Result<Topic, TopicError> {
+        Topic::parse(&format!("/user/{id}"))
+    }
+
+    /// `/team/{id}`.
+    ///
+    /// # Errors
+    ///
+    /// When `id` is not a valid id.
+    pub fn team(id: &str) -> Result<Topic, TopicError> {
+        Topic::parse(&format!("/team/{id}"))
+    }
+
+    pub fn kind(&self) -> TopicKind {
+        self.kind
+    }
+
+    /// The user or team id; `None` for `/global`.
+    pub fn id(&self) -> Option<&str> {
+        match self.kind {
+            TopicKind::User => Some(&self.path["/user/".len()..]),
+            TopicKind::Team => Some(&self.path["/team/".len()..]),
+            TopicKind::Global => None,
+        }
+    }
+
+    /// The destination string.
+    pub fn as_str(&self) -> &str {
+        &self.path
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.path)
+    }
+}
+
+/// Error messages quote the input; keep them short whatever a client sent.
+fn truncate(s: &str) -> String {
+    match s.char_indices().nth(140) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// A valid event type name: `[a-z][a-z0-9_]*(\.[a-z0-9_]+)+`, e.g. `job.progress`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EventType(String);
+
+impl EventType {
+    /// # Errors
+    ///
+    /// [`TopicError::InvalidEventType`] when `name` does not match the pattern or is longer than
+    /// 128 bytes.
+    pub fn parse(name: &str) -> Result<EventType, TopicError> {
+        let mut parts = name.split('.');
+        let first = parts.next().unwrap_or_default();
+        let segment_ok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        let valid = name.len() <= 128
+            && first.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+            && segment_ok(first)
+            && name.contains('.')
+            && parts.all(segment_ok);
+        if valid {
+            Ok(EventType(name.to_owned()))
+        } else {
+            Err(TopicError::InvalidEventType(truncate(name)))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_topics() {
+        let t = Topic::parse("/team/t-1.a:b_c").unwrap();
+        assert_eq!((t.kind(), t.id()), (TopicKind::Team, Some("t-1.a:b_c")));
+        assert_eq!(Topic::parse("/global").unwrap().id(), None);
+        assert_eq!(Topic::parse("/user/u1").unwrap().as_str(), "/user/u1");
+        for bad in [
+            "/user/",
+            "/team/a b",
+            "/team/a/b",
+            "/queue/x",
+            "/global/x",
+            "user/x",
+            "",
+        ] {
+            assert!(Topic::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Topic::parse(&format!("/user/{}", "a".repeat(128))).is_ok());
+        assert!(Topic::parse(&format!("/user/{}", "a".repeat(129))).is_err());
+        let msg = Topic::parse(&"x".repeat(1000)).unwrap_err().to_string();
+        assert!(msg.len() < 300, "{msg}");
+    }
+
+    #[test]
+    fn parses_event_types() {
+        for ok in ["job.progress", "lock.taken_over", "a1.b.c_2", "x.0"] {
+            assert!(EventType::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "job",
+            "Job.progress",
+            "1job.x",
+            "job.",
+            ".job",
+            "job..x",
+            "job.Pro",
+            "a-b.c",
+            "",
+        ] {
+            assert!(EventType::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
