@@ -1,1 +1,217 @@
-//! placeholder
+//! Lockstep's HTTP API (DESIGN §6): publish, health and readiness, metrics, OpenAPI.
+//!
+//! [`app`] builds the router. The API does not know the hub: events go out through an
+//! [`EventPublisher`] the binary plugs in, and readiness is asked of [`ReadinessCheck`]s.
+//!
+//! # Layout
+//!
+//! - [`error`]: [`ApiError`], the one error type, and its JSON form.
+//! - `extract`: [`extract::ApiJson`] and [`extract::Caller`] (bearer-token authentication).
+//! - `publish`: `POST /api/v1/publish` and `/publish/batch`.
+//! - `health`: `/healthz`, `/readyz`, `/metrics`.
+//! - `openapi`: the OpenAPI document at `/api/v1/openapi.json`.
+
+pub mod error;
+pub mod extract;
+mod health;
+mod openapi;
+mod publish;
+mod ratelimit;
+
+pub use error::ApiError;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::future::BoxFuture;
+use http::{HeaderValue, Method};
+use protocol::{Authenticator, EventType, Topic};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+use std::time::Duration;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+/// Publishes events for the API. The binary implements it over the hub.
+pub trait EventPublisher: Send + Sync + std::fmt::Debug + 'static {
+    /// Publishes one event and returns its id.
+    fn publish<'a>(
+        &'a self,
+        topic: &'a Topic,
+        event_type: &'a EventType,
+        data: &'a RawValue,
+    ) -> BoxFuture<'a, Result<String, PublishFailure>>;
+}
+
+/// Why an event could not be published.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishFailure {
+    #[error("event broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+/// A dependency `/readyz` reports on.
+pub trait ReadinessCheck: Send + Sync + std::fmt::Debug + 'static {
+    /// A short name: `broker`, `lock_store`.
+    fn name(&self) -> &'static str;
+    fn is_ready(&self) -> BoxFuture<'_, bool>;
+}
+
+/// Which origins get CORS headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Cors {
+    /// No CORS headers: only same-origin pages can call the API.
+    #[default]
+    SameOrigin,
+    List(Vec<String>),
+    Any,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Most events in one `POST /publish/batch`.
+    pub max_batch: usize,
+    /// Events per second per token (0: unlimited), and the burst above it.
+    pub publish_rate: u32,
+    pub publish_burst: u32,
+    /// Longest a request may take before it is answered 503.
+    pub request_timeout: Duration,
+    pub cors: Cors,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            max_body_bytes: 1024 * 1024,
+            max_batch: 100,
+            publish_rate: 1000,
+            publish_burst: 2000,
+            request_timeout: Duration::from_secs(30),
+            cors: Cors::SameOrigin,
+        }
+    }
+}
+
+/// Everything handlers share; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ApiConfig,
+    auth: Arc<Authenticator>,
+    publisher: Arc<dyn EventPublisher>,
+    checks: Vec<Arc<dyn ReadinessCheck>>,
+    /// Renders `/metrics`; `None` when no recorder is installed.
+    metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    limiter: ratelimit::KeyedLimiter,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("config", &self.config)
+            .field("publisher", &self.publisher)
+            .field("checks", &self.checks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiState {
+    pub fn new(
+        config: ApiConfig,
+        auth: Arc<Authenticator>,
+        publisher: Arc<dyn EventPublisher>,
+        checks: Vec<Arc<dyn ReadinessCheck>>,
+        metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    ) -> ApiState {
+        let limiter = ratelimit::KeyedLimiter::new(config.publish_rate, config.publish_burst);
+        ApiState {
+            inner: Arc::new(Inner {
+                config,
+                auth,
+                publisher,
+                checks,
+                metrics,
+                limiter,
+            }),
+        }
+    }
+}
+
+/// The API's routes: `/api/v1/…`, `/healthz`, `/readyz`, `/metrics`.
+pub fn app(state: ApiState) -> Router {
+    let config = &state.inner.config;
+    let v1 = Router::new()
+        .route("/publish", post(publish::publish))
+        .route("/publish/batch", post(publish::publish_batch))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(not_found);
+    let timeout = config.request_timeout;
+    Router::new()
+        .nest("/api/v1", v1)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(middleware::from_fn(move |req, next| {
+            with_timeout(timeout, req, next)
+        }))
+        .layer(cors_layer(&config.cors))
+        // Added last, so outermost: the span covers everything else.
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let path = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or(req.uri().path(), MatchedPath::as_str);
+            tracing::debug_span!("request", method = %req.method(), path)
+        }))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound {
+        code: "not_found",
+        message: "no such endpoint".to_owned(),
+    }
+}
+
+/// Answers 503 in the API's format when a request runs past the timeout, so a stuck
+/// dependency cannot hold a client (or a graceful shutdown) forever.
+async fn with_timeout(timeout: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::unavailable(
+            "timeout",
+            format!("the request did not finish within {timeout:?}"),
+        )
+        .into_response(),
+    }
+}
+
+fn cors_layer(cors: &Cors) -> CorsLayer {
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([http::header::AUTHORIZATION, http::header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(600));
+    match cors {
+        Cors::SameOrigin => layer.allow_origin(AllowOrigin::list([])),
+        Cors::Any => layer.allow_origin(AllowOrigin::any()),
+        Cors::List(origins) => layer.allow_origin(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,196 @@
-//! placeholder
+//! Lockstep's real-time hub: STOMP 1.2 over WebSocket, fanned out through a broker.
+//!
+//! [`router`] serves `GET /ws`. Each connection runs one session task that authenticates the
+//! client, tracks its subscriptions in the node's [`Registry`], and writes the frames fan-out
+//! queues for it. Events reach the registry through a [`Broker`]: [`MemoryBroker`] on a single
+//! node, Redis in a cluster. [`Hub::publish`] is the one way events enter, for STOMP `SEND` and
+//! (through the binary's wiring) the HTTP API alike.
+//!
+//! # Layout
+//!
+//! - `upgrade`: the `/ws` handler: Origin check, connection limit, subprotocol, buffer sizes.
+//! - `session`: the per-connection state machine.
+//! - [`registry`]: topic → local subscribers, and encode-once fan-out.
+//! - `subscriptions`: keeps broker subscriptions in step with the registry.
+//! - [`broker`]: the [`Broker`] trait and [`MemoryBroker`].
+//! - [`config`]: [`HubConfig`], every bound of a session.
+
+pub mod broker;
+pub mod config;
+pub mod registry;
+mod session;
+mod subscriptions;
+mod upgrade;
+
+pub use broker::{Broker, BrokerError, MemoryBroker};
+pub use config::{HubConfig, OriginPolicy};
+pub use registry::Registry;
+
+use axum::Router;
+use axum::routing::get;
+use parking_lot::Mutex;
+use protocol::server::MessageTemplate;
+use protocol::{Authenticator, EventType, Topic, envelope};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+use subscriptions::Subscriptions;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Told when a STOMP session ends, wherever in the node it ran. The lock service uses it to
+/// release session-bound locks; the hub does not know what observers do.
+pub trait SessionObserver: Send + Sync + std::fmt::Debug + 'static {
+    fn session_closed(&self, session_id: &str, user: &str);
+}
+
+/// A handle to the hub: cheap to clone, shared by every session and the router.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: HubConfig,
+    auth: Arc<Authenticator>,
+    registry: Arc<Registry>,
+    broker: Arc<dyn Broker>,
+    subscriptions: Arc<Subscriptions>,
+    /// One permit per open WebSocket; `max_connections` in all.
+    connections: Arc<Semaphore>,
+    /// Cancelled on shutdown: sessions close with 4010.
+    shutdown: CancellationToken,
+    /// Tracks session tasks so shutdown can wait for their closing handshakes.
+    tracker: TaskTracker,
+    /// Event and session ids: ULIDs, monotonic within this node, so ids sort by publish order.
+    /// A `parking_lot` mutex: held for a few nanoseconds, never across an `.await`.
+    ids: IdGenerator,
+    next_conn: AtomicU64,
+    observer: Option<Arc<dyn SessionObserver>>,
+}
+
+struct IdGenerator(Mutex<ulid::Generator>);
+
+impl std::fmt::Debug for IdGenerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdGenerator")
+    }
+}
+
+/// Why an event could not be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl Hub {
+    /// Creates the hub and starts its subscription manager. Must run inside a Tokio runtime.
+    pub fn new(
+        config: HubConfig,
+        auth: Arc<Authenticator>,
+        registry: Arc<Registry>,
+        broker: Arc<dyn Broker>,
+        observer: Option<Arc<dyn SessionObserver>>,
+    ) -> Hub {
+        let shutdown = CancellationToken::new();
+        let subscriptions = Arc::new(Subscriptions::new());
+        tokio::spawn(
+            subscriptions
+                .clone()
+                .run(registry.clone(), broker.clone(), shutdown.clone()),
+        );
+        Hub {
+            inner: Arc::new(Inner {
+                connections: Arc::new(Semaphore::new(config.max_connections)),
+                config,
+                auth,
+                registry,
+                broker,
+                subscriptions,
+                shutdown,
+                tracker: TaskTracker::new(),
+                ids: IdGenerator(Mutex::new(ulid::Generator::new())),
+                next_conn: AtomicU64::new(1),
+                observer,
+            }),
+        }
+    }
+
+    /// Publishes an event: builds its envelope and `MESSAGE` once, and hands it to the broker.
+    /// Returns the event id.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError`] when the broker cannot take the event or the node is shutting down.
+    pub async fn publish(
+        &self,
+        topic: &Topic,
+        event_type: &EventType,
+        data: &RawValue,
+    ) -> Result<String, PublishError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(PublishError::ShuttingDown);
+        }
+        let id = self.new_id();
+        let ts = envelope::format_ts(SystemTime::now());
+        let json = protocol::Envelope {
+            id: &id,
+            event_type: event_type.as_str(),
+            topic: topic.as_str(),
+            ts: &ts,
+            data,
+        }
+        .to_json();
+        let message = MessageTemplate::new(topic.as_str(), &id, event_type.as_str(), &json);
+        self.inner.broker.publish(topic.as_str(), &message).await?;
+        metrics::counter!("lockstep_events_published_total").increment(1);
+        Ok(id)
+    }
+
+    /// Whether the broker is reachable (for `/readyz`).
+    pub fn is_ready(&self) -> bool {
+        !self.inner.shutdown.is_cancelled() && self.inner.broker.is_ready()
+    }
+
+    /// Number of open WebSocket sessions on this node.
+    pub fn connection_count(&self) -> usize {
+        self.inner.config.max_connections - self.inner.connections.available_permits()
+    }
+
+    /// Closes every session with 4010 and waits up to `grace` for their closing handshakes.
+    /// Returns whether all sessions finished in time.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        tokio::time::timeout(grace, self.inner.tracker.wait())
+            .await
+            .is_ok()
+    }
+
+    /// A new ULID, monotonic on this node.
+    pub fn new_id(&self) -> String {
+        let mut ids = self.inner.ids.0.lock();
+        // `generate` fails only if 2^80 ids were made in one millisecond; fall back to a fresh
+        // random id rather than panic.
+        ids.generate()
+            .unwrap_or_else(|_| ulid::Ulid::new())
+            .to_string()
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        self.inner.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The hub's routes: `GET /ws`.
+pub fn router(hub: Hub) -> Router {
+    Router::new()
+        .route("/ws", get(upgrade::handler))
+        .with_state(hub)
+}

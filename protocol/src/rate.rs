@@ -29,18 +29,34 @@ impl TokenBucket {
     ///
     /// The wait, in seconds, when the bucket is empty.
     pub fn take(&mut self, now: f64) -> Result<(), f64> {
+        self.take_n(1, now)
+    }
+
+    /// Takes `n` tokens at once (a batch), or none.
+    ///
+    /// # Errors
+    ///
+    /// The wait, in seconds, until `n` tokens will be available; infinite when `n` exceeds
+    /// the burst.
+    pub fn take_n(&mut self, n: u32, now: f64) -> Result<(), f64> {
         if now > self.last {
             self.tokens = (self.tokens + (now - self.last) * self.rate).min(self.burst);
             self.last = now;
         }
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = f64::from(n);
+        if self.tokens >= n {
+            self.tokens -= n;
             Ok(())
-        } else if self.rate <= 0.0 {
+        } else if self.rate <= 0.0 || n > self.burst {
             Err(f64::INFINITY)
         } else {
-            Err((1.0 - self.tokens) / self.rate)
+            Err((n - self.tokens) / self.rate)
         }
+    }
+
+    /// When the bucket was last used (seconds, the caller's clock).
+    pub fn last_used(&self) -> f64 {
+        self.last
     }
 }
 

@@ -1,0 +1,165 @@
+//! `POST /api/v1/publish` and `POST /api/v1/publish/batch`.
+
+use crate::error::ApiError;
+use crate::extract::{ApiJson, Caller};
+use crate::{ApiState, PublishFailure};
+use axum::Json;
+use axum::extract::State;
+use http::StatusCode;
+use protocol::{EventType, Principal, Topic};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+/// One event to publish.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PublishRequest {
+    /// `/user/{id}`, `/team/{id}` or `/global`.
+    #[schema(example = "/team/t1")]
+    topic: String,
+    /// Event type, e.g. `job.progress`.
+    #[serde(rename = "type")]
+    #[schema(example = "job.progress")]
+    event_type: String,
+    /// Any JSON; delivered byte for byte.
+    #[schema(value_type = Object)]
+    data: Box<RawValue>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Published {
+    /// The event id, also the STOMP `message-id`.
+    id: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchRequest {
+    events: Vec<PublishRequest>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BatchPublished {
+    /// Event ids, in request order.
+    ids: Vec<String>,
+}
+
+/// Publishes one event.
+#[utoipa::path(post, path = "/api/v1/publish", request_body = PublishRequest,
+    responses((status = 202, body = Published), (status = 401), (status = 403), (status = 422), (status = 429), (status = 503)),
+    security(("bearer" = [])))]
+pub(crate) async fn publish(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiJson(request): ApiJson<PublishRequest>,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
+    let (topic, event_type) = validate(&caller, &request).map_err(|e| e.at(None))?;
+    state.inner.limiter.check(&caller.sub, 1)?;
+    let id = state
+        .inner
+        .publisher
+        .publish(&topic, &event_type, &request.data)
+        .await
+        .map_err(|f| unavailable(&f, &[]))?;
+    Ok((StatusCode::ACCEPTED, Json(Published { id })))
+}
+
+/// Publishes several events, in order. All are validated before any is sent.
+#[utoipa::path(post, path = "/api/v1/publish/batch", request_body = BatchRequest,
+    responses((status = 202, body = BatchPublished), (status = 401), (status = 403), (status = 413), (status = 422), (status = 429), (status = 503)),
+    security(("bearer" = [])))]
+pub(crate) async fn publish_batch(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiJson(request): ApiJson<BatchRequest>,
+) -> Result<(StatusCode, Json<BatchPublished>), ApiError> {
+    let max = state.inner.config.max_batch;
+    if request.events.len() > max {
+        return Err(ApiError::TooLarge {
+            code: "batch_too_large",
+            message: format!(
+                "a batch holds at most {max} events; got {}",
+                request.events.len()
+            ),
+        });
+    }
+    if request.events.is_empty() {
+        return Err(ApiError::invalid("empty_batch", "the batch has no events"));
+    }
+    let validated = request
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| validate(&caller, e).map_err(|err| err.at(Some(i))))
+        .collect::<Result<Vec<_>, _>>()?;
+    #[allow(clippy::cast_possible_truncation)] // bounded by max_batch
+    state
+        .inner
+        .limiter
+        .check(&caller.sub, request.events.len() as u32)?;
+    let mut ids = Vec::with_capacity(validated.len());
+    for ((topic, event_type), event) in validated.iter().zip(&request.events) {
+        let id = state
+            .inner
+            .publisher
+            .publish(topic, event_type, &event.data)
+            .await
+            .map_err(|f| unavailable(&f, &ids))?;
+        ids.push(id);
+    }
+    Ok((StatusCode::ACCEPTED, Json(BatchPublished { ids })))
+}
+
+/// A refusal of one event, before it is placed in a batch.
+enum Refusal {
+    Invalid(&'static str, String),
+    Forbidden(String),
+}
+
+impl Refusal {
+    fn at(self, index: Option<usize>) -> ApiError {
+        let details = index.map(|i| json!({ "index": i }));
+        let prefix = index.map(|i| format!("events[{i}]: ")).unwrap_or_default();
+        match self {
+            Refusal::Invalid(code, message) => ApiError::Invalid {
+                code,
+                message: format!("{prefix}{message}"),
+                details,
+            },
+            Refusal::Forbidden(message) => ApiError::Forbidden {
+                message: format!("{prefix}{message}"),
+                details,
+            },
+        }
+    }
+}
+
+fn validate(caller: &Principal, request: &PublishRequest) -> Result<(Topic, EventType), Refusal> {
+    let topic = Topic::parse(&request.topic)
+        .map_err(|e| Refusal::Invalid("invalid_topic", e.to_string()))?;
+    let event_type = EventType::parse(&request.event_type)
+        .map_err(|e| Refusal::Invalid("invalid_event_type", e.to_string()))?;
+    caller
+        .can_publish(&topic)
+        .map_err(|e| Refusal::Forbidden(e.to_string()))?;
+    Ok((topic, event_type))
+}
+
+fn unavailable(failure: &PublishFailure, published: &[String]) -> ApiError {
+    let message = if published.is_empty() {
+        failure.to_string()
+    } else {
+        format!(
+            "{failure}; the first {} events were published",
+            published.len()
+        )
+    };
+    let code = match failure {
+        PublishFailure::Unavailable(_) => "broker_unavailable",
+        PublishFailure::ShuttingDown => "shutting_down",
+    };
+    tracing::warn!(%failure, published = published.len(), "publish failed");
+    ApiError::Unavailable { code, message }
+}

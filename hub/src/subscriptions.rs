@@ -1,0 +1,141 @@
+//! Keeps the broker's subscriptions in step with the registry.
+//!
+//! Sessions never call the broker's subscribe/unsubscribe themselves: they mark a topic
+//! *dirty* when it gains its first or loses its last local subscriber, and one manager task per
+//! node reconciles: subscribe what has subscribers and is not subscribed, unsubscribe what is
+//! subscribed and has none. Reconciling state instead of replaying operations means a
+//! subscribe/unsubscribe race on one topic cannot leave Redis in the wrong state, a burst of
+//! thousands of new topics becomes a few batched commands, and resubscribing everything after a
+//! broker reconnect is the same code path.
+
+use crate::broker::Broker;
+use crate::registry::Registry;
+use parking_lot::Mutex;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Topics changed since the last reconcile pass, and the signals around them.
+#[derive(Debug)]
+pub(crate) struct Subscriptions {
+    /// `std`-style lock: held only to insert or take, never across an `.await`.
+    dirty: Mutex<HashSet<String>>,
+    /// Wakes the manager. A `Notify` keeps at most one permit, so marks coalesce.
+    wake: Notify,
+    /// Bumped after every reconcile pass; sessions waiting for a confirmation watch it.
+    epoch: watch::Sender<u64>,
+    /// Set when the broker lost every subscription (a reconnect): the next pass resubscribes
+    /// all topics.
+    resync: std::sync::atomic::AtomicBool,
+}
+
+impl Subscriptions {
+    pub(crate) fn new() -> Subscriptions {
+        Subscriptions {
+            dirty: Mutex::new(HashSet::new()),
+            wake: Notify::new(),
+            epoch: watch::Sender::new(0),
+            resync: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A topic gained its first or lost its last local subscriber.
+    pub(crate) fn mark(&self, topic: &str) {
+        self.dirty.lock().insert(topic.to_owned());
+        self.wake.notify_one();
+    }
+
+    /// The broker lost its subscriptions; resubscribe everything.
+    #[allow(dead_code)] // Called by the Redis broker's reconnect handling.
+    pub(crate) fn resync(&self) {
+        self.resync.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn watch_epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    /// Runs the manager until `shutdown`.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        registry: Arc<Registry>,
+        broker: Arc<dyn Broker>,
+        shutdown: CancellationToken,
+    ) {
+        let mut subscribed: HashSet<String> = HashSet::new();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+            }
+            if self.resync.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                registry.unconfirm_all();
+                subscribed.clear();
+                self.dirty.lock().extend(registry.topics());
+            }
+            let dirty: Vec<String> = self.dirty.lock().drain().collect();
+            let (mut subscribe, mut unsubscribe, mut confirm) =
+                (Vec::new(), Vec::new(), Vec::new());
+            for topic in dirty {
+                match (
+                    registry.has_subscribers(&topic),
+                    subscribed.contains(&topic),
+                ) {
+                    (true, false) => subscribe.push(topic),
+                    (true, true) => confirm.push(topic),
+                    (false, true) => unsubscribe.push(topic),
+                    (false, false) => {}
+                }
+            }
+            let mut failed = false;
+            if !subscribe.is_empty() {
+                match broker.subscribe(&subscribe).await {
+                    Ok(()) => {
+                        subscribed.extend(subscribe.iter().cloned());
+                        confirm.append(&mut subscribe);
+                    }
+                    Err(err) => {
+                        debug!(%err, topics = subscribe.len(), "broker subscribe failed; will retry");
+                        self.dirty.lock().extend(subscribe);
+                        failed = true;
+                    }
+                }
+            }
+            if !unsubscribe.is_empty() {
+                match broker.unsubscribe(&unsubscribe).await {
+                    Ok(()) => {
+                        for t in &unsubscribe {
+                            subscribed.remove(t);
+                        }
+                    }
+                    Err(err) => {
+                        debug!(%err, topics = unsubscribe.len(), "broker unsubscribe failed; will retry");
+                        self.dirty.lock().extend(unsubscribe);
+                        failed = true;
+                    }
+                }
+            }
+            for topic in &confirm {
+                registry.confirm(topic);
+            }
+            self.epoch.send_modify(|e| *e += 1);
+            if failed {
+                warn!(retry_in = ?backoff, "broker subscriptions out of step; retrying");
+                // Back off before retrying, but wake at once on shutdown.
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                self.wake.notify_one();
+            } else {
+                backoff = Duration::from_millis(50);
+            }
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! Configuration: a TOML file plus `LOCKSTEP_*` environment variables, typed and validated
+//! before anything binds.
+//!
+//! Every key is declared once in [`KEYS`], with its documentation and default. A key
+//! `group.name` is `[group] name = …` in the file and `LOCKSTEP_GROUP_NAME` in the environment;
+//! the environment wins. Unknown keys in either place are errors, so a typo never silently
+//! falls back to a default. All problems are collected and reported together.
+
+use api::{ApiConfig, Cors};
+use hub::{HubConfig, OriginPolicy};
+use protocol::{HeartBeat, Limits};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// One configuration key.
+#[derive(Debug)]
+pub(crate) struct Key {
+    /// `group.name`, or `name` for top-level keys.
+    pub(crate) name: &'static str,
+    pub(crate) default: &'static str,
+    pub(crate) doc: &'static str,
+}
+
+impl Key {
+    /// The environment variable for this key.
+    pub(crate) fn env(&self) -> String {
+        format!("LOCKSTEP_{}", self.name.replace('.', "_").to_uppercase())
+    }
+}
+
+macro_rules! keys {
+    ($($name:literal, $default:literal, $doc:literal;)*) => {
+        /// Every configuration key, in documentation order.
+        pub(crate) const KEYS: &[Key] = &[$(Key { name: $name, default: $default, doc: $doc }),*];
+    };
+}
+
+keys! {
+    "listen", "127.0.0.1:8080", "Address to bind; the WebSocket endpoint and the HTTP API share it.";
+    "data_dir", "./lockstep-data", "Embedded state: the SQLite lock store and the generated JWT secret.";
+    "allowed_origins", "", "Comma-separated Origins allowed to open WebSockets and call the API from a browser; `*` for any. Empty: same-origin only.";
+    "shutdown_grace", "10s", "How long a SIGTERM/SIGINT shutdown may take: clients get 4010 closes, in-flight requests finish.";
+    "log.format", "text", "`text` or `json`.";
+    "log.level", "info", "A tracing filter, e.g. `info` or `info,hub=debug`.";
+    "jwt.secret", "", "HS256 secret. Empty: one is generated into the data directory (mode 0600) and reused.";
+    "jwt.public_keys", "", "Path to a PEM public key or a JWKS file, for RS256/ES256 tokens.";
+    "jwt.issuer", "", "Required `iss` claim. Empty: not checked.";
+    "jwt.audience", "", "Required `aud` claim. Empty: not checked.";
+    "jwt.leeway", "0s", "Clock skew tolerated on `exp` and `nbf`.";
+    "hub.enabled", "true", "Serve `GET /ws` on this node.";
+    "hub.max_connections", "100000", "Most WebSocket connections on this node; more are closed with 4009.";
+    "hub.max_subscriptions", "64", "Most subscriptions on one connection.";
+    "hub.outbound_queue", "1024", "Frames queued per connection before it is closed as a slow consumer (4008).";
+    "hub.max_frame_bytes", "65536", "Largest STOMP frame a client may send.";
+    "hub.max_body_bytes", "61440", "Largest STOMP frame body a client may send.";
+    "hub.max_headers", "32", "Most headers in one STOMP frame.";
+    "hub.max_header_bytes", "4096", "Longest STOMP header line.";
+    "hub.heartbeat_send_ms", "10000", "Heart-beat interval the server offers to send (0: none).";
+    "hub.heartbeat_recv_ms", "10000", "Heart-beat interval the server asks clients for (0: none). Two missed intervals close the connection.";
+    "hub.connect_timeout", "10s", "Time a new WebSocket has to send CONNECT.";
+    "hub.write_timeout", "10s", "Time one write to a client may take before it is closed as a slow consumer.";
+    "hub.subscribe_timeout", "10s", "Time a SUBSCRIBE with a receipt waits for the cluster broker.";
+    "hub.publish_rate", "100", "STOMP SEND frames per second per connection; faster senders are slowed down.";
+    "hub.publish_burst", "200", "Burst of SEND frames allowed above the rate.";
+    "hub.read_buffer_bytes", "4096", "WebSocket read buffer per connection (allocated for every connection).";
+    "api.enabled", "true", "Serve the HTTP API on this node.";
+    "api.max_body_bytes", "1048576", "Largest API request body.";
+    "api.max_batch", "100", "Most events in one `POST /api/v1/publish/batch`.";
+    "api.publish_rate", "1000", "Events per second per token through the API (0: unlimited).";
+    "api.publish_burst", "2000", "Burst of events allowed above the rate.";
+    "api.request_timeout", "30s", "Longest an API request may take; then 503.";
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The whole configuration, typed.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) listen: SocketAddr,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) log_format: LogFormat,
+    pub(crate) log_level: String,
+    pub(crate) jwt: JwtConfig,
+    pub(crate) hub_enabled: bool,
+    pub(crate) hub: HubConfig,
+    pub(crate) api_enabled: bool,
+    pub(crate) api: ApiConfig,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct JwtConfig {
+    pub(crate) secret: Option<String>,
+    pub(crate) public_keys: Option<PathBuf>,
+    pub(crate) issuer: Option<String>,
+    pub(crate) audience: Option<String>,
+    pub(crate) leeway: Duration,
+}
+
+/// Everything wrong with a configuration.
+#[derive(Debug)]
+pub(crate) struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem{}):",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone)]
+enum Origin {
+    Env(String),
+    File,
+    Flag,
+}
+
+/// Raw values by key name, before typing.
+#[derive(Debug, Default)]
+pub(crate) struct Sources {
+    values: BTreeMap<&'static str, (String, Origin)>,
+    errors: Vec<String>,
+}
+
+impl Sources {
+    /// Reads a TOML file's contents (`path` only for messages).
+    pub(crate) fn file(&mut self, path: &str, text: &str) {
+        let table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(err) => {
+                self.errors.push(format!("{path}: {err}"));
+                return;
+            }
+        };
+        for (name, value) in table {
+            match value {
+                toml::Value::Table(group) => {
+                    for (sub, value) in group {
+                        self.file_value(path, &format!("{name}.{sub}"), &value);
+                    }
+                }
+                value => self.file_value(path, &name, &value),
+            }
+        }
+    }
+
+    fn file_value(&mut self, path: &str, name: &str, value: &toml::Value) {
+        let Some(key) = KEYS.iter().find(|k| k.name == name) else {
+            self.errors
+                .push(format!("{path}: unknown key '{name}'{}", suggest(name)));
+            return;
+        };
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => {
+                let mut parts = Vec::new();
+                for item in items {
+                    match item {
+                        toml::Value::String(s) => parts.push(s.clone()),
+                        other => {
+                            self.errors.push(format!(
+                                "{path}: '{name}' must be a list of strings, found {other}"
+                            ));
+                            return;
+                        }
+                    }
+                }
+                parts.join(",")
+            }
+            other => {
+                self.errors
+                    .push(format!("{path}: '{name}' has an unsupported value {other}"));
+                return;
+            }
+        };
+        self.values.insert(key.name, (text, Origin::File));
+    }
+
+    /// Reads `LOCKSTEP_*` variables from `vars`.
+    pub(crate) fn env(&mut self, vars: impl IntoIterator<Item = (String, String)>) {
+        for (var, value) in vars {
+            if !var.starts_with("LOCKSTEP_") || var == "LOCKSTEP_CONFIG" {
+                continue;
+            }
+            match KEYS.iter().find(|k| k.env() == var) {
+                Some(key) => {
+                    self.values.insert(key.name, (value, Origin::Env(var)));
+                }
+                None => self.errors.push(format!(
+                    "unknown environment variable {var}{}",
+                    suggest(&var)
+                )),
+            }
+        }
+    }
+
+    /// A command-line flag (wins over everything).
+    pub(crate) fn flag(&mut self, name: &'static str, value: String) {
+        self.values.insert(name, (value, Origin::Flag));
+    }
+
+    /// Types and validates every key.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigErrors`] listing every problem found.
+    pub(crate) fn build(self) -> Result<Config, ConfigErrors> {
+        let mut p = Parser {
+            sources: &self,
+            errors: self.errors.clone(),
+        };
+        let limits = Limits {
+            max_frame_bytes: p.get("hub.max_frame_bytes"),
+            max_headers: p.get("hub.max_headers"),
+            max_header_bytes: p.get("hub.max_header_bytes"),
+            max_body_bytes: p.get("hub.max_body_bytes"),
+        };
+        if limits.max_body_bytes > limits.max_frame_bytes {
+            p.errors
+                .push("hub.max_body_bytes must not exceed hub.max_frame_bytes".to_owned());
+        }
+        let origins = p.origins();
+        let hub = HubConfig {
+            limits,
+            heart_beat: HeartBeat {
+                send_ms: p.get("hub.heartbeat_send_ms"),
+                recv_ms: p.get("hub.heartbeat_recv_ms"),
+            },
+            max_connections: p.positive("hub.max_connections"),
+            max_subscriptions: p.positive("hub.max_subscriptions"),
+            outbound_queue: p.positive("hub.outbound_queue"),
+            connect_timeout: p.duration("hub.connect_timeout"),
+            write_timeout: p.duration("hub.write_timeout"),
+            subscribe_timeout: p.duration("hub.subscribe_timeout"),
+            publish_rate: p.get("hub.publish_rate"),
+            publish_burst: p.get("hub.publish_burst"),
+            origins: origins.clone(),
+            read_buffer_bytes: p.positive("hub.read_buffer_bytes"),
+        };
+        let api = ApiConfig {
+            max_body_bytes: p.positive("api.max_body_bytes"),
+            max_batch: p.positive("api.max_batch"),
+            publish_rate: p.get("api.publish_rate"),
+            publish_burst: p.get("api.publish_burst"),
+            request_timeout: p.duration("api.request_timeout"),
+            cors: match &origins {
+                OriginPolicy::SameOrigin => Cors::SameOrigin,
+                OriginPolicy::Any => Cors::Any,
+                OriginPolicy::List(list) => Cors::List(list.clone()),
+            },
+        };
+        let log_format = match p.raw("log.format").as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                p.error("log.format", &format!("'{other}' is not `text` or `json`"));
+                LogFormat::Text
+            }
+        };
+        let config = Config {
+            listen: p.listen(),
+            data_dir: PathBuf::from(p.raw("data_dir")),
+            shutdown_grace: p.duration("shutdown_grace"),
+            log_format,
+            log_level: p.raw("log.level"),
+            jwt: JwtConfig {
+                secret: p.optional("jwt.secret"),
+                public_keys: p.optional("jwt.public_keys").map(PathBuf::from),
+                issuer: p.optional("jwt.issuer"),
+                audience: p.optional("jwt.audience"),
+                leeway: p.duration("jwt.leeway"),
+            },
+            hub_enabled: p.get("hub.enabled"),
+            hub,
+            api_enabled: p.get("api.enabled"),
+            api,
+        };
+        if !config.hub_enabled && !config.api_enabled {
+            p.errors.push(
+                "hub.enabled and api.enabled are both false: this node would serve nothing"
+                    .to_owned(),
+            );
+        }
+        if let Some(secret) = &config.jwt.secret
+            && secret.len() < 32
+        {
+            p.error("jwt.secret", "must be at least 32 bytes long");
+        }
+        if p.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(p.errors))
+        }
+    }
+}
+
+struct Parser<'a> {
+    sources: &'a Sources,
+    errors: Vec<String>,
+}
+
+impl Parser<'_> {
+    fn raw(&self, name: &str) -> String {
+        match self.sources.values.get(name) {
+            Some((value, _)) => value.clone(),
+            None => KEYS
+                .iter()
+                .find(|k| k.name == name)
+                .map(|k| k.default.to_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn optional(&self, name: &str) -> Option<String> {
+        Some(self.raw(name)).filter(|v| !v.trim().is_empty())
+    }
+
+    fn error(&mut self, name: &str, problem: &str) {
+        let source = match self.sources.values.get(name) {
+            Some((_, Origin::Env(var))) => format!("{var} (environment)"),
+            Some((_, Origin::File)) => format!("'{name}' (config file)"),
+            Some((_, Origin::Flag)) => format!("--{} (command line)", name.replace('_', "-")),
+            None => format!("'{name}' (default)"),
+        };
+        self.errors.push(format!("{source}: {problem}"));
+    }
+
+    fn get<T: FromStr + Default>(&mut self, name: &str) -> T
+    where
+        T::Err: fmt::Display,
+    {
+        self.parse(name).unwrap_or_default()
+    }
+
+    fn parse<T: FromStr>(&mut self, name: &str) -> Option<T>
+    where
+        T::Err: fmt::Display,
+    {
+        let raw = self.raw(name);
+        match raw.trim().parse() {
+            Ok(v) => Some(v),
+            Err(err) => {
+                self.error(name, &format!("'{raw}' is invalid: {err}"));
+                None
+            }
+        }
+    }
+
+    fn listen(&mut self) -> SocketAddr {
+        let raw = self.raw("listen");
+        raw.trim().parse().unwrap_or_else(|err| {
+            self.error(
+                "listen",
+                &format!("'{raw}' is not an address like 127.0.0.1:8080: {err}"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        })
+    }
+
+    fn positive(&mut self, name: &str) -> usize {
+        match self.parse::<usize>(name) {
+            Some(0) => {
+                self.error(name, "must be greater than 0");
+                1
+            }
+            Some(value) => value,
+            None => 1,
+        }
+    }
+
+    fn duration(&mut self, name: &str) -> Duration {
+        let raw = self.raw(name);
+        match humantime::parse_duration(raw.trim()) {
+            Ok(d) => d,
+            Err(err) => {
+                self.error(
+                    name,
+                    &format!("'{raw}' is not a duration like 10s or 500ms: {err}"),
+                );
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn origins(&mut self) -> OriginPolicy {
+        let raw = self.raw("allowed_origins");
+        let list: Vec<String> = raw
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if list.iter().any(|o| o == "*") {
+            return OriginPolicy::Any;
+        }
+        for origin in &list {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                self.error(
+                    "allowed_origins",
+                    &format!("'{origin}' is not an origin like https://app.example.com"),
+                );
+            }
+        }
+        if list.is_empty() {
+            OriginPolicy::SameOrigin
+        } else {
+            OriginPolicy::List(list)
+        }
+    }
+}
+
+/// "; did you mean …?" for a near-miss key name.
+fn suggest(name: &str) -> String {
+    let needle = name
+        .trim_start_matches("LOCKSTEP_")
+        .to_lowercase()
+        .replace('.', "_");
+    let best = KEYS
+        .iter()
+        .map(|k| (k, strsim(&needle, &k.name.replace('.', "_"))))
+        .filter(|(_, d)| *d <= 3)
+        .min_by_key(|(_, d)| *d);
+    match best {
+        Some((k, _)) if name.starts_with("LOCKSTEP_") => format!("; did you mean {}?", k.env()),
+        Some((k, _)) => format!("; did you mean '{}'?", k.name),
+        None => String::new(),
+    }
+}
+
+/// Levenshtein distance, for suggestions.
+fn strsim(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The key reference as a Markdown table (`lockstep config --markdown`).
+pub(crate) fn markdown() -> String {
+    let mut out =
+        String::from("| file key | environment | default | meaning |\n|---|---|---|---|\n");
+    for k in KEYS {
+        let default = if k.default.is_empty() {
+            "(unset)".to_owned()
+        } else {
+            format!("`{}`", k.default)
+        };
+        out.push_str(&format!(
+            "| `{}` | `{}` | {} | {} |\n",
+            k.name,
+            k.env(),
+            default,
+            k.doc
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Sources::default().build().unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.hub.origins, OriginPolicy::SameOrigin);
+        assert_eq!(config.hub.max_subscriptions, 64);
+        assert!(config.jwt.secret.is_none());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let mut s = Sources::default();
+        s.file(
+            "c.toml",
+            "listen = \"0.0.0.0:1\"\n[hub]\nmax_connections = 5\n[api]\nmax_batch = 7\n",
+        );
+        s.env(env(&[
+            ("LOCKSTEP_HUB_MAX_CONNECTIONS", "9"),
+            ("PATH", "/bin"),
+        ]));
+        let config = s.build().unwrap();
+        assert_eq!(config.listen, "0.0.0.0:1".parse().unwrap());
+        assert_eq!(config.hub.max_connections, 9);
+        assert_eq!(config.api.max_batch, 7);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let mut s = Sources::default();
+        s.file(
+            "c.toml",
+            "[hub]\nmax_conections = 5\noutbound_queue = 0\n[jwt]\nsecret = \"short\"\n",
+        );
+        s.env(env(&[
+            ("LOCKSTEP_LISTEN", "nowhere"),
+            ("LOCKSTEP_HUB_CONNECT_TIMEOUT", "soon"),
+            ("LOCKSTEP_LOG_FORMAT", "xml"),
+            ("LOCKSTEP_LISTN", "x"),
+        ]));
+        let errors = s.build().unwrap_err().0;
+        let all = errors.join("\n");
+        for needle in [
+            "unknown key 'hub.max_conections'; did you mean 'hub.max_connections'?",
+            "unknown environment variable LOCKSTEP_LISTN; did you mean LOCKSTEP_LISTEN?",
+            "LOCKSTEP_LISTEN (environment): 'nowhere' is not an address",
+            "LOCKSTEP_HUB_CONNECT_TIMEOUT (environment): 'soon' is not a duration",
+            "'hub.outbound_queue' (config file): must be greater than 0",
+            "LOCKSTEP_LOG_FORMAT (environment): 'xml' is not `text` or `json`",
+            "'jwt.secret' (config file): must be at least 32 bytes long",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert_eq!(errors.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn origins() {
+        let mut s = Sources::default();
+        s.env(env(&[(
+            "LOCKSTEP_ALLOWED_ORIGINS",
+            "https://a.example/, http://b:3000",
+        )]));
+        let config = s.build().unwrap();
+        assert_eq!(
+            config.hub.origins,
+            OriginPolicy::List(vec!["https://a.example".into(), "http://b:3000".into()])
+        );
+        let mut s = Sources::default();
+        s.file("c.toml", "allowed_origins = [\"*\"]");
+        assert_eq!(s.build().unwrap().hub.origins, OriginPolicy::Any);
+    }
+
+    #[test]
+    fn env_names_are_unique() {
+        let mut names: Vec<String> = KEYS.iter().map(Key::env).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), KEYS.len());
+    }
+}

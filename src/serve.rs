@@ -1,0 +1,191 @@
+//! `lockstep serve`: build the node from its configuration and run it.
+
+use crate::config::{Config, LogFormat};
+use anyhow::Context as _;
+use api::{ApiState, EventPublisher, PublishFailure, ReadinessCheck};
+use axum::Router;
+use axum::serve::ListenerExt as _;
+use futures_util::future::BoxFuture;
+use hub::{Broker, Hub, MemoryBroker, PublishError, Registry};
+use protocol::auth::AuthConfig;
+use protocol::{Authenticator, EventType, Topic};
+use serde_json::value::RawValue;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// # Errors
+///
+/// When the node cannot start: keys cannot be read, the address cannot be bound.
+pub(crate) fn run(config: Config) -> anyhow::Result<()> {
+    init_tracing(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(config))
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let auth = Arc::new(authenticator(&config)?);
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+
+    let registry = Arc::new(Registry::new());
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(registry.clone()));
+    let hub = Hub::new(config.hub.clone(), auth.clone(), registry, broker, None);
+
+    let mut app = Router::new();
+    if config.hub_enabled {
+        app = app.merge(hub::router(hub.clone()));
+    }
+    if config.api_enabled {
+        let publisher: Arc<dyn EventPublisher> = Arc::new(HubPublisher(hub.clone()));
+        let checks: Vec<Arc<dyn ReadinessCheck>> = vec![Arc::new(BrokerCheck(hub.clone()))];
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || metrics.render());
+        let state = ApiState::new(config.api.clone(), auth, publisher, checks, Some(render));
+        app = app.merge(api::app(state));
+    }
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let local = listener.local_addr()?;
+    announce(local);
+    info!(addr = %local, hub = config.hub_enabled, api = config.api_enabled, "lockstep listening");
+
+    let stop = CancellationToken::new();
+    let listener = listener.tap_io(|tcp| {
+        // Events are small and latency matters more than packet count; writes are already
+        // coalesced per wake-up.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "could not set TCP_NODELAY");
+        }
+    });
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown_signal().await;
+    let grace = config.shutdown_grace;
+    info!(
+        ?grace,
+        "shutting down: closing connections with 4010, finishing requests"
+    );
+    stop.cancel();
+    let deadline = tokio::time::Instant::now() + grace;
+    let sessions_done = hub.shutdown(grace).await;
+    let requests_done = tokio::time::timeout_at(deadline, server).await.is_ok();
+    if sessions_done && requests_done {
+        info!("shutdown complete");
+    } else {
+        warn!(
+            sessions_done,
+            requests_done, "shutdown grace elapsed; exiting anyway"
+        );
+    }
+    Ok(())
+}
+
+/// One line on stdout with the bound address, so scripts (and the test harness) can find a
+/// node started on port 0.
+#[allow(clippy::print_stdout)]
+fn announce(addr: SocketAddr) {
+    println!("lockstep listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+}
+
+fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
+    let jwt = &config.jwt;
+    let public_keys = match &jwt.public_keys {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading jwt.public_keys {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let secret = match (&jwt.secret, &public_keys) {
+        (Some(secret), _) => Some(secret.clone()),
+        (None, Some(_)) => None,
+        (None, None) => Some(crate::secret::load_or_create(&config.data_dir)?),
+    };
+    let auth = AuthConfig {
+        hs256_secret: secret.map(String::into_bytes),
+        public_keys,
+        issuer: jwt.issuer.clone(),
+        audience: jwt.audience.clone(),
+        leeway_secs: jwt.leeway.as_secs(),
+    };
+    Ok(Authenticator::new(&auth)?)
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The API publishes through the hub.
+#[derive(Debug)]
+struct HubPublisher(Hub);
+
+impl EventPublisher for HubPublisher {
+    fn publish<'a>(
+        &'a self,
+        topic: &'a Topic,
+        event_type: &'a EventType,
+        data: &'a RawValue,
+    ) -> BoxFuture<'a, Result<String, PublishFailure>> {
+        Box::pin(async move {
+            self.0
+                .publish(topic, event_type, data)
+                .await
+                .map_err(|err| match err {
+                    PublishError::Broker(e) => PublishFailure::Unavailable(e.to_string()),
+                    PublishError::ShuttingDown => PublishFailure::ShuttingDown,
+                })
+        })
+    }
+}
+
+#[derive(Debug)]
+struct BrokerCheck(Hub);
+
+impl ReadinessCheck for BrokerCheck {
+    fn name(&self) -> &'static str {
+        "broker"
+    }
+
+    fn is_ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(self.0.is_ready()))
+    }
+}
