@@ -693,7 +693,7 @@ impl Session {
             return;
         }
         let drain = async { while let Some(Ok(_)) = ws.next().await {} };
-        let _ = tokio::time::timeout(timeout, drain).await;
+        let _ = tokio::time::timeout(timeout.min(Duration::from_secs(5)), drain).await;
     }
 
     fn cleanup(&mut self) {

@@ -1,0 +1,87 @@
+//! Real third-party STOMP clients against a real node: @stomp/stompjs in Node and in headless
+//! Chromium, and stomp.py over WebSocket. The scripts in `tests/clients/` run the scenario and
+//! assert; these tests start the node, hand the scripts their configuration, and check they
+//! passed. The test command installs the scripts' dependencies.
+
+use serde_json::json;
+use std::process::Command;
+use tests::{Lockstep, Options, free_port, workspace};
+
+const HEARTBEAT_MS: u32 = 500;
+
+fn node(page_port: Option<u16>) -> Lockstep {
+    let mut options = Options::default()
+        .env("LOCKSTEP_HUB_HEARTBEAT_SEND_MS", HEARTBEAT_MS)
+        .env("LOCKSTEP_HUB_HEARTBEAT_RECV_MS", HEARTBEAT_MS);
+    if let Some(port) = page_port {
+        options = options.env(
+            "LOCKSTEP_ALLOWED_ORIGINS",
+            format!("http://127.0.0.1:{port}"),
+        );
+    }
+    Lockstep::start_with(options)
+}
+
+fn config(node: &Lockstep, page_port: Option<u16>) -> String {
+    json!({
+        "http": node.http(),
+        "ws": node.ws(),
+        "user": "ana",
+        "team": "t1",
+        "tokens": {
+            "subscriber": node.token("ana", &["t1"], ""),
+            "publisher": node.token("backend", &["t1"], "publish publish:global"),
+            "sender": node.token("bot", &["t1"], "publish"),
+        },
+        "heartbeat_ms": HEARTBEAT_MS,
+        "page_port": page_port,
+    })
+    .to_string()
+}
+
+/// Runs a client script; panics with its output and the node's log unless it printed `OK`.
+fn run(node: &Lockstep, program: &str, script: &str, config: &str) {
+    let dir = workspace().join("tests/clients");
+    let output = Command::new(program)
+        .arg(dir.join(script))
+        .arg(config)
+        .current_dir(&dir)
+        .output();
+    let output = output.unwrap_or_else(|e| {
+        panic!(
+            "cannot run {program} {script}: {e}; run the README's test command, which installs it"
+        )
+    });
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.lines().any(|l| l.starts_with("OK")),
+        "{script} failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}\nlockstep log:\n{}",
+        output.status,
+        node.log()
+    );
+}
+
+#[test]
+fn stompjs_in_node() {
+    let node = node(None);
+    run(&node, "node", "node/stompjs.mjs", &config(&node, None));
+}
+
+#[test]
+fn stompjs_in_headless_chromium() {
+    let page_port = free_port();
+    let node = node(Some(page_port));
+    run(
+        &node,
+        "node",
+        "browser/run.mjs",
+        &config(&node, Some(page_port)),
+    );
+}
+
+#[test]
+fn stomp_py_over_websocket() {
+    let node = node(None);
+    run(&node, "python3", "python/stomp_py.py", &config(&node, None));
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Runs every test of Lockstep, from a fresh machine: installs what the tests need when it is
+# missing (idempotent; a second run installs nothing), then formatting, lints, build and the
+# whole test suite. The README's test command; .ci/run calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+# Reuse one build cache across clones and CI runs.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lockstep-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+log() { printf '\n==> %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- system packages -------------------------------------------------------------------
+missing=()
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust 1.95 (rustup)" >&2; exit 1; }
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  as_root apt-get update -q
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# --- third-party STOMP clients for the end-to-end tests ----------------------------------
+clients="$root/tests/clients"
+stamp="$clients/node_modules/.lockstep-installed"
+if [ ! -f "$stamp" ] || [ "$clients/package-lock.json" -nt "$stamp" ]; then
+  log "installing Node test clients (npm ci)"
+  (cd "$clients" && npm ci --no-audit --no-fund --loglevel=error)
+  touch "$stamp"
+fi
+if ! python3 - "$clients/python/requirements.txt" <<'PY'
+import sys
+from importlib.metadata import version, PackageNotFoundError
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    name, want = line.split("==")
+    try:
+        if version(name) != want:
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+PY
+then
+  log "installing Python test clients (pip)"
+  python3 -m pip install -q --disable-pip-version-check -r "$clients/python/requirements.txt"
+fi
+
+# --- checks and tests --------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo build (the binaries the end-to-end tests run)"
+cargo build --workspace --bins --locked
+log "cargo test"
+cargo test --workspace --locked
+log "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+log "all tests passed"
