@@ -41,7 +41,7 @@ macro_rules! keys {
 
 keys! {
     "listen", "127.0.0.1:8080", "Address to bind; the WebSocket endpoint and the HTTP API share it.";
-    "data_dir", "./lockstep-data", "Embedded state: the SQLite lock store and the generated JWT secret.";
+    "data_dir", "./lockstep-data", "Embedded state: the generated JWT secret.";
     "allowed_origins", "", "Comma-separated Origins allowed to open WebSockets and call the API from a browser; `*` for any. Empty: same-origin only.";
     "shutdown_grace", "10s", "How long a SIGTERM/SIGINT shutdown may take: clients get 4010 closes, in-flight requests finish.";
     "log.format", "text", "`text` or `json`.";

@@ -131,3 +131,21 @@ async fn sigterm_closes_clients_with_4010_and_exits_within_the_grace() {
         );
     }
 }
+
+#[test]
+fn readme_documents_every_configuration_key() {
+    let output = Command::new(lockstep_bin())
+        .args(["config", "--markdown"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8(output.stdout).unwrap();
+    let readme = std::fs::read_to_string(tests::workspace().join("README.md")).unwrap();
+    let start = readme.find("<!-- config-keys:start").expect("start marker");
+    let start = start + readme[start..].find('\n').unwrap() + 1;
+    let end = readme.find("<!-- config-keys:end -->").expect("end marker");
+    assert_eq!(
+        &readme[start..end],
+        table,
+        "README's key table is stale: paste `lockstep config --markdown`"
+    );
+}
