@@ -51,6 +51,8 @@ pub enum DecodeError {
     InvalidUtf8,
     #[error("empty command line")]
     EmptyCommand,
+    #[error("invalid command line (a command is up to 32 printable ASCII characters)")]
+    InvalidCommand,
     #[error("malformed header line (no ':' or empty name)")]
     MalformedHeader,
     #[error("undefined escape sequence in a header")]
@@ -265,6 +267,11 @@ impl Decoder {
         let command_line = lines.next().unwrap_or_default();
         if command_line.is_empty() {
             return Err(DecodeError::EmptyCommand);
+        }
+        // Commands are words like SEND; anything with control bytes or spaces is garbage (and
+        // could not be encoded back unambiguously).
+        if command_line.len() > 32 || !command_line.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(DecodeError::InvalidCommand);
         }
         let command = Command::parse(command_line);
         let escaped = command.escapes_headers();
