@@ -3,6 +3,20 @@
 //!
 //! # Layout
 //!
-//! - [`client`]: [`client::StompClient`], a small STOMP-over-WebSocket client on `protocol`.
+//! - [`client`]: [`client::StompClient`], a small STOMP-over-WebSocket client on `protocol`,
+//!   for tests (it can send malformed input on purpose).
+//! - [`wire`]: [`wire::RawWs`], a bare WebSocket client cheap enough to generate load.
+//! - [`target`]: the servers under test (Lockstep, RabbitMQ Web-STOMP, the ceiling server)
+//!   and how each is spoken to.
+//! - [`stats`]: expected/delivered accounting, latency histograms, per-second timeline.
+//! - Scenarios: [`fanout`], [`idle`], [`connect`].
+//! - [`ceiling`]: the reference broadcast server.
 
+pub mod ceiling;
 pub mod client;
+pub mod connect;
+pub mod fanout;
+pub mod idle;
+pub mod stats;
+pub mod target;
+pub mod wire;

@@ -47,14 +47,22 @@ impl Endpoint {
     ///
     /// When the URL is not of that form or does not resolve.
     pub async fn parse(url: &str) -> anyhow::Result<Endpoint> {
-        let rest = url.strip_prefix("ws://").context("only ws:// URLs are supported")?;
-        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+        let rest = url
+            .strip_prefix("ws://")
+            .context("only ws:// URLs are supported")?;
+        let (authority, path) = rest
+            .split_once('/')
+            .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
         let addr = tokio::net::lookup_host(authority)
             .await
             .with_context(|| format!("resolving {authority}"))?
             .next()
             .context("no address")?;
-        Ok(Endpoint { addr, host: authority.to_owned(), path })
+        Ok(Endpoint {
+            addr,
+            host: authority.to_owned(),
+            path,
+        })
     }
 }
 
@@ -70,11 +78,18 @@ impl RawWs {
         protocol: Option<&str>,
         read_chunk: usize,
     ) -> anyhow::Result<RawWs> {
-        let socket = if endpoint.addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if endpoint.addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         if let Some(ip) = source {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
-        let mut stream = socket.connect(endpoint.addr).await.with_context(|| format!("connecting to {}", endpoint.addr))?;
+        let mut stream = socket
+            .connect(endpoint.addr)
+            .await
+            .with_context(|| format!("connecting to {}", endpoint.addr))?;
         stream.set_nodelay(true)?;
         let mut request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -101,9 +116,18 @@ impl RawWs {
         let head = rbuf.split_to(end);
         let status = String::from_utf8_lossy(&head);
         if !status.starts_with("HTTP/1.1 101") {
-            bail!("upgrade refused: {}", status.lines().next().unwrap_or_default());
+            bail!(
+                "upgrade refused: {}",
+                status.lines().next().unwrap_or_default()
+            );
         }
-        Ok(RawWs { stream, rbuf, wbuf: BytesMut::new(), partial: None, read_chunk: read_chunk.max(1024) })
+        Ok(RawWs {
+            stream,
+            rbuf,
+            wbuf: BytesMut::new(),
+            partial: None,
+            read_chunk: read_chunk.max(1024),
+        })
     }
 
     /// Queues one masked text message; [`RawWs::flush`] sends what is queued.
@@ -146,7 +170,10 @@ impl RawWs {
                     0x1 | 0x2 if fin => return Ok(WsMessage::Data(payload)),
                     0x1 | 0x2 => self.partial = Some(BytesMut::from(&payload[..])),
                     0x0 => {
-                        let mut partial = self.partial.take().context("continuation without a start")?;
+                        let mut partial = self
+                            .partial
+                            .take()
+                            .context("continuation without a start")?;
                         partial.extend_from_slice(&payload);
                         if fin {
                             return Ok(WsMessage::Data(partial.freeze()));
@@ -154,7 +181,8 @@ impl RawWs {
                         self.partial = Some(partial);
                     }
                     0x8 => {
-                        let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                        let code = (payload.len() >= 2)
+                            .then(|| u16::from_be_bytes([payload[0], payload[1]]));
                         let mut reply = BytesMut::new();
                         encode_client_frame(0x8, &payload[..payload.len().min(2)], &mut reply);
                         let _ = self.stream.write_all(&reply).await;
@@ -172,7 +200,9 @@ impl RawWs {
             match self.stream.read_buf(&mut self.rbuf).await {
                 Ok(0) => return Ok(WsMessage::Closed(None)),
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(WsMessage::Closed(None)),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Ok(WsMessage::Closed(None));
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -267,7 +297,11 @@ mod tests {
         assert_eq!(buf[0], 0x81);
         assert_eq!(buf[1], 0x80 | 5);
         let mask = [buf[2], buf[3], buf[4], buf[5]];
-        let payload: Vec<u8> = buf[6..].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+        let payload: Vec<u8> = buf[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
         assert_eq!(payload, b"hello");
     }
 }

@@ -4,6 +4,7 @@ mod api;
 mod clients;
 mod fanout;
 mod lifecycle;
+mod load;
 mod stomp;
 
 use loadtest::client::StompClient;

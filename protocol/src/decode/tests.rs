@@ -143,8 +143,14 @@ fn malformed_input() {
     check(b"BOGUS\n\n\0", &["BOGUS  ||"]);
     // Found by the fuzzer: a command with control bytes used to decode, and re-encode to a
     // different command.
-    check(b"\0\r\r\n\n\n\0", &["error: invalid command line (a command is up to 32 printable ASCII characters)"]);
-    check(b"SEND X\n\n\0", &["error: invalid command line (a command is up to 32 printable ASCII characters)"]);
+    check(
+        b"\0\r\r\n\n\n\0",
+        &["error: invalid command line (a command is up to 32 printable ASCII characters)"],
+    );
+    check(
+        b"SEND X\n\n\0",
+        &["error: invalid command line (a command is up to 32 printable ASCII characters)"],
+    );
     // A body may be any bytes.
     check(b"SEND\n\n\xff\xfe\0", &[r"SEND  |\xff\xfe|"]);
 }

@@ -1,0 +1,270 @@
+//! `loadtest`: measures Lockstep, RabbitMQ Web-STOMP and the ceiling server with the same
+//! scenarios. Each run prints one JSON line per result on stdout and a short summary on stderr.
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use loadtest::target::{Target, TopicKind};
+use loadtest::wire::Endpoint;
+use loadtest::{ceiling, connect, fanout, idle};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadtest",
+    about = "Load scenarios for Lockstep and its references"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// N subscribers over T topics, P open-loop publishers; one report line per rate.
+    Fanout {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Number of team topics (ignored for user and global topics).
+        #[arg(long, default_value_t = 1)]
+        topics: usize,
+        #[arg(long, value_enum, default_value_t = TopicKind::Team)]
+        topic_kind: TopicKind,
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+        /// Messages per second (all publishers together); several values sweep.
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        rates: Vec<u64>,
+        /// Approximate payload (`data`) size in bytes.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Seconds per rate.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, value_enum, default_value_t = fanout::Via::Stomp)]
+        via: fanout::Via,
+        /// Lockstep's HTTP base URL for `--via http`.
+        #[arg(long)]
+        http: Option<String>,
+    },
+    /// N connections x K subscriptions held with heart-beats; server RSS per connection.
+    Idle {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 3)]
+        subscriptions: usize,
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        #[arg(long, default_value_t = 10_000)]
+        heart_beat_ms: u32,
+        /// The server's PID, to read its RSS from /proc.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// Connection + CONNECT + SUBSCRIBE-with-receipt rate.
+    Connect {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Run the reference broadcast server.
+    CeilingServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// lockstep, rabbitmq or ceiling.
+    #[arg(long, default_value = "lockstep")]
+    target: String,
+    /// WebSocket URL, e.g. ws://127.0.0.1:8080/ws.
+    #[arg(long)]
+    url: String,
+    /// Lockstep's HS256 secret, to mint tokens.
+    #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "")]
+    jwt_secret: String,
+    #[arg(long, default_value = "guest")]
+    login: String,
+    #[arg(long, default_value = "guest")]
+    passcode: String,
+    /// Spread client connections over 127.0.0.1..=127.0.0.N.
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
+    /// Parallel connection setups.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+}
+
+impl TargetArgs {
+    async fn target(&self) -> anyhow::Result<Target> {
+        let ws = Endpoint::parse(&self.url).await?;
+        Ok(match self.target.as_str() {
+            "lockstep" => {
+                anyhow::ensure!(
+                    !self.jwt_secret.is_empty(),
+                    "lockstep needs --jwt-secret (or LOADTEST_JWT_SECRET)"
+                );
+                Target::Lockstep {
+                    ws,
+                    secret: self.jwt_secret.clone(),
+                }
+            }
+            "rabbitmq" => Target::Rabbit {
+                ws,
+                login: self.login.clone(),
+                passcode: self.passcode.clone(),
+            },
+            "ceiling" => Target::Ceiling { ws },
+            other => anyhow::bail!("unknown target {other}: use lockstep, rabbitmq or ceiling"),
+        })
+    }
+
+    fn sources(&self) -> Vec<IpAddr> {
+        if self.sources <= 1 {
+            return Vec::new();
+        }
+        (1..=self.sources)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+            .collect()
+    }
+}
+
+#[allow(clippy::print_stdout)] // JSON lines are the output.
+fn emit<T: serde::Serialize>(report: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(report)?);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOADTEST_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Fanout {
+            target,
+            subscribers,
+            topics,
+            topic_kind,
+            publishers,
+            rates,
+            payload,
+            duration,
+            via,
+            http,
+        } => {
+            let config = fanout::FanoutConfig {
+                subscribers,
+                topics,
+                kind: topic_kind,
+                publishers,
+                rates,
+                payload,
+                duration,
+                via,
+                http,
+                sources: target.sources(),
+                connect_concurrency: target.connect_concurrency,
+            };
+            let t = target.target().await?;
+            for report in fanout::run(&t, &config).await? {
+                eprintln!(
+                    "{} fanout {} subs/{} topics, {} msg/s: {:.0} deliveries/s, p50 {} ms, p99 {} ms, lost {}, out of order {}",
+                    report.target,
+                    report.subscribers,
+                    report.topics,
+                    report.rate,
+                    report.deliveries_per_sec,
+                    report.latency.p50_ms,
+                    report.latency.p99_ms,
+                    report.lost,
+                    report.out_of_order
+                );
+                emit(&report)?;
+            }
+        }
+        Command::Idle {
+            target,
+            connections,
+            subscriptions,
+            hold,
+            heart_beat_ms,
+            server_pid,
+        } => {
+            let config = idle::IdleConfig {
+                connections,
+                subscriptions,
+                hold,
+                heart_beat_ms,
+                server_pid,
+                sources: target.sources(),
+                connect_concurrency: target.connect_concurrency,
+            };
+            let report = idle::run(&target.target().await?, &config).await?;
+            eprintln!(
+                "{} idle: {}/{} open after {} s, {:?} KiB RSS per connection",
+                report.target,
+                report.still_open,
+                report.connections,
+                report.held_s,
+                report.rss_per_connection_kib
+            );
+            emit(&report)?;
+        }
+        Command::Connect {
+            target,
+            connections,
+            concurrency,
+        } => {
+            let config = connect::ConnectConfig {
+                connections,
+                concurrency,
+                sources: target.sources(),
+            };
+            let report = connect::run(&target.target().await?, &config).await?;
+            eprintln!(
+                "{} connect: {} connections/s ({} ok, {} failed), p99 setup {} ms",
+                report.target,
+                report.connections_per_sec,
+                report.succeeded,
+                report.failed,
+                report.setup_latency.p99_ms
+            );
+            emit(&report)?;
+        }
+        Command::CeilingServer { listen } => {
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            #[allow(clippy::print_stdout)]
+            {
+                println!(
+                    "ceiling-server listening on ws://{}/",
+                    listener.local_addr()?
+                );
+            }
+            ceiling::serve(listener).await?;
+        }
+    }
+    Ok(())
+}
