@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Runs the same load scenario against the ceiling server, Lockstep and RabbitMQ Web-STOMP,
+# back to back in one invocation, and prints each result line and the ratios.
+#
+#   loadtest/compare.sh fanout      # 1000 subscribers on 1 topic: highest rate with p99 < 50 ms
+#   loadtest/compare.sh fanout10    # 1000 subscribers on 10 topics at 2000 msg/s, 100-byte payloads
+#   loadtest/compare.sh idle        # 10,000 connections x 3 subscriptions held 90 s: RSS per connection
+#   loadtest/compare.sh connect     # connection + CONNECT + SUBSCRIBE-with-receipt rate
+#   loadtest/compare.sh all
+#
+# Everything runs on loopback and stops by itself. Servers are release builds started here and
+# stopped by PID; RabbitMQ runs as a private node on its own ports (so its file-descriptor limit
+# and configuration are ours, not the machine's). Set NO_RABBIT=1 to skip RabbitMQ.
+# Results also go to $OUT (default target/bench/compare-<time>.jsonl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lockstep-target}"
+export RUST_BACKTRACE=0
+scenario="${1:-all}"
+cargo build --release --locked -q -p lockstep -p loadtest
+bin="$CARGO_TARGET_DIR/release"
+work=$(mktemp -d)
+OUT="${OUT:-$CARGO_TARGET_DIR/bench/compare-$(date +%Y%m%d-%H%M%S).jsonl}"
+mkdir -p "$(dirname "$OUT")"
+pids=()
+rabbit_node=""
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -n "$rabbit_node" ]; then rabbitmqctl -q -n "$rabbit_node" stop >/dev/null 2>&1 || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+ulimit -n 20000
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 300); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+
+start_ceiling() {
+  "$bin/loadtest" ceiling-server >"$work/ceiling.out" 2>&1 &
+  ceiling_pid=$!; pids+=("$ceiling_pid")
+  for _ in $(seq 1 100); do grep -q listening "$work/ceiling.out" && break; sleep 0.05; done
+  ceiling_url=$(sed -n 's/.*listening on \(ws:[^ ]*\)/\1/p' "$work/ceiling.out")
+}
+
+start_lockstep() {
+  secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  # A backend publisher is not rate-limited like a browser connection.
+  LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
+    LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/lockstep" \
+    "$bin/lockstep" serve --listen 127.0.0.1:0 >"$work/lockstep.out" 2>"$work/lockstep.err" &
+  lockstep_pid=$!; pids+=("$lockstep_pid")
+  for _ in $(seq 1 100); do grep -q listening "$work/lockstep.out" && break; sleep 0.05; done
+  lockstep_url="ws://$(sed -n 's/.*http:\/\/\(.*\)/\1/p' "$work/lockstep.out")/ws"
+  export LOADTEST_JWT_SECRET=$secret
+}
+
+start_rabbit() {
+  [ "${NO_RABBIT:-0}" = 1 ] && return 0
+  command -v rabbitmq-server >/dev/null || { echo "rabbitmq-server not installed; skipping RabbitMQ (apt-get install rabbitmq-server)" >&2; NO_RABBIT=1; return 0; }
+  local dir="$work/rabbit" amqp dist
+  mkdir -p "$dir"
+  amqp=$(free_port); dist=$(free_port); rabbit_port=$(free_port)
+  echo '[rabbitmq_web_stomp].' >"$dir/enabled_plugins"
+  cat >"$dir/rabbitmq.conf" <<CONF
+listeners.tcp.default = 127.0.0.1:$amqp
+web_stomp.tcp.ip = 127.0.0.1
+web_stomp.tcp.port = $rabbit_port
+loopback_users = none
+CONF
+  rabbit_node="lsbench$$@localhost"
+  RABBITMQ_NODENAME=$rabbit_node RABBITMQ_NODE_PORT=$amqp RABBITMQ_DIST_PORT=$dist \
+    RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_CONFIG_FILE="$dir/rabbitmq" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/pid" \
+    rabbitmq-server >"$dir/out.log" 2>&1 &
+  pids+=("$!")
+  wait_port "$rabbit_port"
+  rabbit_pid=$(cat "$dir/pid")
+  rabbit_url="ws://127.0.0.1:$rabbit_port/ws"
+}
+
+record() { tee -a "$OUT"; }
+
+# Highest rate of a sweep with p99 < 50 ms and nothing lost.
+best() { jq -s '[.[] | select(.latency.p99_ms < 50 and .lost == 0)] | max_by(.deliveries_per_sec) // {deliveries_per_sec: 0, rate: 0, latency: {p99_ms: null}}'; }
+
+fanout_sweep() { # name url target rates
+  "$bin/loadtest" fanout --target "$3" --url "$2" --subscribers 1000 --topics 1 --rates "$4" --duration 10s 2>/dev/null | record >"$work/$1.fanout"
+  best <"$work/$1.fanout" >"$work/$1.best"
+  echo "$1: $(jq -r '"\(.deliveries_per_sec|floor) deliveries/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms"' "$work/$1.best")"
+}
+
+ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}' if b else 'n/a')" "$1" "$2"; }
+
+run_fanout() {
+  echo "== fanout: 1000 subscribers on 1 topic, 10 s per rate; best rate with p99 < 50 ms and no loss"
+  fanout_sweep ceiling "$ceiling_url" ceiling 250,500,750,1000,1250,1500,2000
+  fanout_sweep lockstep "$lockstep_url" lockstep 250,500,750,1000,1250,1500,2000
+  local c l
+  c=$(jq .deliveries_per_sec "$work/ceiling.best"); l=$(jq .deliveries_per_sec "$work/lockstep.best")
+  echo "lockstep / ceiling = $(ratio "$l" "$c")"
+  if [ "${NO_RABBIT:-0}" != 1 ]; then
+    fanout_sweep rabbitmq "$rabbit_url" rabbitmq 5,10,20,30,50,75,100
+    echo "lockstep / rabbitmq = $(ratio "$l" "$(jq .deliveries_per_sec "$work/rabbitmq.best")")"
+  fi
+}
+
+run_fanout10() {
+  echo "== fanout10: 1000 subscribers on 10 topics, 2000 msg/s, 100-byte payloads, 20 s"
+  local name url target
+  for name in ceiling lockstep; do
+    url=$([ $name = ceiling ] && echo "$ceiling_url" || echo "$lockstep_url")
+    "$bin/loadtest" fanout --target "$name" --url "$url" --subscribers 1000 --topics 10 --rates 2000 --payload 100 --duration 20s 2>/dev/null | record >"$work/$name.f10"
+    echo "$name: $(jq -r '"\(.deliveries_per_sec|floor) deliveries/s, lost \(.lost), p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms"' "$work/$name.f10")"
+  done
+  echo "lockstep p99 / ceiling p99 = $(ratio "$(jq .latency.p99_ms "$work/lockstep.f10")" "$(jq .latency.p99_ms "$work/ceiling.f10")")"
+}
+
+run_idle() {
+  echo "== idle: 10,000 connections x 3 subscriptions, heart-beats every 10 s, held 90 s"
+  local name url pid
+  for name in ceiling lockstep rabbitmq; do
+    [ $name = rabbitmq ] && [ "${NO_RABBIT:-0}" = 1 ] && continue
+    case $name in ceiling) url=$ceiling_url pid=$ceiling_pid;; lockstep) url=$lockstep_url pid=$lockstep_pid;; rabbitmq) url=$rabbit_url pid=$rabbit_pid;; esac
+    "$bin/loadtest" idle --target "$name" --url "$url" --connections 10000 --subscriptions 3 --hold 90s --server-pid "$pid" --sources 4 2>/dev/null | record >"$work/$name.idle"
+    echo "$name: $(jq -r '"\(.still_open)/\(.connections) open after \(.held_s) s, \(.rss_per_connection_kib) KiB RSS per connection"' "$work/$name.idle")"
+  done
+}
+
+run_connect() {
+  echo "== connect: 10,000 x (TCP + upgrade + CONNECT + SUBSCRIBE with receipt), 64 at a time"
+  local name url
+  for name in lockstep rabbitmq; do
+    [ $name = rabbitmq ] && [ "${NO_RABBIT:-0}" = 1 ] && continue
+    url=$([ $name = lockstep ] && echo "$lockstep_url" || echo "$rabbit_url")
+    "$bin/loadtest" connect --target "$name" --url "$url" --connections 10000 --concurrency 64 --sources 4 2>/dev/null | record >"$work/$name.connect"
+    echo "$name: $(jq -r '"\(.connections_per_sec) connections/s (\(.succeeded) ok, \(.failed) failed), p99 setup \(.setup_latency.p99_ms) ms"' "$work/$name.connect")"
+  done
+  if [ "${NO_RABBIT:-0}" != 1 ]; then
+    echo "lockstep / rabbitmq = $(ratio "$(jq .connections_per_sec "$work/lockstep.connect")" "$(jq .connections_per_sec "$work/rabbitmq.connect")")"
+  fi
+}
+
+echo "machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ); results in $OUT"
+start_ceiling
+start_lockstep
+start_rabbit
+case "$scenario" in
+  fanout) run_fanout ;;
+  fanout10) run_fanout10 ;;
+  idle) run_idle ;;
+  connect) run_connect ;;
+  all) run_fanout; run_fanout10; run_connect; run_idle ;;
+  *) echo "unknown scenario $scenario" >&2; exit 64 ;;
+esac
