@@ -7,6 +7,7 @@
 //! falls back to a default. All problems are collected and reported together.
 
 use api::{ApiConfig, Cors};
+use hub::redis::RedisSettings;
 use hub::{HubConfig, OriginPolicy};
 use protocol::{HeartBeat, Limits};
 use std::collections::BTreeMap;
@@ -67,6 +68,10 @@ keys! {
     "hub.publish_rate", "100", "STOMP SEND frames per second per connection; faster senders are slowed down.";
     "hub.publish_burst", "200", "Burst of SEND frames allowed above the rate.";
     "hub.read_buffer_bytes", "4096", "WebSocket read buffer per connection (allocated for every connection).";
+    "redis.url", "", "Cluster broker: `redis://host:port` (standalone) or `redis-cluster://host:port,host:port` (Redis Cluster, sharded pub/sub). Empty: the in-process broker (a single node).";
+    "redis.channel_prefix", "lockstep:", "Prefix of the Redis channel names, so several deployments can share one Redis.";
+    "redis.probe_interval", "2s", "How often each node checks its pub/sub connection with a probe message; a probe that does not come back forces a reconnect.";
+    "redis.command_timeout", "2s", "Longest a publish or subscribe waits for Redis before failing.";
     "api.enabled", "true", "Serve the HTTP API on this node.";
     "api.max_body_bytes", "1048576", "Largest API request body.";
     "api.max_batch", "100", "Most events in one `POST /api/v1/publish/batch`.";
@@ -95,6 +100,8 @@ pub(crate) struct Config {
     pub(crate) hub: HubConfig,
     pub(crate) api_enabled: bool,
     pub(crate) api: ApiConfig,
+    /// `None`: the in-process broker.
+    pub(crate) redis: Option<RedisSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +304,7 @@ impl Sources {
             hub,
             api_enabled: p.get("api.enabled"),
             api,
+            redis: p.redis(),
         };
         if !config.hub_enabled && !config.api_enabled {
             p.errors.push(
@@ -403,6 +411,19 @@ impl Parser<'_> {
                 Duration::ZERO
             }
         }
+    }
+
+    fn redis(&mut self) -> Option<RedisSettings> {
+        let url = self.optional("redis.url")?;
+        if let Err(err) = hub::redis::parse_url(&url) {
+            self.error("redis.url", &format!("'{url}' is not a Redis URL: {err}"));
+        }
+        Some(RedisSettings {
+            url,
+            channel_prefix: self.raw("redis.channel_prefix"),
+            probe_interval: self.duration("redis.probe_interval"),
+            command_timeout: self.duration("redis.command_timeout"),
+        })
     }
 
     fn origins(&mut self) -> OriginPolicy {

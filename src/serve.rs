@@ -47,7 +47,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
 
     let registry = Arc::new(Registry::new());
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(registry.clone()));
+    // Cancelled after the hub has drained, so the broker outlives the sessions it serves.
+    let broker_stop = CancellationToken::new();
+    let node_id = ulid::Ulid::new().to_string();
+    let broker: Arc<dyn Broker> = match &config.redis {
+        Some(settings) => {
+            info!(url = %redact(&settings.url), node = %node_id, "cluster broker: Redis");
+            hub::redis::RedisBroker::start(
+                settings,
+                registry.clone(),
+                &node_id,
+                broker_stop.clone(),
+            )?
+        }
+        None => Arc::new(MemoryBroker::new(registry.clone())),
+    };
     let hub = Hub::new(config.hub.clone(), auth.clone(), registry, broker, None);
 
     let mut app = Router::new();
@@ -94,6 +108,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + grace;
     let sessions_done = hub.shutdown(grace).await;
     let requests_done = tokio::time::timeout_at(deadline, server).await.is_ok();
+    broker_stop.cancel();
     if sessions_done && requests_done {
         info!("shutdown complete");
     } else {
@@ -103,6 +118,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// One line on stdout with the bound address, so scripts (and the test harness) can find a

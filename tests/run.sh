@@ -21,6 +21,9 @@ command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 command -v chromium >/dev/null || missing+=(chromium)
+# Tests start private Redis servers and Redis Clusters (Redis 7: sharded pub/sub).
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -q

@@ -9,6 +9,7 @@ use futures_util::future::BoxFuture;
 use protocol::MessageTemplate;
 use std::sync::Arc;
 use thiserror::Error;
+use tokio::sync::watch;
 
 /// A broker failure. Publishing callers turn it into 503 / an `ERROR` frame; the subscription
 /// manager retries.
@@ -36,6 +37,13 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 
     /// Whether the broker is reachable and its subscriptions are live.
     fn is_ready(&self) -> bool;
+
+    /// Changes whenever the broker (re)connected and may have lost this node's subscriptions;
+    /// the subscription manager then resubscribes every topic. `None`: subscriptions are never
+    /// lost.
+    fn connection_epoch(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The single-node broker: publishing delivers straight into the local registry.

@@ -13,10 +13,12 @@
 //! - [`registry`]: topic → local subscribers, and encode-once fan-out.
 //! - `subscriptions`: keeps broker subscriptions in step with the registry.
 //! - [`broker`]: the [`Broker`] trait and [`MemoryBroker`].
+//! - [`redis`]: [`redis::RedisBroker`], the cluster broker on Redis (fred).
 //! - [`config`]: [`HubConfig`], every bound of a session.
 
 pub mod broker;
 pub mod config;
+pub mod redis;
 pub mod registry;
 mod session;
 mod subscriptions;
@@ -153,9 +155,12 @@ impl Hub {
         Ok(id)
     }
 
-    /// Whether the broker is reachable (for `/readyz`).
+    /// Whether the broker is reachable and holds every subscription this node needs (for
+    /// `/readyz`).
     pub fn is_ready(&self) -> bool {
-        !self.inner.shutdown.is_cancelled() && self.inner.broker.is_ready()
+        !self.inner.shutdown.is_cancelled()
+            && self.inner.broker.is_ready()
+            && self.inner.subscriptions.in_step()
     }
 
     /// Number of open WebSocket sessions on this node.

@@ -169,6 +169,10 @@ impl Registry {
                 Err(TrySendError::Closed(_)) => {}
             }
         }
+        metrics::counter!("lockstep_deliveries_total").increment(delivery.queued as u64);
+        if delivery.slow > 0 {
+            metrics::counter!("lockstep_slow_consumers_total").increment(delivery.slow as u64);
+        }
         delivery
     }
 }

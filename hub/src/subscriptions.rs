@@ -13,6 +13,7 @@ use crate::registry::Registry;
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -29,7 +30,10 @@ pub(crate) struct Subscriptions {
     epoch: watch::Sender<u64>,
     /// Set when the broker lost every subscription (a reconnect): the next pass resubscribes
     /// all topics.
-    resync: std::sync::atomic::AtomicBool,
+    resync: AtomicBool,
+    /// Whether the broker's subscriptions match the registry (no resync pending, the last pass
+    /// failed nothing). Part of readiness.
+    in_step: AtomicBool,
 }
 
 impl Subscriptions {
@@ -38,8 +42,14 @@ impl Subscriptions {
             dirty: Mutex::new(HashSet::new()),
             wake: Notify::new(),
             epoch: watch::Sender::new(0),
-            resync: std::sync::atomic::AtomicBool::new(false),
+            resync: AtomicBool::new(false),
+            in_step: AtomicBool::new(true),
         }
+    }
+
+    /// Whether every topic with a local subscriber is subscribed in the broker.
+    pub(crate) fn in_step(&self) -> bool {
+        self.in_step.load(Ordering::SeqCst)
     }
 
     /// A topic gained its first or lost its last local subscriber.
@@ -49,9 +59,9 @@ impl Subscriptions {
     }
 
     /// The broker lost its subscriptions; resubscribe everything.
-    #[allow(dead_code)] // Called by the Redis broker's reconnect handling.
     pub(crate) fn resync(&self) {
-        self.resync.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.in_step.store(false, Ordering::SeqCst);
+        self.resync.store(true, Ordering::SeqCst);
         self.wake.notify_one();
     }
 
@@ -68,12 +78,26 @@ impl Subscriptions {
     ) {
         let mut subscribed: HashSet<String> = HashSet::new();
         let mut backoff = Duration::from_millis(50);
+        let mut connections = broker.connection_epoch();
         loop {
+            let reconnected = async {
+                match connections.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.wake.notified() => {}
+                ok = reconnected => {
+                    if ok {
+                        self.resync();
+                    } else {
+                        connections = None;
+                    }
+                }
             }
-            if self.resync.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if self.resync.swap(false, Ordering::SeqCst) {
                 registry.unconfirm_all();
                 subscribed.clear();
                 self.dirty.lock().extend(registry.topics());
@@ -123,6 +147,10 @@ impl Subscriptions {
             for topic in &confirm {
                 registry.confirm(topic);
             }
+            self.in_step.store(
+                !failed && !self.resync.load(Ordering::SeqCst),
+                Ordering::SeqCst,
+            );
             self.epoch.send_modify(|e| *e += 1);
             if failed {
                 warn!(retry_in = ?backoff, "broker subscriptions out of step; retrying");

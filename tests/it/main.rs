@@ -2,6 +2,7 @@
 
 mod api;
 mod clients;
+mod cluster;
 mod fanout;
 mod lifecycle;
 mod load;

@@ -8,7 +8,10 @@
 //! # Layout
 //!
 //! - [`Lockstep`]: a running node and its tokens.
+//! - [`redis`]: private Redis servers and Redis Clusters on free ports.
 //! - `it/`: the tests themselves, one binary, a module per area.
+
+pub mod redis;
 
 use anyhow::{Context as _, bail};
 use jsonwebtoken::{EncodingKey, Header};
@@ -63,9 +66,17 @@ pub struct Options {
     /// Use this data directory and its generated secret instead of a fresh one and a
     /// configured secret.
     pub data_dir: Option<PathBuf>,
+    /// The HS256 secret (nodes of one cluster share it); random when unset.
+    pub secret: Option<String>,
 }
 
 impl Options {
+    #[must_use]
+    pub fn secret(mut self, secret: &str) -> Options {
+        self.secret = Some(secret.to_owned());
+        self
+    }
+
     #[must_use]
     pub fn data_dir(mut self, dir: &Path) -> Options {
         self.data_dir = Some(dir.to_owned());
@@ -97,9 +108,7 @@ impl Lockstep {
     #[allow(clippy::needless_pass_by_value)] // Builder-style call sites read better.
     pub fn start_with(options: Options) -> Lockstep {
         let dir = tempfile::tempdir().expect("temp dir");
-        let secret: String = (0..48)
-            .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
-            .collect();
+        let secret = options.secret.clone().unwrap_or_else(random_secret);
         let mut command = Command::new(lockstep_bin());
         command
             .arg("serve")
@@ -211,6 +220,57 @@ impl Lockstep {
         }
     }
 
+    /// `GET /readyz`'s status code (0 when the node does not answer).
+    pub fn readyz(&self) -> u16 {
+        let Ok(mut stream) = std::net::TcpStream::connect(self.addr) else {
+            return 0;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = format!(
+            "GET /readyz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        if std::io::Write::write_all(&mut stream, request.as_bytes()).is_err() {
+            return 0;
+        }
+        let mut response = String::new();
+        let _ = std::io::Read::read_to_string(&mut stream, &mut response);
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Polls `/readyz` until it answers `status` or `timeout` passes; returns how long it took.
+    ///
+    /// # Errors
+    ///
+    /// On timeout.
+    pub fn wait_readyz(&self, status: u16, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            if self.readyz() == status {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "/readyz did not answer {status} within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Kills the node with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The process's resident memory, KiB (`VmRSS`).
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
@@ -224,6 +284,13 @@ impl Drop for Lockstep {
             let _ = child.wait();
         }
     }
+}
+
+/// A random 48-character secret.
+pub fn random_secret() -> String {
+    (0..48)
+        .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+        .collect()
 }
 
 /// Sends a signal to a process.
