@@ -6,6 +6,8 @@
 #   loadtest/compare.sh fanout10    # 1000 subscribers on 10 topics at 2000 msg/s, 100-byte payloads
 #   loadtest/compare.sh idle        # 10,000 connections x 3 subscriptions held 90 s: RSS per connection
 #   loadtest/compare.sh connect     # connection + CONNECT + SUBSCRIBE-with-receipt rate
+#   loadtest/compare.sh redis       # 2 nodes through Redis, then through a 3-master Redis Cluster,
+#                                   # against the single in-process node in the same run
 #   loadtest/compare.sh all
 #
 # Everything runs on loopback and stops by itself. Servers are release builds started here and
@@ -80,6 +82,49 @@ CONF
 
 record() { tee -a "$OUT"; }
 
+start_lockstep_pair() { # redis-url: two nodes sharing it; sets pair_url and pair_pids
+  local i out
+  pair_url=""; pair_pids=()
+  for i in 1 2; do
+    out="$work/pair$i.out"
+    LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
+      LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/pair$i" LOCKSTEP_REDIS_URL="$1" \
+      "$bin/lockstep" serve --listen 127.0.0.1:0 >"$out" 2>"$work/pair$i.err" &
+    pair_pids+=("$!"); pids+=("$!")
+    for _ in $(seq 1 100); do grep -q listening "$out" && break; sleep 0.05; done
+    local http
+    http=$(sed -n 's/^lockstep listening on //p' "$out")
+    for _ in $(seq 1 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' "$http/readyz")" = 200 ] && break; sleep 0.05; done
+    pair_url="${pair_url:+$pair_url,}ws://${http#http://}/ws"
+  done
+}
+
+stop_pids() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+
+start_redis() { # sets redis_port, redis_pid
+  redis_port=$(free_port)
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no --dir "$work" >/dev/null 2>&1 &
+  redis_pid=$!; pids+=("$redis_pid")
+  wait_port "$redis_port"
+}
+
+start_redis_cluster() { # 3 masters; sets cluster_url, cluster_pids
+  local i port dir addrs=()
+  cluster_pids=()
+  for i in 1 2 3; do
+    while :; do port=$((20000 + RANDOM % 30000)); (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null || (echo >"/dev/tcp/127.0.0.1/$((port + 10000))") 2>/dev/null || break; done
+    dir="$work/cluster$i"; mkdir -p "$dir"
+    redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no --dir "$dir" \
+      --cluster-enabled yes --cluster-config-file nodes.conf >/dev/null 2>&1 &
+    cluster_pids+=("$!"); pids+=("$!")
+    wait_port "$port"
+    addrs+=("127.0.0.1:$port")
+  done
+  redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+  for _ in $(seq 1 200); do redis-cli -p "${addrs[0]#*:}" cluster info | grep -q cluster_state:ok && break; sleep 0.05; done
+  cluster_url="redis-cluster://$(IFS=,; echo "${addrs[*]}")"
+}
+
 # Highest rate of a sweep with p99 < 50 ms and nothing lost.
 best() { jq -s '[.[] | select(.latency.p99_ms < 50 and .lost == 0)] | max_by(.deliveries_per_sec) // {deliveries_per_sec: 0, rate: 0, latency: {p99_ms: null}}'; }
 
@@ -140,6 +185,36 @@ run_connect() {
   fi
 }
 
+run_redis() {
+  local rates="250,500,750,1000,1250,1500" user_rates="5000,10000,20000,40000,60000"
+  echo "== redis: 1000 subscribers on 1 topic, and on 1000 user topics; 1 node in-process vs 2 nodes through Redis"
+  "$bin/loadtest" fanout --url "$lockstep_url" --subscribers 1000 --topics 1 --rates "$rates" --duration 10s \
+    --cpu-pid lockstep="$lockstep_pid" 2>/dev/null | record >"$work/single.fanout"
+  best <"$work/single.fanout" >"$work/single.best"
+  echo "single node, in-process: $(jq -r '"\(.deliveries_per_sec|floor) deliveries/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms"' "$work/single.best")"
+  start_redis
+  start_lockstep_pair "redis://127.0.0.1:$redis_port"
+  for shape in topic user; do
+    if [ $shape = topic ]; then args=(--topics 1 --rates "$rates"); else args=(--topic-kind user --rates "$user_rates"); fi
+    "$bin/loadtest" fanout --url "$pair_url" --subscribers 1000 "${args[@]}" --duration 10s \
+      --cpu-pid redis="$redis_pid" --cpu-pid node1="${pair_pids[0]}" --cpu-pid node2="${pair_pids[1]}" 2>/dev/null | record >"$work/redis.$shape"
+    best <"$work/redis.$shape" >"$work/redis.$shape.best"
+    echo "2 nodes + Redis, $shape: $(jq -r '"\(.deliveries_per_sec|floor) deliveries/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms, Redis \(.cpu[0].us_per_published) us CPU per published event"' "$work/redis.$shape.best")"
+  done
+  echo "2 nodes + Redis / single node (1 topic) = $(ratio "$(jq .deliveries_per_sec "$work/redis.topic.best")" "$(jq .deliveries_per_sec "$work/single.best")")"
+  stop_pids "${pair_pids[@]}" "$redis_pid"
+  start_redis_cluster
+  start_lockstep_pair "$cluster_url"
+  for shape in topic user; do
+    if [ $shape = topic ]; then args=(--topics 1 --rates "$rates"); else args=(--topic-kind user --rates "$user_rates"); fi
+    "$bin/loadtest" fanout --url "$pair_url" --subscribers 1000 "${args[@]}" --duration 10s \
+      --cpu-pid redis1="${cluster_pids[0]}" --cpu-pid redis2="${cluster_pids[1]}" --cpu-pid redis3="${cluster_pids[2]}" 2>/dev/null | record >"$work/cluster.$shape"
+    best <"$work/cluster.$shape" >"$work/cluster.$shape.best"
+    echo "2 nodes + Redis Cluster (3 masters), $shape: $(jq -r '"\(.deliveries_per_sec|floor) deliveries/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms, Redis \([.cpu[].us_per_published] | add * 100 | round / 100) us CPU per published event (all shards)"' "$work/cluster.$shape.best")"
+  done
+  stop_pids "${pair_pids[@]}" "${cluster_pids[@]}"
+}
+
 echo "machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ); results in $OUT"
 start_ceiling
 start_lockstep
@@ -149,6 +224,7 @@ case "$scenario" in
   fanout10) run_fanout10 ;;
   idle) run_idle ;;
   connect) run_connect ;;
-  all) run_fanout; run_fanout10; run_connect; run_idle ;;
+  redis) run_redis ;;
+  all) run_fanout; run_fanout10; run_connect; run_redis; run_idle ;;
   *) echo "unknown scenario $scenario" >&2; exit 64 ;;
 esac

@@ -17,17 +17,23 @@ use tokio::sync::watch;
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    #[error("broker overloaded: too many events waiting to be published")]
+    Overloaded,
 }
 
 /// Moves events between nodes.
 pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
-    /// Publishes an encoded event on `topic` to every node, this one included. Events one
-    /// caller publishes on one topic arrive everywhere in the order of the calls.
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        message: &'a MessageTemplate,
-    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// Publishes an encoded event on `topic` to every node, this one included; the future
+    /// resolves when the broker confirmed it.
+    ///
+    /// The event takes its place in the order when `publish` is *called*, not when the future is
+    /// first polled: events one caller publishes on one topic arrive everywhere in call order,
+    /// even when the caller keeps several publishes in flight (a pipelining STOMP session).
+    fn publish(
+        &self,
+        topic: &str,
+        message: &MessageTemplate,
+    ) -> BoxFuture<'static, Result<(), BrokerError>>;
 
     /// Starts delivering `topics` to this node. Returns once the broker confirmed.
     fn subscribe<'a>(&'a self, topics: &'a [String]) -> BoxFuture<'a, Result<(), BrokerError>>;
@@ -59,11 +65,11 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        message: &'a MessageTemplate,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+    fn publish(
+        &self,
+        topic: &str,
+        message: &MessageTemplate,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
         self.registry.deliver(topic, message);
         Box::pin(std::future::ready(Ok(())))
     }

@@ -30,6 +30,7 @@ pub use registry::Registry;
 
 use axum::Router;
 use axum::routing::get;
+use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use protocol::server::MessageTemplate;
 use protocol::{Authenticator, EventType, Topic, envelope};
@@ -125,19 +126,16 @@ impl Hub {
     }
 
     /// Publishes an event: builds its envelope and `MESSAGE` once, and hands it to the broker.
-    /// Returns the event id.
-    ///
-    /// # Errors
-    ///
-    /// [`PublishError`] when the broker cannot take the event or the node is shutting down.
-    pub async fn publish(
+    /// The event is ordered at the call; the returned future resolves to the event id once the
+    /// broker confirmed it, so a caller may keep several publishes in flight.
+    pub fn publish(
         &self,
         topic: &Topic,
         event_type: &EventType,
         data: &RawValue,
-    ) -> Result<String, PublishError> {
+    ) -> BoxFuture<'static, Result<String, PublishError>> {
         if self.inner.shutdown.is_cancelled() {
-            return Err(PublishError::ShuttingDown);
+            return Box::pin(std::future::ready(Err(PublishError::ShuttingDown)));
         }
         let id = self.new_id();
         let ts = envelope::format_ts(SystemTime::now());
@@ -150,9 +148,12 @@ impl Hub {
         }
         .to_json();
         let message = MessageTemplate::new(topic.as_str(), &id, event_type.as_str(), &json);
-        self.inner.broker.publish(topic.as_str(), &message).await?;
-        metrics::counter!("lockstep_events_published_total").increment(1);
-        Ok(id)
+        let confirmed = self.inner.broker.publish(topic.as_str(), &message);
+        Box::pin(async move {
+            confirmed.await?;
+            metrics::counter!("lockstep_events_published_total").increment(1);
+            Ok(id)
+        })
     }
 
     /// Whether the broker is reachable and holds every subscription this node needs (for

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -100,12 +100,28 @@ pub fn parse_url(url: &str) -> Result<Config, String> {
     Config::from_url(url).map_err(|e| e.to_string())
 }
 
+/// Events waiting to be published, at most. A full queue answers "overloaded" at once.
+const PUBLISH_QUEUE: usize = 65_536;
+/// Most events sent to Redis in one pipeline.
+const PUBLISH_BATCH: usize = 512;
+
+/// One event on its way to Redis.
+#[derive(Debug)]
+struct PublishJob {
+    channel: String,
+    tail: Arc<str>,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
 /// The Redis broker.
 #[derive(Debug)]
 pub struct RedisBroker {
     /// Publishes (and probes). Separate from the subscriber so a burst of publishes never
     /// queues behind subscription traffic.
     publisher: Client,
+    /// Feeds the publishing task, which pipelines whatever accumulated while the previous
+    /// pipeline was in flight: one round trip carries many events, in call order.
+    jobs: mpsc::Sender<PublishJob>,
     subscriber: Client,
     cluster: bool,
     prefix: String,
@@ -180,13 +196,20 @@ impl RedisBroker {
             probe_ok: AtomicBool::new(true),
             epoch: watch::Sender::new(0),
         });
+        let (jobs, queue) = mpsc::channel(PUBLISH_QUEUE);
         let broker = Arc::new(RedisBroker {
             publisher,
+            jobs,
             subscriber,
             cluster,
             prefix: settings.channel_prefix.clone(),
             state,
         });
+        tokio::spawn(publish_batches(
+            broker.publisher.clone(),
+            queue,
+            shutdown.clone(),
+        ));
         broker.spawn_tasks(registry, settings.probe_interval, shutdown);
         // The connection tasks run (and reconnect) on their own; their join handles are not
         // needed, and dropping a Tokio join handle detaches, it does not cancel.
@@ -330,31 +353,84 @@ impl RedisBroker {
     }
 }
 
+/// Sends queued events to Redis in pipelines, and reports each event's outcome.
+async fn publish_batches(
+    publisher: Client,
+    mut queue: mpsc::Receiver<PublishJob>,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return,
+            job = queue.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        batch.push(first);
+        while batch.len() < PUBLISH_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let pipeline = publisher.pipeline();
+        for job in &batch {
+            // Queued locally; sent by try_all below.
+            let queued: Result<(), _> = pipeline.spublish(job.channel.as_str(), &*job.tail).await;
+            if let Err(err) = queued {
+                debug!(%err, "could not queue a publish");
+            }
+        }
+        let results: Vec<Result<i64, fred::error::Error>> = pipeline.try_all().await;
+        let mut results = results.into_iter();
+        for job in batch.drain(..) {
+            let outcome = match results.next() {
+                Some(Ok(_receivers)) => Ok(()),
+                Some(Err(err)) => Err(unavailable(&err)),
+                None => Err(BrokerError::Unavailable("no reply from Redis".to_owned())),
+            };
+            let _ = job.done.send(outcome);
+        }
+    }
+}
+
 fn unavailable(err: &fred::error::Error) -> BrokerError {
     BrokerError::Unavailable(err.to_string())
 }
 
 impl Broker for RedisBroker {
-    fn publish<'a>(
-        &'a self,
-        topic: &'a str,
-        message: &'a MessageTemplate,
-    ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        Box::pin(async move {
-            // Fail fast while Redis is away instead of queueing behind the reconnect.
-            if !self.publisher.is_connected() {
-                return Err(BrokerError::Unavailable(
-                    "not connected to Redis".to_owned(),
-                ));
+    fn publish(
+        &self,
+        topic: &str,
+        message: &MessageTemplate,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        // Fail fast while Redis is away instead of queueing behind the reconnect.
+        if !self.publisher.is_connected() {
+            return Box::pin(std::future::ready(Err(BrokerError::Unavailable(
+                "not connected to Redis".to_owned(),
+            ))));
+        }
+        let (done, outcome) = oneshot::channel();
+        let job = PublishJob {
+            channel: self.channel(topic),
+            tail: message.tail().clone(),
+            done,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => Box::pin(async move {
+                outcome.await.unwrap_or_else(|_| {
+                    Err(BrokerError::Unavailable("the publisher stopped".to_owned()))
+                })
+            }),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Box::pin(std::future::ready(Err(BrokerError::Overloaded)))
             }
-            let tail: &str = message.tail();
-            let _receivers: i64 = self
-                .publisher
-                .spublish(self.channel(topic), tail)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            Ok(())
-        })
+            Err(mpsc::error::TrySendError::Closed(_)) => Box::pin(std::future::ready(Err(
+                BrokerError::Unavailable("shutting down".to_owned()),
+            ))),
+        }
     }
 
     fn subscribe<'a>(&'a self, topics: &'a [String]) -> BoxFuture<'a, Result<(), BrokerError>> {

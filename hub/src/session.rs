@@ -8,16 +8,19 @@
 //! Every way a session ends is an [`Ending`]; [`run`] turns it into the right `ERROR` frame and
 //! close code, then removes the session's subscriptions.
 
-use crate::Hub;
 use crate::registry::{ConnId, Outbox, Subscriber};
+use crate::{Hub, PublishError};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::BytesMut;
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use protocol::client::{ClientCommand, ClientFrame, Connect};
 use protocol::rate::TokenBucket;
 use protocol::{Decoder, Disconnect, EventType, Frame, Principal, Topic, server};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,6 +34,16 @@ const MAX_BATCH: usize = 256;
 
 /// A dead peer is declared after this many missed heart-beat intervals.
 const HEARTBEAT_MISSES: u32 = 2;
+
+/// Most `SEND`s of one connection waiting for the broker's confirmation. Beyond it the session
+/// stops reading the socket until the oldest is confirmed: backpressure, not buffering.
+const MAX_PENDING_PUBLISHES: usize = 256;
+
+/// A `SEND` the broker has taken but not yet confirmed, and the receipt it owes.
+type PendingPublish = (
+    Option<String>,
+    BoxFuture<'static, Result<String, PublishError>>,
+);
 
 /// What the upgrade handler learned about the connection.
 #[derive(Debug)]
@@ -124,6 +137,8 @@ struct Session {
     /// Subscription id → topic.
     subscriptions: HashMap<Arc<str>, Topic>,
     connected: Option<Box<Connected>>,
+    /// Publishes in flight, oldest first; their receipts go out in this order.
+    pending: VecDeque<PendingPublish>,
     rate: TokenBucket,
     started: Instant,
     last_read: Instant,
@@ -161,6 +176,7 @@ pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
         rx,
         subscriptions: HashMap::new(),
         connected: None,
+        pending: VecDeque::new(),
         started: now,
         last_read: now,
         last_write: now,
@@ -200,7 +216,13 @@ impl Session {
                         Err(ending) => return ending,
                     }
                 }
-                message = self.ws.next() => {
+                result = next_confirmation(&mut self.pending), if !self.pending.is_empty() => {
+                    let (receipt, _) = self.pending.pop_front().expect("a pending publish");
+                    if let Err(ending) = self.publish_done(receipt, result).await {
+                        return ending;
+                    }
+                }
+                message = self.ws.next(), if self.pending.len() < MAX_PENDING_PUBLISHES => {
                     let message = match message {
                         Some(Ok(message)) => message,
                         Some(Err(err)) => return self.transport_error(err),
@@ -411,14 +433,16 @@ impl Session {
                 content_type,
                 body,
             } => {
-                self.on_send(
-                    &destination,
-                    event_type.as_deref(),
-                    content_type.as_deref(),
-                    &body,
-                    receipt,
-                )
-                .await?;
+                // Its receipt waits for the broker's confirmation.
+                return self
+                    .on_send(
+                        &destination,
+                        event_type.as_deref(),
+                        content_type.as_deref(),
+                        &body,
+                        receipt,
+                    )
+                    .await;
             }
             // Subscriptions are ack:auto, so acknowledgements have nothing to do.
             ClientCommand::Ack { .. } | ClientCommand::Nack { .. } => {}
@@ -431,6 +455,11 @@ impl Session {
                 ));
             }
             ClientCommand::Disconnect => {
+                // Whatever was accepted is confirmed before the goodbye.
+                while let Some((receipt, confirmed)) = self.pending.pop_front() {
+                    let result = confirmed.await;
+                    self.publish_done(receipt, result).await?;
+                }
                 if let Some(id) = receipt {
                     self.send_frame(&server::receipt(id)).await?;
                 }
@@ -640,13 +669,37 @@ impl Session {
             )
         })?;
         self.throttle().await?;
-        self.hub
-            .publish(&topic, &event_type, data)
-            .await
-            .map_err(|err| {
-                Ending::error(UNAVAILABLE, "broker unavailable", err.to_string(), receipt)
-            })?;
+        let mut confirmed = self.hub.publish(&topic, &event_type, data);
+        let receipt = receipt.map(str::to_owned);
+        // The in-process broker confirms at once; skip the queue then (it is empty, or the
+        // receipts would go out of order).
+        if self.pending.is_empty()
+            && let Some(result) = (&mut confirmed).now_or_never()
+        {
+            return self.publish_done(receipt, result).await;
+        }
+        self.pending.push_back((receipt, confirmed));
         Ok(())
+    }
+
+    /// A publish was confirmed (or failed): send its receipt, or end with an error.
+    async fn publish_done(
+        &mut self,
+        receipt: Option<String>,
+        result: Result<String, PublishError>,
+    ) -> Result<(), Ending> {
+        match result {
+            Ok(_) => match receipt {
+                Some(id) => self.send_frame(&server::receipt(&id)).await,
+                None => Ok(()),
+            },
+            Err(err) => Err(Ending::error(
+                UNAVAILABLE,
+                "broker unavailable",
+                err.to_string(),
+                receipt.as_deref(),
+            )),
+        }
     }
 
     /// Applies the per-connection publish rate: a client over its rate is slowed down (its
@@ -707,6 +760,16 @@ impl Session {
             observer.session_closed(&c.session_id, &c.principal.sub);
         }
     }
+}
+
+/// The oldest pending publish's confirmation.
+fn next_confirmation(
+    pending: &mut VecDeque<PendingPublish>,
+) -> impl Future<Output = Result<String, PublishError>> + '_ {
+    std::future::poll_fn(move |cx| match pending.front_mut() {
+        Some((_, confirmed)) => confirmed.as_mut().poll(cx),
+        None => std::task::Poll::Pending,
+    })
 }
 
 fn token_expired() -> Ending {

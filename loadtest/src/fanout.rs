@@ -43,6 +43,8 @@ pub struct FanoutConfig {
     pub sources: Vec<IpAddr>,
     /// Parallel connection setups.
     pub connect_concurrency: usize,
+    /// Processes whose CPU time is reported per step (`name`, PID): servers, Redis.
+    pub cpu_pids: Vec<(String, u32)>,
 }
 
 /// One step's result: one JSON line.
@@ -67,7 +69,20 @@ pub struct FanoutReport {
     pub subscribers_closed: u64,
     pub deliveries_per_sec: f64,
     pub latency: Latency,
+    /// CPU time of the watched processes during the step.
+    pub cpu: Vec<CpuUse>,
     pub timeline: Vec<Second>,
+}
+
+/// CPU a process used during a step.
+#[derive(Debug, Serialize)]
+pub struct CpuUse {
+    pub name: String,
+    pub seconds: f64,
+    /// Of the whole step's wall time, in cores (1.0 = one core busy).
+    pub cores: f64,
+    pub us_per_published: f64,
+    pub us_per_delivery: f64,
 }
 
 struct Subscriber {
@@ -181,6 +196,11 @@ pub async fn run(target: &Target, config: &FanoutConfig) -> anyhow::Result<Vec<F
             *stats = SubscriberStats::new(config.publishers, collector.clone());
         }
         step_epoch.store(unix_ns(), Ordering::Relaxed);
+        let cpu_before: Vec<f64> = config
+            .cpu_pids
+            .iter()
+            .map(|(_, pid)| cpu_seconds(*pid))
+            .collect();
         let started = Instant::now();
         let (published, expected, back) = publish(
             target,
@@ -208,6 +228,22 @@ pub async fn run(target: &Target, config: &FanoutConfig) -> anyhow::Result<Vec<F
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let wall = started.elapsed().as_secs_f64();
+        let cpu = config
+            .cpu_pids
+            .iter()
+            .zip(cpu_before)
+            .map(|((name, pid), before)| {
+                let seconds = cpu_seconds(*pid) - before;
+                CpuUse {
+                    name: name.clone(),
+                    seconds: round2(seconds),
+                    cores: round2(seconds / wall),
+                    us_per_published: round2(seconds * 1e6 / published.max(1) as f64),
+                    us_per_delivery: round2(seconds * 1e6 / delivered.max(1) as f64),
+                }
+            })
+            .collect();
         let mut out_of_order = 0;
         for s in &subscribers {
             let mut stats = s.stats.lock();
@@ -233,6 +269,7 @@ pub async fn run(target: &Target, config: &FanoutConfig) -> anyhow::Result<Vec<F
             subscribers_closed: closed.load(Ordering::Relaxed),
             deliveries_per_sec: round2(delivered as f64 / publish_secs),
             latency: collector.latency(),
+            cpu,
             timeline: collector.timeline(),
         });
     }
@@ -345,6 +382,22 @@ async fn publish(
         expected,
         back.into_iter().map(|(_, ws)| ws).collect(),
     ))
+}
+
+/// User plus system CPU seconds of a process and all its threads (`/proc/PID/stat`; Linux
+/// reports them in ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 fn pick(sources: &[IpAddr], i: usize) -> Option<IpAddr> {

@@ -48,6 +48,9 @@ enum Command {
         /// Lockstep's HTTP base URL for `--via http`.
         #[arg(long)]
         http: Option<String>,
+        /// Report a process's CPU use per step: NAME=PID (repeatable).
+        #[arg(long = "cpu-pid", value_parser = parse_cpu_pid)]
+        cpu_pids: Vec<(String, u32)>,
     },
     /// N connections x K subscriptions held with heart-beats; server RSS per connection.
     Idle {
@@ -86,9 +89,10 @@ struct TargetArgs {
     /// lockstep, rabbitmq or ceiling.
     #[arg(long, default_value = "lockstep")]
     target: String,
-    /// WebSocket URL, e.g. ws://127.0.0.1:8080/ws.
-    #[arg(long)]
-    url: String,
+    /// WebSocket URL, e.g. ws://127.0.0.1:8080/ws; several comma-separated for a cluster
+    /// (client i connects to URL i mod n).
+    #[arg(long, value_delimiter = ',', required = true)]
+    url: Vec<String>,
     /// Lockstep's HS256 secret, to mint tokens.
     #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "")]
     jwt_secret: String,
@@ -106,7 +110,10 @@ struct TargetArgs {
 
 impl TargetArgs {
     async fn target(&self) -> anyhow::Result<Target> {
-        let ws = Endpoint::parse(&self.url).await?;
+        let mut ws = Vec::new();
+        for url in &self.url {
+            ws.push(Endpoint::parse(url).await?);
+        }
         Ok(match self.target.as_str() {
             "lockstep" => {
                 anyhow::ensure!(
@@ -136,6 +143,14 @@ impl TargetArgs {
             .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
             .collect()
     }
+}
+
+fn parse_cpu_pid(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s.split_once('=').ok_or("expected NAME=PID")?;
+    Ok((
+        name.to_owned(),
+        pid.parse().map_err(|_| format!("'{pid}' is not a PID"))?,
+    ))
 }
 
 #[allow(clippy::print_stdout)] // JSON lines are the output.
@@ -172,6 +187,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             duration,
             via,
             http,
+            cpu_pids,
         } => {
             let config = fanout::FanoutConfig {
                 subscribers,
@@ -185,6 +201,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 http,
                 sources: target.sources(),
                 connect_concurrency: target.connect_concurrency,
+                cpu_pids,
             };
             let t = target.target().await?;
             for report in fanout::run(&t, &config).await? {

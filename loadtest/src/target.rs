@@ -24,20 +24,21 @@ pub enum TopicKind {
     Global,
 }
 
-/// A server under test.
+/// A server under test. Each holds one or more endpoints (the nodes of a cluster); client `i`
+/// connects to endpoint `i % len`.
 #[derive(Debug, Clone)]
 pub enum Target {
     Lockstep {
-        ws: Endpoint,
+        ws: Vec<Endpoint>,
         secret: String,
     },
     Rabbit {
-        ws: Endpoint,
+        ws: Vec<Endpoint>,
         login: String,
         passcode: String,
     },
     Ceiling {
-        ws: Endpoint,
+        ws: Vec<Endpoint>,
     },
 }
 
@@ -50,9 +51,11 @@ impl Target {
         }
     }
 
-    fn endpoint(&self) -> &Endpoint {
+    fn endpoint(&self, index: usize) -> &Endpoint {
         match self {
-            Target::Lockstep { ws, .. } | Target::Rabbit { ws, .. } | Target::Ceiling { ws } => ws,
+            Target::Lockstep { ws, .. } | Target::Rabbit { ws, .. } | Target::Ceiling { ws } => {
+                &ws[index % ws.len()]
+            }
         }
     }
 
@@ -90,7 +93,7 @@ impl Target {
             Target::Ceiling { .. } => None,
             _ => Some("v12.stomp"),
         };
-        let mut ws = RawWs::connect(self.endpoint(), source, protocol, read_chunk).await?;
+        let mut ws = RawWs::connect(self.endpoint(index), source, protocol, read_chunk).await?;
         let login = match self {
             Target::Ceiling { .. } => return Ok(ws),
             Target::Lockstep { secret, .. } => {
