@@ -32,7 +32,7 @@ use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::time::Duration;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 /// Publishes events for the API. The binary implements it over the hub.
 pub trait EventPublisher: Send + Sync + std::fmt::Debug + 'static {
@@ -166,13 +166,19 @@ pub fn app(state: ApiState) -> Router {
         }))
         .layer(cors_layer(&config.cors))
         // Added last, so outermost: the span covers everything else.
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let path = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or(req.uri().path(), MatchedPath::as_str);
-            tracing::debug_span!("request", method = %req.method(), path)
-        }))
+        // Failures are logged where they happen (ApiError); a 503 from /readyz is not an error
+        // worth a log line of its own.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG))
+                .make_span_with(|req: &Request| {
+                    let path = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or(req.uri().path(), MatchedPath::as_str);
+                    tracing::debug_span!("request", method = %req.method(), path)
+                }),
+        )
         .with_state(state)
 }
 

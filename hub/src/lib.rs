@@ -10,6 +10,7 @@
 //!
 //! - `upgrade`: the `/ws` handler: Origin check, connection limit, subprotocol, buffer sizes.
 //! - `session`: the per-connection state machine.
+//! - `outbox`: a connection's bounded outbound queue.
 //! - [`registry`]: topic → local subscribers, and encode-once fan-out.
 //! - `subscriptions`: keeps broker subscriptions in step with the registry.
 //! - [`broker`]: the [`Broker`] trait and [`MemoryBroker`].
@@ -18,6 +19,7 @@
 
 pub mod broker;
 pub mod config;
+mod outbox;
 pub mod redis;
 pub mod registry;
 mod session;
@@ -102,7 +104,7 @@ impl Hub {
         observer: Option<Arc<dyn SessionObserver>>,
     ) -> Hub {
         let shutdown = CancellationToken::new();
-        let subscriptions = Arc::new(Subscriptions::new());
+        let subscriptions = Arc::new(Subscriptions::new(broker.connection_epoch()));
         tokio::spawn(
             subscriptions
                 .clone()

@@ -118,7 +118,7 @@ struct PublishJob {
 pub struct RedisBroker {
     /// Publishes (and probes). Separate from the subscriber so a burst of publishes never
     /// queues behind subscription traffic.
-    publisher: Client,
+    publisher: Arc<PublisherSlot>,
     /// Feeds the publishing task, which pipelines whatever accumulated while the previous
     /// pipeline was in flight: one round trip carries many events, in call order.
     jobs: mpsc::Sender<PublishJob>,
@@ -154,15 +154,19 @@ impl RedisBroker {
         let config = parse_url(&settings.url)
             .map_err(|e| BrokerError::Unavailable(format!("redis url: {e}")))?;
         let cluster = matches!(config.server, ServerConfig::Clustered { .. });
-        let build = |broadcast_capacity: usize| {
+        let build = |broadcast_capacity: usize, reconnect: bool| {
             let mut builder = Builder::from_config(Config {
                 version: RespVersion::RESP3,
-                fail_fast: false,
+                // Without a policy, fred connects once and reports failure (the supervisor
+                // retries); with one, it retries by itself from the start.
+                fail_fast: !reconnect,
                 ..config.clone()
             });
-            let mut policy = ReconnectPolicy::new_exponential(0, 100, 5_000, 2);
-            policy.set_jitter(100);
-            builder.set_policy(policy);
+            if reconnect {
+                let mut policy = ReconnectPolicy::new_exponential(0, 100, 5_000, 2);
+                policy.set_jitter(100);
+                builder.set_policy(policy);
+            }
             builder.with_performance_config(|p| {
                 p.default_command_timeout = settings.command_timeout;
                 p.broadcast_channel_capacity = broadcast_capacity;
@@ -182,13 +186,19 @@ impl RedisBroker {
                 };
             });
             builder
-                .build()
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))
         };
-        let publisher = build(16)?;
+        // The publisher has no reconnect policy: fred keeps commands queued while it is
+        // disconnected and writes them once it is back, so a publish the caller was told had
+        // failed (it timed out during the outage) would still go out later. Instead
+        // `supervise_publisher` builds a fresh client for every connection; commands queued on
+        // a dead one die with it.
+        let publisher_builder = build(16, false);
+        let publisher = Arc::new(PublisherSlot::default());
         // Inbound events wait here while the registry fans them out; a lagging receiver would
         // lose events, so the buffer is generous.
-        let subscriber = build(1 << 16)?;
+        let subscriber = build(1 << 16, true)
+            .build()
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
         let state = Arc::new(State {
             probe_channel: format!("{}probe:{node_id}", settings.channel_prefix),
             probes_sent: AtomicU64::new(0),
@@ -208,12 +218,18 @@ impl RedisBroker {
         tokio::spawn(publish_batches(
             broker.publisher.clone(),
             queue,
+            settings.command_timeout,
             shutdown.clone(),
         ));
+        let shutdown_for_publisher = shutdown.clone();
         broker.spawn_tasks(registry, settings.probe_interval, shutdown);
         // The connection tasks run (and reconnect) on their own; their join handles are not
         // needed, and dropping a Tokio join handle detaches, it does not cancel.
-        drop(broker.publisher.connect());
+        tokio::spawn(supervise_publisher(
+            publisher_builder,
+            broker.publisher.clone(),
+            shutdown_for_publisher,
+        ));
         drop(broker.subscriber.connect());
         Ok(broker)
     }
@@ -274,7 +290,6 @@ impl RedisBroker {
                 tokio::select! {
                     () = stop.cancelled() => {
                         let _ = broker.subscriber.quit().await;
-                        let _ = broker.publisher.quit().await;
                         return;
                     }
                     r = reconnects.recv() => match r {
@@ -291,6 +306,8 @@ impl RedisBroker {
                         if let Ok((error, server)) = e {
                             warn!(%error, ?server, "Redis connection error; reconnecting with backoff");
                         }
+                        // The subscriptions may be gone: not ready until they are restored.
+                        broker.state.epoch.send_modify(|e| *e += 1);
                         continue;
                     }
                 }
@@ -316,7 +333,10 @@ impl RedisBroker {
                     () = shutdown.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
-                if !broker.subscriber.is_connected() || !broker.publisher.is_connected() {
+                let Some(publisher) = broker.publisher.current() else {
+                    continue;
+                };
+                if !broker.subscriber.is_connected() {
                     continue;
                 }
                 let state = &broker.state;
@@ -335,8 +355,7 @@ impl RedisBroker {
                 }
                 state.probe_ok.store(true, Ordering::Relaxed);
                 state.probes_sent.store(sent + 1, Ordering::Relaxed);
-                let published: Result<i64, _> = broker
-                    .publisher
+                let published: Result<i64, _> = publisher
                     .spublish(state.probe_channel.as_str(), sent + 1)
                     .await;
                 if let Err(err) = published {
@@ -353,12 +372,90 @@ impl RedisBroker {
     }
 }
 
-/// Sends queued events to Redis in pipelines, and reports each event's outcome.
-async fn publish_batches(
-    publisher: Client,
-    mut queue: mpsc::Receiver<PublishJob>,
+/// The current publishing connection, if one is up.
+#[derive(Debug, Default)]
+struct PublisherSlot {
+    /// Replaced on every reconnect; a `parking_lot` lock held only to clone or swap.
+    client: parking_lot::RwLock<Option<Client>>,
+}
+
+impl PublisherSlot {
+    fn current(&self) -> Option<Client> {
+        self.client.read().clone()
+    }
+
+    fn set(&self, client: Option<Client>) {
+        *self.client.write() = client;
+    }
+}
+
+/// Keeps a publishing connection up: builds a client, connects, publishes it in the slot,
+/// waits for the connection to end, backs off (exponentially, capped, with jitter), repeats.
+async fn supervise_publisher(
+    builder: Builder,
+    slot: Arc<PublisherSlot>,
     shutdown: CancellationToken,
 ) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let started = tokio::time::Instant::now();
+        match builder.build() {
+            Ok(client) => {
+                let connection = client.connect();
+                let connected = tokio::select! {
+                    () = shutdown.cancelled() => {
+                        let _ = client.quit().await;
+                        return;
+                    }
+                    result = tokio::time::timeout(Duration::from_secs(5), client.wait_for_connect()) => {
+                        matches!(result, Ok(Ok(())))
+                    }
+                };
+                if connected {
+                    slot.set(Some(client.clone()));
+                    tokio::select! {
+                        () = shutdown.cancelled() => {
+                            slot.set(None);
+                            let _ = client.quit().await;
+                            return;
+                        }
+                        result = connection => debug!(?result, "publisher connection ended"),
+                    }
+                    slot.set(None);
+                } else {
+                    connection.abort();
+                }
+            }
+            Err(err) => warn!(%err, "cannot build a Redis client"),
+        }
+        // A connection that lived a while resets the backoff.
+        if started.elapsed() > Duration::from_secs(10) {
+            delay = Duration::from_millis(100);
+        }
+        let jitter = Duration::from_millis(rand::random_range(0..=100));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay + jitter) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Sends queued events to Redis in pipelines, and reports each event's outcome.
+async fn publish_batches(
+    publisher: Arc<PublisherSlot>,
+    mut queue: mpsc::Receiver<PublishJob>,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    // A publish is written at most once and never waits for a reconnect: an event the caller
+    // was told failed must not turn up later, replayed from the client's retry buffer.
+    let options = fred::types::config::Options {
+        fail_fast: true,
+        max_attempts: Some(1),
+        timeout: Some(timeout),
+        ..Default::default()
+    };
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     loop {
         let first = tokio::select! {
@@ -375,10 +472,21 @@ async fn publish_batches(
                 Err(_) => break,
             }
         }
-        let pipeline = publisher.pipeline();
+        let Some(client) = publisher.current() else {
+            for job in batch.drain(..) {
+                let _ = job.done.send(Err(BrokerError::Unavailable(
+                    "not connected to Redis".to_owned(),
+                )));
+            }
+            continue;
+        };
+        let pipeline = client.pipeline();
+        let with_options = pipeline.with_options(&options);
         for job in &batch {
             // Queued locally; sent by try_all below.
-            let queued: Result<(), _> = pipeline.spublish(job.channel.as_str(), &*job.tail).await;
+            let queued: Result<(), _> = with_options
+                .spublish(job.channel.as_str(), &*job.tail)
+                .await;
             if let Err(err) = queued {
                 debug!(%err, "could not queue a publish");
             }
@@ -407,7 +515,7 @@ impl Broker for RedisBroker {
         message: &MessageTemplate,
     ) -> BoxFuture<'static, Result<(), BrokerError>> {
         // Fail fast while Redis is away instead of queueing behind the reconnect.
-        if !self.publisher.is_connected() {
+        if self.publisher.current().is_none() {
             return Box::pin(std::future::ready(Err(BrokerError::Unavailable(
                 "not connected to Redis".to_owned(),
             ))));
@@ -469,7 +577,7 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.publisher.is_connected()
+        self.publisher.current().is_some_and(|c| c.is_connected())
             && self.subscriber.is_connected()
             && self.state.probe_ok.load(Ordering::Relaxed)
     }

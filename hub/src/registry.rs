@@ -4,25 +4,14 @@
 //! The registry knows nothing about brokers or Redis: the broker hands it events with
 //! [`Registry::deliver`], and the subscription manager asks it which topics have subscribers.
 
+use crate::outbox::{Outbox, Pushed};
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use protocol::MessageTemplate;
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio_util::sync::CancellationToken;
 
 /// A connection id, unique within this node.
 pub(crate) type ConnId = u64;
-
-/// The sending side of a connection's bounded outbound queue.
-#[derive(Debug, Clone)]
-pub(crate) struct Outbox {
-    pub(crate) tx: mpsc::Sender<Utf8Bytes>,
-    /// Cancelled when the queue overflowed: the session then closes with 4008. A token rather
-    /// than a queue item, because a full queue is exactly when no item fits.
-    pub(crate) slow: CancellationToken,
-}
 
 /// One subscription of one connection.
 #[derive(Debug, Clone)]
@@ -159,14 +148,11 @@ impl Registry {
                     frame
                 }
             };
-            match sub.outbox.tx.try_send(frame) {
-                Ok(()) => delivery.queued += 1,
-                Err(TrySendError::Full(_)) => {
-                    delivery.slow += 1;
-                    sub.outbox.slow.cancel();
-                }
+            match sub.outbox.push(frame) {
+                Pushed::Queued => delivery.queued += 1,
+                Pushed::Full => delivery.slow += 1,
                 // The session is ending and will remove its subscriptions.
-                Err(TrySendError::Closed(_)) => {}
+                Pushed::Closed => {}
             }
         }
         metrics::counter!("lockstep_deliveries_total").increment(delivery.queued as u64);
@@ -181,22 +167,15 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn subscriber(
-        conn: ConnId,
-        id: &str,
-        capacity: usize,
-    ) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    fn subscriber(conn: ConnId, id: &str, capacity: usize) -> (Subscriber, Outbox) {
+        let outbox = Outbox::new(capacity);
         let sub = Subscriber {
             conn,
             sub_id: id.into(),
             prefix: protocol::server::subscription_prefix(id).into(),
-            outbox: Outbox {
-                tx,
-                slow: CancellationToken::new(),
-            },
+            outbox: outbox.clone(),
         };
-        (sub, rx)
+        (sub, outbox)
     }
 
     #[test]
@@ -216,24 +195,23 @@ mod tests {
     #[test]
     fn deliver_shares_frames_and_marks_slow_consumers() {
         let r = Registry::new();
-        let (a, mut ra) = subscriber(1, "sub-0", 4);
-        let (b, mut rb) = subscriber(2, "sub-0", 4);
-        let (c, mut rc) = subscriber(3, "other", 1);
-        let slow = c.outbox.slow.clone();
+        let (a, ra) = subscriber(1, "sub-0", 4);
+        let (b, rb) = subscriber(2, "sub-0", 4);
+        let (c, rc) = subscriber(3, "other", 1);
         r.add("/team/t", a);
         r.add("/team/t", b);
         r.add("/team/t", c);
         let m = MessageTemplate::new("/team/t", "1", "x.y", "{}");
         assert_eq!(r.deliver("/team/t", &m), Delivery { queued: 3, slow: 0 });
         assert_eq!(r.deliver("/team/t", &m), Delivery { queued: 2, slow: 1 });
-        assert!(slow.is_cancelled());
-        let fa = ra.try_recv().unwrap();
-        let fb = rb.try_recv().unwrap();
+        assert!(rc.is_slow() && !ra.is_slow());
+        let fa = ra.pop().unwrap();
+        let fb = rb.pop().unwrap();
         // The same bytes, not a copy.
         assert_eq!(fa.as_str().as_ptr(), fb.as_str().as_ptr());
         assert!(fa.as_str().starts_with("MESSAGE\nsubscription:sub-0\n"));
         assert!(
-            rc.try_recv()
+            rc.pop()
                 .unwrap()
                 .as_str()
                 .starts_with("MESSAGE\nsubscription:other\n")

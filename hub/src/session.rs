@@ -8,7 +8,8 @@
 //! Every way a session ends is an [`Ending`]; [`run`] turns it into the right `ERROR` frame and
 //! close code, then removes the session's subscriptions.
 
-use crate::registry::{ConnId, Outbox, Subscriber};
+use crate::outbox::{Outbox, Ready};
+use crate::registry::{ConnId, Subscriber};
 use crate::{Hub, PublishError};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::BytesMut;
@@ -24,9 +25,8 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field};
 
 /// Most queued frames written per wake-up before flushing. Bounds the WebSocket write buffer.
@@ -133,7 +133,6 @@ struct Session {
     decoder: Decoder,
     inbuf: BytesMut,
     outbox: Outbox,
-    rx: mpsc::Receiver<Utf8Bytes>,
     /// Subscription id → topic.
     subscriptions: HashMap<Arc<str>, Topic>,
     connected: Option<Box<Connected>>,
@@ -158,7 +157,6 @@ pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
     if let Some(peer) = context.peer {
         span.record("peer.addr", field::display(peer));
     }
-    let (tx, rx) = mpsc::channel(hub.inner.config.outbound_queue);
     let now = Instant::now();
     let config = &hub.inner.config;
     let session = Session {
@@ -169,11 +167,7 @@ pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
         ws,
         context,
         inbuf: BytesMut::new(),
-        outbox: Outbox {
-            tx,
-            slow: CancellationToken::new(),
-        },
-        rx,
+        outbox: Outbox::new(config.outbound_queue),
         subscriptions: HashMap::new(),
         connected: None,
         pending: VecDeque::new(),
@@ -198,17 +192,15 @@ impl Session {
         let timer = sleep_until(self.started + self.hub.inner.config.connect_timeout);
         tokio::pin!(timer);
         let shutdown = self.hub.inner.shutdown.clone();
-        let slow = self.outbox.slow.clone();
         loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ending::close(Disconnect::SHUTTING_DOWN),
-                () = slow.cancelled() => return Ending::close(Disconnect::SLOW_CONSUMER),
                 () = &mut timer => {
                     match self.on_timer() {
                         Ok(Some(next)) => timer.as_mut().reset(next),
                         Ok(None) => {
-                            if let Err(ending) = self.write_batch(Utf8Bytes::from_static("\n")).await {
+                            if let Err(ending) = self.write_batch(Some(Utf8Bytes::from_static("\n"))).await {
                                 return ending;
                             }
                             timer.as_mut().reset(self.next_deadline());
@@ -237,11 +229,14 @@ impl Session {
                         timer.as_mut().reset(self.next_deadline());
                     }
                 }
-                Some(frame) = self.rx.recv() => {
-                    if let Err(ending) = self.write_batch(frame).await {
-                        return ending;
+                ready = std::future::poll_fn(|cx| self.outbox.poll_ready(cx)) => match ready {
+                    Ready::Frames => {
+                        if let Err(ending) = self.write_batch(None).await {
+                            return ending;
+                        }
                     }
-                }
+                    Ready::Slow => return Ending::close(Disconnect::SLOW_CONSUMER),
+                },
             }
         }
     }
@@ -308,49 +303,62 @@ impl Session {
         Ok(Some(self.next_deadline()))
     }
 
-    /// Writes `first` and whatever else is queued, then flushes once: one syscall per wake-up
-    /// however many frames fan-out queued meanwhile.
-    async fn write_batch(&mut self, first: Utf8Bytes) -> Result<(), Ending> {
+    /// Writes `first` (a frame of the session's own) and whatever fan-out queued, then flushes
+    /// once: one write per wake-up however many frames arrived meanwhile.
+    async fn write_batch(&mut self, first: Option<Utf8Bytes>) -> Result<(), Ending> {
         // The delivery path enforces the token's lifetime, not just the timer.
         if let Some(c) = &self.connected
             && Instant::now() >= c.expires
         {
             return Err(token_expired());
         }
-        let write_timeout = self.hub.inner.config.write_timeout;
-        let slow = self.outbox.slow.clone();
-        let shutdown = self.hub.inner.shutdown.clone();
-        let Session { ws, rx, .. } = self;
+        let Session {
+            ws, outbox, hub, ..
+        } = self;
         let write = async {
-            ws.feed(Message::Text(first)).await?;
-            for _ in 1..MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(frame) => ws.feed(Message::Text(frame)).await?,
-                    Err(_) => break,
-                }
+            let mut written = 0;
+            if let Some(frame) = first {
+                ws.feed(Message::Text(frame)).await?;
+                written += 1;
+            }
+            while written < MAX_BATCH {
+                let Some(frame) = outbox.pop() else { break };
+                ws.feed(Message::Text(frame)).await?;
+                written += 1;
             }
             ws.flush().await
         };
-        tokio::select! {
-            result = write => match result {
-                Ok(()) => {
-                    self.last_write = Instant::now();
-                    Ok(())
+        tokio::pin!(write);
+        // Usually the socket takes the batch at once; only a write that has to wait gets the
+        // timeout and the slow-consumer and shutdown checks (and their timers).
+        let result = match (&mut write).now_or_never() {
+            Some(result) => result,
+            None => tokio::select! {
+                result = &mut write => result,
+                () = std::future::poll_fn(|cx| outbox.poll_slow(cx)) => {
+                    return Err(Ending::close(Disconnect::SLOW_CONSUMER));
                 }
-                Err(err) => {
-                    debug!(%err, "websocket write failed");
-                    Err(Ending::Gone)
+                () = hub.inner.shutdown.cancelled() => return Err(Ending::close(Disconnect::SHUTTING_DOWN)),
+                () = tokio::time::sleep(hub.inner.config.write_timeout) => {
+                    return Err(Ending::close(Disconnect::SLOW_CONSUMER));
                 }
             },
-            () = slow.cancelled() => Err(Ending::close(Disconnect::SLOW_CONSUMER)),
-            () = shutdown.cancelled() => Err(Ending::close(Disconnect::SHUTTING_DOWN)),
-            () = tokio::time::sleep(write_timeout) => Err(Ending::close(Disconnect::SLOW_CONSUMER)),
+        };
+        match result {
+            Ok(()) => {
+                self.last_write = Instant::now();
+                Ok(())
+            }
+            Err(err) => {
+                debug!(%err, "websocket write failed");
+                Err(Ending::Gone)
+            }
         }
     }
 
     /// Sends a server frame directly (receipts, `CONNECTED`), bypassing the queue.
     async fn send_frame(&mut self, frame: &Frame) -> Result<(), Ending> {
-        self.write_batch(Utf8Bytes::from(server::to_text(frame)))
+        self.write_batch(Some(Utf8Bytes::from(server::to_text(frame))))
             .await
     }
 
@@ -750,6 +758,7 @@ impl Session {
     }
 
     fn cleanup(&mut self) {
+        self.outbox.close();
         let hub = &self.hub.inner;
         for (id, topic) in self.subscriptions.drain() {
             if hub.registry.remove(topic.as_str(), self.conn, &id) {

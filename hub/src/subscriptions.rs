@@ -13,7 +13,7 @@ use crate::registry::Registry;
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -34,22 +34,31 @@ pub(crate) struct Subscriptions {
     /// Whether the broker's subscriptions match the registry (no resync pending, the last pass
     /// failed nothing). Part of readiness.
     in_step: AtomicBool,
+    /// The broker's connection epoch (`None` for a broker that never loses subscriptions), and
+    /// the last epoch for which a full resubscription succeeded. They differ from the moment
+    /// the broker reports a disconnect until every topic is subscribed again, so readiness
+    /// never races ahead of the resubscription.
+    broker_epoch: Option<watch::Receiver<u64>>,
+    synced_epoch: AtomicU64,
 }
 
 impl Subscriptions {
-    pub(crate) fn new() -> Subscriptions {
+    pub(crate) fn new(broker_epoch: Option<watch::Receiver<u64>>) -> Subscriptions {
         Subscriptions {
             dirty: Mutex::new(HashSet::new()),
             wake: Notify::new(),
             epoch: watch::Sender::new(0),
             resync: AtomicBool::new(false),
             in_step: AtomicBool::new(true),
+            synced_epoch: AtomicU64::new(broker_epoch.as_ref().map_or(0, |rx| *rx.borrow())),
+            broker_epoch,
         }
     }
 
     /// Whether every topic with a local subscriber is subscribed in the broker.
     pub(crate) fn in_step(&self) -> bool {
-        self.in_step.load(Ordering::SeqCst)
+        let epoch = self.broker_epoch.as_ref().map_or(0, |rx| *rx.borrow());
+        self.in_step.load(Ordering::SeqCst) && self.synced_epoch.load(Ordering::SeqCst) == epoch
     }
 
     /// A topic gained its first or lost its last local subscriber.
@@ -78,24 +87,25 @@ impl Subscriptions {
     ) {
         let mut subscribed: HashSet<String> = HashSet::new();
         let mut backoff = Duration::from_millis(50);
-        let mut connections = broker.connection_epoch();
+        let mut connections = self.broker_epoch.clone();
+        let mut target_epoch = self.synced_epoch.load(Ordering::SeqCst);
         loop {
             let reconnected = async {
                 match connections.as_mut() {
-                    Some(rx) => rx.changed().await.is_ok(),
+                    Some(rx) => rx.changed().await.map(|()| *rx.borrow_and_update()).ok(),
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.wake.notified() => {}
-                ok = reconnected => {
-                    if ok {
+                epoch = reconnected => match epoch {
+                    Some(epoch) => {
+                        target_epoch = epoch;
                         self.resync();
-                    } else {
-                        connections = None;
                     }
-                }
+                    None => connections = None,
+                },
             }
             if self.resync.swap(false, Ordering::SeqCst) {
                 registry.unconfirm_all();
@@ -147,10 +157,11 @@ impl Subscriptions {
             for topic in &confirm {
                 registry.confirm(topic);
             }
-            self.in_step.store(
-                !failed && !self.resync.load(Ordering::SeqCst),
-                Ordering::SeqCst,
-            );
+            let done = !failed && !self.resync.load(Ordering::SeqCst);
+            if done {
+                self.synced_epoch.store(target_epoch, Ordering::SeqCst);
+            }
+            self.in_step.store(done, Ordering::SeqCst);
             self.epoch.send_modify(|e| *e += 1);
             if failed {
                 warn!(retry_in = ?backoff, "broker subscriptions out of step; retrying");
