@@ -162,6 +162,11 @@ run_fanout10() {
 
 run_idle() {
   echo "== idle: 10,000 connections x 3 subscriptions, heart-beats every 10 s, held 90 s"
+  # Fresh server processes: memory an earlier scenario left in the allocator would otherwise
+  # be reused and hide what idle connections cost.
+  stop_pids "$ceiling_pid" "$lockstep_pid"
+  start_ceiling
+  start_lockstep
   local name url pid
   for name in ceiling lockstep rabbitmq; do
     [ $name = rabbitmq ] && [ "${NO_RABBIT:-0}" = 1 ] && continue

@@ -6,6 +6,8 @@
 //! the environment wins. Unknown keys in either place are errors, so a typo never silently
 //! falls back to a default. All problems are collected and reported together.
 
+use api::locks::LockConfig;
+use api::locks::store::StoreConfig;
 use api::{ApiConfig, Cors};
 use hub::redis::RedisSettings;
 use hub::{HubConfig, OriginPolicy};
@@ -42,7 +44,7 @@ macro_rules! keys {
 
 keys! {
     "listen", "127.0.0.1:8080", "Address to bind; the WebSocket endpoint and the HTTP API share it.";
-    "data_dir", "./lockstep-data", "Embedded state: the generated JWT secret.";
+    "data_dir", "./lockstep-data", "Embedded state: the SQLite lock store (when no database is configured) and the generated JWT secret.";
     "allowed_origins", "", "Comma-separated Origins allowed to open WebSockets and call the API from a browser; `*` for any. Empty: same-origin only.";
     "shutdown_grace", "10s", "How long a SIGTERM/SIGINT shutdown may take: clients get 4010 closes, in-flight requests finish.";
     "log.format", "text", "`text` or `json`.";
@@ -72,6 +74,14 @@ keys! {
     "redis.channel_prefix", "lockstep:", "Prefix of the Redis channel names, so several deployments can share one Redis.";
     "redis.probe_interval", "2s", "How often each node checks its pub/sub connection with a probe message; a probe that does not come back forces a reconnect.";
     "redis.command_timeout", "2s", "Longest a publish or subscribe waits for Redis before failing.";
+    "database.url", "", "Lock store: `postgres://user@host/db` (a cluster's nodes share it) or `sqlite://path`. Empty: SQLite in the data directory (a single node).";
+    "database.max_connections", "16", "Connections to PostgreSQL per node.";
+    "locks.default_ttl", "60s", "Lock lifetime when a request names none.";
+    "locks.min_ttl", "1s", "Shortest lock lifetime a request may ask for.";
+    "locks.max_ttl", "1h", "Longest lock lifetime a request may ask for.";
+    "locks.max_batch", "100", "Most items in one batch lock or unlock request.";
+    "locks.session_grace", "10s", "How long after its WebSocket closes a session-bound lock is released (a page reload within it keeps the lock).";
+    "locks.sweep_interval", "250ms", "How often each node announces expiries and releases locks of closed sessions.";
     "api.enabled", "true", "Serve the HTTP API on this node.";
     "api.max_body_bytes", "1048576", "Largest API request body.";
     "api.max_batch", "100", "Most events in one `POST /api/v1/publish/batch`.";
@@ -102,6 +112,8 @@ pub(crate) struct Config {
     pub(crate) api: ApiConfig,
     /// `None`: the in-process broker.
     pub(crate) redis: Option<RedisSettings>,
+    pub(crate) database: StoreConfig,
+    pub(crate) locks: LockConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -305,7 +317,48 @@ impl Sources {
             api_enabled: p.get("api.enabled"),
             api,
             redis: p.redis(),
+            database: StoreConfig {
+                url: String::new(),
+                max_connections: p.get("database.max_connections"),
+                event_lease: Duration::from_secs(5),
+            },
+            locks: LockConfig {
+                default_ttl: p.duration("locks.default_ttl"),
+                min_ttl: p.duration("locks.min_ttl"),
+                max_ttl: p.duration("locks.max_ttl"),
+                max_batch: p.positive("locks.max_batch"),
+                session_grace: p.duration("locks.session_grace"),
+                sweep_interval: p.duration("locks.sweep_interval"),
+            },
         };
+        let mut config = config;
+        config.database.url = match p.optional("database.url") {
+            Some(url)
+                if url.starts_with("postgres://")
+                    || url.starts_with("postgresql://")
+                    || url.starts_with("sqlite:") =>
+            {
+                url
+            }
+            Some(url) => {
+                p.error(
+                    "database.url",
+                    &format!("'{url}' is not a postgres:// or sqlite:// URL"),
+                );
+                url
+            }
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                config.data_dir.join("lockstep.db").display()
+            ),
+        };
+        if config.locks.min_ttl > config.locks.default_ttl
+            || config.locks.default_ttl > config.locks.max_ttl
+        {
+            p.errors.push(
+                "locks.default_ttl must lie between locks.min_ttl and locks.max_ttl".to_owned(),
+            );
+        }
         if !config.hub_enabled && !config.api_enabled {
             p.errors.push(
                 "hub.enabled and api.enabled are both false: this node would serve nothing"

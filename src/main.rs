@@ -37,6 +37,8 @@ enum Command {
         #[arg(long)]
         data_dir: Option<String>,
     },
+    /// Run the lock store's database migrations and exit (`serve` also runs them).
+    Migrate,
     /// Print a token signed with the configured HS256 secret.
     Token(token::TokenArgs),
     /// Print every configuration key with its environment variable and default.
@@ -64,7 +66,7 @@ fn main() -> ExitCode {
             print_keys(*markdown);
             return ExitCode::SUCCESS;
         }
-        Command::Token(_) => Vec::new(),
+        Command::Token(_) | Command::Migrate => Vec::new(),
     };
     let config = match load_config(cli.config.as_deref(), flags) {
         Ok(config) => config,
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { .. } => serve::run(config),
         Command::Token(args) => token::run(&config, &args),
+        Command::Migrate => serve::migrate(&config),
         Command::Config { .. } => Ok(()),
     };
     match result {

@@ -2,6 +2,8 @@
 
 use crate::config::{Config, LogFormat};
 use anyhow::Context as _;
+use api::locks::Locks;
+use api::locks::store::LockStore;
 use api::{ApiState, EventPublisher, PublishFailure, ReadinessCheck};
 use axum::Router;
 use axum::serve::ListenerExt as _;
@@ -16,6 +18,26 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+/// `lockstep migrate`: runs the lock store's migrations and exits.
+///
+/// # Errors
+///
+/// When the database cannot be reached or migrated.
+pub(crate) fn migrate(config: &Config) -> anyhow::Result<()> {
+    init_tracing(config);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        if config.database.url.starts_with("sqlite:") {
+            std::fs::create_dir_all(&config.data_dir)?;
+        }
+        LockStore::open(&config.database)?.migrate().await?;
+        info!(url = %redact(&config.database.url), "migrations applied");
+        Ok(())
+    })
+}
 
 /// # Errors
 ///
@@ -46,6 +68,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
 
+    if config.database.url.starts_with("sqlite:") {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    }
     let registry = Arc::new(Registry::new());
     // Cancelled after the hub has drained, so the broker outlives the sessions it serves.
     let broker_stop = CancellationToken::new();
@@ -62,17 +88,54 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => Arc::new(MemoryBroker::new(registry.clone())),
     };
-    let hub = Hub::new(config.hub.clone(), auth.clone(), registry, broker, None);
+    // The hub tells the lock service when sessions end; the lock service publishes through the
+    // hub. The observer is made first and pointed at the locks once they exist.
+    let sessions = Arc::new(LockSessions::default());
+    let hub = Hub::new(
+        config.hub.clone(),
+        auth.clone(),
+        registry,
+        broker,
+        Some(sessions.clone()),
+    );
+    let publisher: Arc<dyn EventPublisher> = Arc::new(HubPublisher(hub.clone()));
+    let store = LockStore::open(&config.database)?;
+    info!(url = %redact(&config.database.url), "lock store");
+    let migrated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(migrate_until_done(
+        store.clone(),
+        migrated.clone(),
+        broker_stop.clone(),
+    ));
+    let locks = Locks::start(
+        store.clone(),
+        config.locks.clone(),
+        publisher.clone(),
+        &broker_stop,
+    );
+    let _ = sessions.0.set(locks.clone());
 
     let mut app = Router::new();
     if config.hub_enabled {
         app = app.merge(hub::router(hub.clone()));
     }
     if config.api_enabled {
-        let publisher: Arc<dyn EventPublisher> = Arc::new(HubPublisher(hub.clone()));
-        let checks: Vec<Arc<dyn ReadinessCheck>> = vec![Arc::new(BrokerCheck(hub.clone()))];
+        let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
+            Arc::new(BrokerCheck(hub.clone())),
+            Arc::new(StoreCheck {
+                store: store.clone(),
+                migrated: migrated.clone(),
+            }),
+        ];
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || metrics.render());
-        let state = ApiState::new(config.api.clone(), auth, publisher, checks, Some(render));
+        let state = ApiState::new(
+            config.api.clone(),
+            auth,
+            publisher,
+            checks,
+            Some(render),
+            Some(locks),
+        );
         app = app.merge(api::app(state));
     }
 
@@ -198,6 +261,63 @@ impl EventPublisher for HubPublisher {
                     PublishError::Broker(e) => PublishFailure::Unavailable(e.to_string()),
                     PublishError::ShuttingDown => PublishFailure::ShuttingDown,
                 })
+        })
+    }
+}
+
+/// Runs the lock store's migrations, retrying with backoff while the database is down.
+async fn migrate_until_done(
+    store: LockStore,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
+) {
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match store.migrate().await {
+            Ok(()) => {
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                info!("lock store ready");
+                return;
+            }
+            Err(err) => warn!(%err, retry_in = ?delay, "lock store not ready"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+/// Hands closed sessions to the lock service once it exists.
+#[derive(Debug, Default)]
+struct LockSessions(std::sync::OnceLock<Arc<Locks>>);
+
+impl hub::SessionObserver for LockSessions {
+    fn session_closed(&self, session_id: &str, _user: &str) {
+        if let Some(locks) = self.0.get() {
+            locks.session_closed(session_id);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct StoreCheck {
+    store: LockStore,
+    migrated: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ReadinessCheck for StoreCheck {
+    fn name(&self) -> &'static str {
+        "lock_store"
+    }
+
+    fn is_ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            self.migrated.load(std::sync::atomic::Ordering::SeqCst)
+                && tokio::time::timeout(std::time::Duration::from_secs(2), self.store.ping())
+                    .await
+                    .unwrap_or(false)
         })
     }
 }

@@ -24,6 +24,9 @@ command -v chromium >/dev/null || missing+=(chromium)
 # Tests start private Redis servers and Redis Clusters (Redis 7: sharded pub/sub).
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
+# Tests start private PostgreSQL clusters (initdb + pg_ctl from Debian's server package).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v runuser >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -q

@@ -2,7 +2,7 @@
 
 use crate::ApiState;
 use crate::error::ApiError;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequest, Request};
 use http::header;
 use http::request::Parts;
 use protocol::Principal;
@@ -22,6 +22,30 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
         Ok(ApiJson(value))
+    }
+}
+
+/// An optional JSON body: `None` when the request has no body at all (no `content-length`, or
+/// zero, and no chunked transfer), so `POST …/lock` works with or without `{}`.
+impl<T, S> OptionalFromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        let headers = req.headers();
+        let length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+        if length.unwrap_or(0) == 0 && !chunked {
+            return Ok(None);
+        }
+        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(Some(ApiJson(value)))
     }
 }
 

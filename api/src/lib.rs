@@ -8,12 +8,15 @@
 //! - [`error`]: [`ApiError`], the one error type, and its JSON form.
 //! - `extract`: [`extract::ApiJson`] and [`extract::Caller`] (bearer-token authentication).
 //! - `publish`: `POST /api/v1/publish` and `/publish/batch`.
+//! - [`locks`]: per-item edit locks: the endpoints, [`locks::store::LockStore`] (sqlx,
+//!   PostgreSQL or SQLite) and the event outbox.
 //! - `health`: `/healthz`, `/readyz`, `/metrics`.
 //! - `openapi`: the OpenAPI document at `/api/v1/openapi.json`.
 
 pub mod error;
 pub mod extract;
 mod health;
+pub mod locks;
 mod openapi;
 mod publish;
 mod ratelimit;
@@ -112,6 +115,8 @@ struct Inner {
     /// Renders `/metrics`; `None` when no recorder is installed.
     metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
     limiter: ratelimit::KeyedLimiter,
+    /// The lock service; `None` on a node that serves no locks.
+    locks: Option<Arc<locks::Locks>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -131,6 +136,7 @@ impl ApiState {
         publisher: Arc<dyn EventPublisher>,
         checks: Vec<Arc<dyn ReadinessCheck>>,
         metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+        locks: Option<Arc<locks::Locks>>,
     ) -> ApiState {
         let limiter = ratelimit::KeyedLimiter::new(config.publish_rate, config.publish_burst);
         ApiState {
@@ -141,6 +147,7 @@ impl ApiState {
                 checks,
                 metrics,
                 limiter,
+                locks,
             }),
         }
     }
@@ -152,6 +159,18 @@ pub fn app(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/publish", post(publish::publish))
         .route("/publish/batch", post(publish::publish_batch))
+        .route(
+            "/teams/{team}/items/{item}/lock",
+            post(locks::acquire)
+                .put(locks::renew)
+                .delete(locks::release)
+                .get(locks::get),
+        )
+        .route("/teams/{team}/locks", get(locks::list))
+        .route(
+            "/teams/{team}/locks/batch",
+            post(locks::acquire_batch).delete(locks::release_batch),
+        )
         .route("/openapi.json", get(openapi::document))
         .fallback(not_found);
     let timeout = config.request_timeout;

@@ -7,7 +7,17 @@ use utoipa::{Modify, OpenApi};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Lockstep API", description = "Publish events, manage edit locks, presign object URLs."),
-    paths(crate::publish::publish, crate::publish::publish_batch),
+    paths(
+        crate::publish::publish,
+        crate::publish::publish_batch,
+        crate::locks::acquire,
+        crate::locks::renew,
+        crate::locks::release,
+        crate::locks::get,
+        crate::locks::list,
+        crate::locks::acquire_batch,
+        crate::locks::release_batch,
+    ),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;

@@ -6,6 +6,7 @@ mod cluster;
 mod fanout;
 mod lifecycle;
 mod load;
+mod locks;
 mod stomp;
 
 use loadtest::client::StompClient;

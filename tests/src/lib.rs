@@ -9,8 +9,10 @@
 //!
 //! - [`Lockstep`]: a running node and its tokens.
 //! - [`redis`]: private Redis servers and Redis Clusters on free ports.
+//! - [`postgres`]: private PostgreSQL clusters on free ports.
 //! - `it/`: the tests themselves, one binary, a module per area.
 
+pub mod postgres;
 pub mod redis;
 
 use anyhow::{Context as _, bail};

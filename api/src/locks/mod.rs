@@ -1,0 +1,549 @@
+//! Per-item edit locks (DESIGN §6, §7): the HTTP endpoints, over [`store::LockStore`].
+//!
+//! Every decision is one database transaction; its events are written in that transaction and
+//! published right after commit ([`outbox`]).
+
+pub mod outbox;
+pub mod store;
+
+use crate::error::ApiError;
+use crate::extract::{ApiJson, Caller};
+use crate::{ApiState, EventPublisher};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use protocol::topic::is_valid_id;
+use protocol::{Principal, Scope};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+use store::{Acquired, BatchAcquired, LockState, LockStore, StoreError, TokenCheck};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+
+/// Lock settings.
+#[derive(Debug, Clone)]
+pub struct LockConfig {
+    pub default_ttl: Duration,
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    /// Most items in one batch request.
+    pub max_batch: usize,
+    /// How long after its WebSocket closes a session-bound lock is released.
+    pub session_grace: Duration,
+    /// How often each node looks for expiries, closed sessions and orphaned events.
+    pub sweep_interval: Duration,
+}
+
+impl Default for LockConfig {
+    fn default() -> LockConfig {
+        LockConfig {
+            default_ttl: Duration::from_secs(60),
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(3600),
+            max_batch: 100,
+            session_grace: Duration::from_secs(10),
+            sweep_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// The lock service: the store, its settings, and the queue of closed sessions.
+#[derive(Debug)]
+pub struct Locks {
+    store: LockStore,
+    config: LockConfig,
+    closed_sessions: mpsc::Sender<String>,
+}
+
+impl Locks {
+    /// Starts the service's background work (sweepers, session closer) until `shutdown`.
+    pub fn start(
+        store: LockStore,
+        config: LockConfig,
+        publisher: Arc<dyn EventPublisher>,
+        shutdown: &CancellationToken,
+    ) -> Arc<Locks> {
+        let (closed_sessions, closed) = mpsc::channel(10_000);
+        tokio::spawn(outbox::run_sweepers(
+            store.clone(),
+            publisher,
+            config.sweep_interval,
+            shutdown.clone(),
+        ));
+        tokio::spawn(outbox::run_session_closer(
+            store.clone(),
+            closed,
+            config.session_grace,
+            shutdown.clone(),
+        ));
+        Arc::new(Locks {
+            store,
+            config,
+            closed_sessions,
+        })
+    }
+
+    /// A WebSocket session ended; its session-bound locks are released after the grace.
+    pub fn session_closed(&self, session: &str) {
+        if self.closed_sessions.try_send(session.to_owned()).is_err() {
+            tracing::warn!(
+                session,
+                "closed-session queue full; the session's locks will expire by TTL"
+            );
+        }
+    }
+
+    pub fn store(&self) -> &LockStore {
+        &self.store
+    }
+}
+
+/// RFC 3339 with milliseconds, UTC, from ms since the epoch.
+pub(crate) fn rfc3339(ms: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// A lock as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct LockView {
+    team: String,
+    item: String,
+    holder: String,
+    /// Fencing token: strictly greater for every new grant of this item.
+    token: i64,
+    #[schema(example = "2026-11-25T10:00:00.000Z")]
+    acquired_at: String,
+    #[schema(example = "2026-11-25T10:01:00.000Z")]
+    expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<String>,
+}
+
+impl From<LockState> for LockView {
+    fn from(l: LockState) -> LockView {
+        LockView {
+            acquired_at: rfc3339(l.acquired_at),
+            expires_at: rfc3339(l.expires_at),
+            team: l.team,
+            item: l.item,
+            holder: l.holder,
+            token: l.token,
+            session: l.session,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AcquireRequest {
+    /// Lifetime in milliseconds; the configured default when absent.
+    ttl_ms: Option<u64>,
+    /// The `session` header of `CONNECTED`: the lock is released shortly after that WebSocket
+    /// closes.
+    session: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RenewRequest {
+    token: i64,
+    ttl_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReleaseRequest {
+    token: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct ReleaseQuery {
+    /// `true`: a team admin ends whoever's lock is live (takeover).
+    #[serde(default)]
+    force: bool,
+    /// The token, for clients that cannot send a body with DELETE.
+    token: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchAcquireRequest {
+    items: Vec<String>,
+    ttl_ms: Option<u64>,
+    session: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchReleaseItem {
+    item: String,
+    token: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchReleaseRequest {
+    items: Vec<BatchReleaseItem>,
+}
+
+fn locks(state: &ApiState) -> Result<&Locks, ApiError> {
+    state
+        .inner
+        .locks
+        .as_deref()
+        .ok_or_else(|| ApiError::unavailable("locks_not_configured", "this node serves no locks"))
+}
+
+fn store_error(err: &StoreError) -> ApiError {
+    tracing::warn!(%err, "lock store error");
+    match err {
+        StoreError::Contended => ApiError::unavailable("lock_store_busy", err.to_string()),
+        StoreError::Unavailable(_) => ApiError::unavailable(
+            "lock_store_unavailable",
+            "the lock store is unavailable; nothing was changed, try again",
+        ),
+    }
+}
+
+/// Checks the caller may use locks in `team`, and that the ids are valid.
+fn authorize(caller: &Principal, team: &str, items: &[&str]) -> Result<(), ApiError> {
+    if !is_valid_id(team) {
+        return Err(ApiError::invalid(
+            "invalid_team",
+            format!("invalid team id '{team}': ids match [A-Za-z0-9_.:-]{{1,128}}"),
+        ));
+    }
+    for item in items {
+        if !is_valid_id(item) {
+            return Err(ApiError::invalid(
+                "invalid_item",
+                format!("invalid item id '{item}': ids match [A-Za-z0-9_.:-]{{1,128}}"),
+            ));
+        }
+    }
+    if !caller.has_scope(Scope::Locks) {
+        return Err(ApiError::forbidden("locks need the 'locks' scope"));
+    }
+    if !(caller.is_member(team) || caller.is_admin(team)) {
+        return Err(ApiError::forbidden(format!("not a member of team {team}")));
+    }
+    Ok(())
+}
+
+fn ttl(config: &LockConfig, ttl_ms: Option<u64>) -> Result<i64, ApiError> {
+    let ttl = ttl_ms.map_or(config.default_ttl, Duration::from_millis);
+    if ttl < config.min_ttl || ttl > config.max_ttl {
+        return Err(ApiError::invalid(
+            "invalid_ttl",
+            format!(
+                "ttl_ms must be between {} and {}",
+                config.min_ttl.as_millis(),
+                config.max_ttl.as_millis()
+            ),
+        ));
+    }
+    Ok(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn session(session: Option<String>) -> Result<Option<String>, ApiError> {
+    match session {
+        Some(s) if s.is_empty() || s.len() > 128 || !s.bytes().all(|b| b.is_ascii_graphic()) => {
+            Err(ApiError::invalid(
+                "invalid_session",
+                "session must be the session header of CONNECTED",
+            ))
+        }
+        other => Ok(other),
+    }
+}
+
+fn held(lock: &LockState) -> ApiError {
+    ApiError::Conflict {
+        code: "lock_held",
+        message: format!(
+            "item {} is held by {} until {}",
+            lock.item,
+            lock.holder,
+            rfc3339(lock.expires_at)
+        ),
+        details: Some(json!({"holder": lock.holder, "expires_at": rfc3339(lock.expires_at)})),
+        gone: false,
+    }
+}
+
+fn lost(item: &str) -> ApiError {
+    ApiError::Conflict {
+        code: "lock_lost",
+        message: format!(
+            "the lock on item {item} with this token is over (expired, released or taken over); acquire it again"
+        ),
+        details: None,
+        gone: true,
+    }
+}
+
+async fn publish(state: &ApiState, locks: &Locks, events: &[store::StoredEvent]) {
+    outbox::publish(&locks.store, state.inner.publisher.as_ref(), events).await;
+}
+
+/// Acquires (or extends) the lock on an item.
+#[utoipa::path(post, path = "/api/v1/teams/{team}/items/{item}/lock", request_body = AcquireRequest,
+    responses((status = 200, body = LockView), (status = 409, description = "held by another user"), (status = 403), (status = 422), (status = 503)),
+    security(("bearer" = [])))]
+pub(crate) async fn acquire(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path((team, item)): Path<(String, String)>,
+    body: Option<ApiJson<AcquireRequest>>,
+) -> Result<Json<LockView>, ApiError> {
+    authorize(&caller, &team, &[&item])?;
+    let locks = locks(&state)?;
+    let request = body.map(|b| b.0).unwrap_or_default();
+    let ttl = ttl(&locks.config, request.ttl_ms)?;
+    let session = session(request.session)?;
+    match locks
+        .store
+        .acquire(&team, &item, &caller.sub, session.as_deref(), ttl)
+        .await
+        .map_err(|e| store_error(&e))?
+    {
+        Acquired::Granted { lock, events, .. } => {
+            publish(&state, locks, &events).await;
+            Ok(Json(lock.into()))
+        }
+        Acquired::Held(lock) => Err(held(&lock)),
+    }
+}
+
+/// Renews the caller's lock.
+#[utoipa::path(put, path = "/api/v1/teams/{team}/items/{item}/lock", request_body = RenewRequest,
+    responses((status = 200, body = LockView), (status = 409), (status = 410, description = "the token's grant is over"), (status = 503)),
+    security(("bearer" = [])))]
+pub(crate) async fn renew(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path((team, item)): Path<(String, String)>,
+    ApiJson(request): ApiJson<RenewRequest>,
+) -> Result<Json<LockView>, ApiError> {
+    authorize(&caller, &team, &[&item])?;
+    let locks = locks(&state)?;
+    let ttl = ttl(&locks.config, request.ttl_ms)?;
+    match locks
+        .store
+        .renew(&team, &item, &caller.sub, request.token, ttl)
+        .await
+        .map_err(|e| store_error(&e))?
+    {
+        TokenCheck::Done { lock, .. } => Ok(Json(lock.into())),
+        TokenCheck::HeldByOther(lock) => Err(held(&lock)),
+        TokenCheck::Lost => Err(lost(&item)),
+    }
+}
+
+/// Releases the caller's lock, or (`force=true`, team admins) ends whoever's lock is live.
+#[utoipa::path(delete, path = "/api/v1/teams/{team}/items/{item}/lock", request_body = ReleaseRequest,
+    params(("force" = Option<bool>, Query), ("token" = Option<i64>, Query)),
+    responses((status = 204), (status = 200, description = "taken over"), (status = 403), (status = 404), (status = 409), (status = 410), (status = 503)),
+    security(("bearer" = [])))]
+pub(crate) async fn release(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path((team, item)): Path<(String, String)>,
+    Query(query): Query<ReleaseQuery>,
+    body: Option<ApiJson<ReleaseRequest>>,
+) -> Result<Response, ApiError> {
+    authorize(&caller, &team, &[&item])?;
+    let locks = locks(&state)?;
+    if query.force {
+        if !caller.is_admin(&team) {
+            return Err(ApiError::forbidden(format!(
+                "taking over a lock needs admin rights in team {team}"
+            )));
+        }
+        return match locks
+            .store
+            .take_over(&team, &item, &caller.sub)
+            .await
+            .map_err(|e| store_error(&e))?
+        {
+            Some((previous, events)) => {
+                publish(&state, locks, &events).await;
+                let body = json!({"team": team, "item": item, "taken_over_from": previous.holder, "token": previous.token});
+                Ok((StatusCode::OK, Json(body)).into_response())
+            }
+            None => Err(ApiError::NotFound {
+                code: "not_locked",
+                message: format!("item {item} is not locked"),
+            }),
+        };
+    }
+    let token = body
+        .and_then(|b| b.0.token)
+        .or(query.token)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "missing_token",
+                "send the lock's token: {\"token\": N} or ?token=N",
+            )
+        })?;
+    match locks
+        .store
+        .release(&team, &item, &caller.sub, token)
+        .await
+        .map_err(|e| store_error(&e))?
+    {
+        TokenCheck::Done { events, .. } => {
+            publish(&state, locks, &events).await;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        TokenCheck::HeldByOther(lock) => Err(held(&lock)),
+        TokenCheck::Lost => Err(lost(&item)),
+    }
+}
+
+/// The live lock on an item.
+#[utoipa::path(get, path = "/api/v1/teams/{team}/items/{item}/lock",
+    responses((status = 200, body = LockView), (status = 404)), security(("bearer" = [])))]
+pub(crate) async fn get(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path((team, item)): Path<(String, String)>,
+) -> Result<Json<LockView>, ApiError> {
+    authorize(&caller, &team, &[&item])?;
+    let locks = locks(&state)?;
+    match locks
+        .store
+        .get(&team, &item)
+        .await
+        .map_err(|e| store_error(&e))?
+    {
+        Some(lock) => Ok(Json(lock.into())),
+        None => Err(ApiError::NotFound {
+            code: "not_locked",
+            message: format!("item {item} is not locked"),
+        }),
+    }
+}
+
+/// Every live lock of a team.
+#[utoipa::path(get, path = "/api/v1/teams/{team}/locks",
+    responses((status = 200, body = Vec<LockView>)), security(("bearer" = [])))]
+pub(crate) async fn list(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(team): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&caller, &team, &[])?;
+    let locks = locks(&state)?;
+    let all: Vec<LockView> = locks
+        .store
+        .list(&team)
+        .await
+        .map_err(|e| store_error(&e))?
+        .into_iter()
+        .map(LockView::from)
+        .collect();
+    Ok(Json(json!({ "locks": all })))
+}
+
+fn check_batch(config: &LockConfig, n: usize) -> Result<(), ApiError> {
+    if n == 0 {
+        return Err(ApiError::invalid("empty_batch", "the batch has no items"));
+    }
+    if n > config.max_batch {
+        return Err(ApiError::TooLarge {
+            code: "batch_too_large",
+            message: format!("a batch holds at most {} items; got {n}", config.max_batch),
+        });
+    }
+    Ok(())
+}
+
+/// Acquires every listed item, or none (409 lists the blockers).
+#[utoipa::path(post, path = "/api/v1/teams/{team}/locks/batch", request_body = BatchAcquireRequest,
+    responses((status = 200), (status = 409), (status = 413), (status = 422), (status = 503)), security(("bearer" = [])))]
+pub(crate) async fn acquire_batch(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(team): Path<String>,
+    ApiJson(request): ApiJson<BatchAcquireRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let items: Vec<&str> = request.items.iter().map(String::as_str).collect();
+    authorize(&caller, &team, &items)?;
+    let locks = locks(&state)?;
+    check_batch(&locks.config, items.len())?;
+    let ttl = ttl(&locks.config, request.ttl_ms)?;
+    let session = session(request.session)?;
+    match locks
+        .store
+        .acquire_batch(&team, &request.items, &caller.sub, session.as_deref(), ttl)
+        .await
+        .map_err(|e| store_error(&e))?
+    {
+        BatchAcquired::Granted {
+            locks: granted,
+            events,
+        } => {
+            publish(&state, locks, &events).await;
+            let views: Vec<LockView> = granted.into_iter().map(LockView::from).collect();
+            Ok(Json(json!({ "locks": views })))
+        }
+        BatchAcquired::Blocked(blockers) => {
+            let list: Vec<serde_json::Value> = blockers
+                .iter()
+                .map(|l| json!({"item": l.item, "holder": l.holder, "expires_at": rfc3339(l.expires_at)}))
+                .collect();
+            Err(ApiError::Conflict {
+                code: "lock_held",
+                message: format!(
+                    "{} of the items are held by others; nothing was locked",
+                    list.len()
+                ),
+                details: Some(json!({ "blockers": list })),
+                gone: false,
+            })
+        }
+    }
+}
+
+/// Releases several of the caller's locks; reports each item.
+#[utoipa::path(delete, path = "/api/v1/teams/{team}/locks/batch", request_body = BatchReleaseRequest,
+    responses((status = 200), (status = 413), (status = 422), (status = 503)), security(("bearer" = [])))]
+pub(crate) async fn release_batch(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(team): Path<String>,
+    ApiJson(request): ApiJson<BatchReleaseRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let items: Vec<&str> = request.items.iter().map(|i| i.item.as_str()).collect();
+    authorize(&caller, &team, &items)?;
+    let locks = locks(&state)?;
+    check_batch(&locks.config, items.len())?;
+    let pairs: Vec<(String, i64)> = request
+        .items
+        .into_iter()
+        .map(|i| (i.item, i.token))
+        .collect();
+    let (outcomes, events) = locks
+        .store
+        .release_batch(&team, &pairs, &caller.sub)
+        .await
+        .map_err(|e| store_error(&e))?;
+    publish(&state, locks, &events).await;
+    let results: Vec<serde_json::Value> = outcomes
+        .into_iter()
+        .map(|(item, outcome)| match outcome {
+            TokenCheck::Done { .. } => json!({"item": item, "released": true}),
+            TokenCheck::HeldByOther(l) => {
+                json!({"item": item, "released": false, "code": "lock_held", "holder": l.holder})
+            }
+            TokenCheck::Lost => json!({"item": item, "released": false, "code": "lock_lost"}),
+        })
+        .collect();
+    Ok(Json(json!({ "results": results })))
+}

@@ -1,0 +1,100 @@
+//! Publishing lock events after commit, and the background work every node does: announcing
+//! expiries, releasing the locks of closed sessions, and publishing events whose node died
+//! before it could.
+
+use super::store::{LockStore, StoredEvent};
+use crate::EventPublisher;
+use protocol::{EventType, Topic};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Publishes stored events in order and deletes the ones that went out. One that cannot be
+/// published (broker down) stops the run: it and the rest stay in the outbox, and a sweeper
+/// publishes them, in order, once their claim lapses.
+pub(crate) async fn publish(
+    store: &LockStore,
+    publisher: &dyn EventPublisher,
+    events: &[StoredEvent],
+) {
+    let mut done = Vec::with_capacity(events.len());
+    for event in events {
+        let (Ok(topic), Ok(event_type), Ok(data)) = (
+            Topic::parse(&event.topic),
+            EventType::parse(&event.event_type),
+            RawValue::from_string(event.data.clone()),
+        ) else {
+            // Written by us; cannot be malformed. Drop it rather than retry it forever.
+            warn!(id = event.id, topic = %event.topic, "dropping a malformed lock event");
+            done.push(event.id);
+            continue;
+        };
+        match publisher.publish(&topic, &event_type, &data).await {
+            Ok(_) => done.push(event.id),
+            Err(err) => {
+                warn!(%err, id = event.id, "lock event not published yet; a sweeper will retry");
+                break;
+            }
+        }
+    }
+    if let Err(err) = store.delete_events(&done).await {
+        // They will be published again after their lease: at least once, never lost.
+        warn!(%err, "could not delete published lock events");
+    }
+}
+
+/// Runs the sweepers until `shutdown`.
+pub(crate) async fn run_sweepers(
+    store: LockStore,
+    publisher: Arc<dyn EventPublisher>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        for (what, result) in [
+            ("expiries", store.sweep_expired(100).await),
+            ("closed sessions", store.release_closed_sessions(100).await),
+            ("orphaned events", store.claim_orphaned_events(100).await),
+        ] {
+            match result {
+                Ok(events) if !events.is_empty() => {
+                    publish(&store, publisher.as_ref(), &events).await;
+                }
+                Ok(_) => {}
+                Err(err) => debug!(%err, what, "lock sweep failed; retrying next tick"),
+            }
+        }
+    }
+}
+
+/// Records closed sessions in the store, off the session's path. Bounded: when the store is
+/// down and the queue fills, closes are dropped and their locks simply run out their TTL.
+pub(crate) async fn run_session_closer(
+    store: LockStore,
+    mut closed: mpsc::Receiver<String>,
+    grace: Duration,
+    shutdown: CancellationToken,
+) {
+    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let session = tokio::select! {
+            () = shutdown.cancelled() => return,
+            s = closed.recv() => match s {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        if let Err(err) = store.session_closed(&session, grace_ms).await {
+            warn!(%err, session, "could not record a closed session; its locks will expire by TTL");
+        }
+    }
+}

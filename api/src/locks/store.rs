@@ -1,0 +1,965 @@
+//! The lock store: every lock decision as one transaction on PostgreSQL or SQLite (sqlx).
+//!
+//! One implementation serves both databases through sqlx's `Any` driver; the few differences
+//! (the clock expression, row locks, placeholders) live in [`Dialect`]. On PostgreSQL each
+//! decision locks the item's row (`SELECT … FOR UPDATE`), so concurrent nodes serialize per
+//! item. SQLite, the embedded default, runs on one connection, so decisions serialize outright.
+//! Time is always the database's clock, read inside the deciding transaction.
+//!
+//! Every state change writes its events into `lock_events` in the same transaction (a
+//! transactional outbox); see `outbox`.
+
+use serde_json::json;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row, Transaction};
+use std::time::Duration;
+use thiserror::Error;
+
+/// A grant, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockState {
+    pub team: String,
+    pub item: String,
+    pub holder: String,
+    pub session: Option<String>,
+    pub token: i64,
+    pub acquired_at: i64,
+    pub expires_at: i64,
+}
+
+/// An event written in a decision's transaction, to publish after commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub topic: String,
+    pub event_type: String,
+    pub data: String,
+}
+
+/// The store failed: a database error (the request answers 503; nothing was written).
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("lock store unavailable: {0}")]
+    Unavailable(#[from] sqlx::Error),
+    #[error("lock store busy: the decision could not be made, try again")]
+    Contended,
+}
+
+/// What `acquire` decided.
+#[derive(Debug)]
+pub enum Acquired {
+    /// Granted; `extended` when the caller already held it (same token, later expiry).
+    Granted {
+        lock: LockState,
+        extended: bool,
+        events: Vec<StoredEvent>,
+    },
+    /// Someone else holds it.
+    Held(LockState),
+}
+
+/// What a decision on a caller's token found.
+#[derive(Debug)]
+pub enum TokenCheck {
+    /// The token is the live grant's; the change was made.
+    Done {
+        lock: LockState,
+        events: Vec<StoredEvent>,
+    },
+    /// Another caller holds the item now.
+    HeldByOther(LockState),
+    /// The token's grant is over (expired, released, taken over): acquire again.
+    Lost,
+}
+
+/// What `acquire_batch` decided.
+#[derive(Debug)]
+pub enum BatchAcquired {
+    Granted {
+        locks: Vec<LockState>,
+        events: Vec<StoredEvent>,
+    },
+    /// Nothing was granted; these items are held by others.
+    Blocked(Vec<LockState>),
+}
+
+/// SQL differences between the two databases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    /// Milliseconds since the Unix epoch on the database's clock.
+    fn now(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+        }
+    }
+
+    /// Locks the selected rows until commit (PostgreSQL); SQLite's single connection already
+    /// serializes transactions.
+    fn for_update(self) -> &'static str {
+        match self {
+            Dialect::Postgres => " FOR UPDATE",
+            Dialect::Sqlite => "",
+        }
+    }
+
+    /// Lets concurrent sweepers on several nodes take disjoint rows.
+    fn skip_locked(self) -> &'static str {
+        match self {
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        }
+    }
+
+    /// Queries are written with `$1` placeholders; SQLite wants `?1`.
+    fn sql(self, sql: &str) -> String {
+        let sql = sql.replace("{now}", self.now());
+        match self {
+            Dialect::Postgres => sql,
+            Dialect::Sqlite => sql.replace('$', "?"),
+        }
+    }
+}
+
+/// Settings of the lock store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `postgres://…` or `sqlite://path`.
+    pub url: String,
+    /// Connections to PostgreSQL (SQLite always uses one).
+    pub max_connections: u32,
+    /// How long a claimed outbox event is left to its claimer before another node publishes it.
+    pub event_lease: Duration,
+}
+
+/// The lock store.
+#[derive(Debug, Clone)]
+pub struct LockStore {
+    pool: AnyPool,
+    dialect: Dialect,
+    event_lease_ms: i64,
+}
+
+const COLUMNS: &str =
+    "team, item, holder, session, token, acquired_at, expires_at, state, expiry_announced";
+
+/// A row read for a decision, with the database's current time.
+struct Current {
+    lock: LockState,
+    /// Ended by a release or a takeover (as opposed to live or expired).
+    released: bool,
+    /// Ended by the holder's own release (a repeated release with its token succeeds).
+    released_by_holder: bool,
+    expiry_announced: bool,
+    now: i64,
+}
+
+impl Current {
+    fn live(&self) -> bool {
+        !self.released && self.lock.expires_at > self.now
+    }
+}
+
+fn lock_from(row: &AnyRow) -> Result<LockState, sqlx::Error> {
+    Ok(LockState {
+        team: row.try_get("team")?,
+        item: row.try_get("item")?,
+        holder: row.try_get("holder")?,
+        session: row.try_get("session")?,
+        token: row.try_get("token")?,
+        acquired_at: row.try_get("acquired_at")?,
+        expires_at: row.try_get("expires_at")?,
+    })
+}
+
+impl LockStore {
+    /// Creates the store without connecting: connections are made on first use, so a node
+    /// starts (not ready) while its database is still down. Call [`LockStore::migrate`] (and
+    /// retry it) before serving.
+    ///
+    /// # Errors
+    ///
+    /// When the URL is not a `postgres://` or `sqlite:` URL.
+    pub fn open(config: &StoreConfig) -> Result<LockStore, StoreError> {
+        sqlx::any::install_default_drivers();
+        let dialect = if config.url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            Dialect::Postgres
+        };
+        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(3));
+        let pool = match dialect {
+            Dialect::Postgres => options
+                .max_connections(config.max_connections.max(1))
+                .connect_lazy(&config.url)?,
+            Dialect::Sqlite => options
+                .max_connections(1)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // WAL: readers do not block the writer; NORMAL is durable across
+                        // process crashes, which is what a lock table needs.
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA busy_timeout = 5000",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .connect_lazy(&config.url)?,
+        };
+        Ok(LockStore {
+            pool,
+            dialect,
+            event_lease_ms: i64::try_from(config.event_lease.as_millis()).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Runs the migrations of this database.
+    ///
+    /// # Errors
+    ///
+    /// When a migration fails.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.dialect {
+            Dialect::Postgres => sqlx::migrate!("./migrations/postgres"),
+            Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.into()))
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// The database's clock, ms since the epoch.
+    ///
+    /// # Errors
+    ///
+    /// When the database is unreachable.
+    pub async fn now(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query(&self.dialect.sql("SELECT {now} AS now"))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("now")?)
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// Reads an item's row under a row lock, with the database time.
+    async fn current(
+        &self,
+        tx: &mut Transaction<'static, sqlx::Any>,
+        team: &str,
+        item: &str,
+    ) -> Result<(Option<Current>, i64), StoreError> {
+        let sql = self.dialect.sql(&format!(
+            "SELECT {COLUMNS}, {{now}} AS now FROM locks WHERE team = $1 AND item = $2{}",
+            self.dialect.for_update()
+        ));
+        match sqlx::query(&sql)
+            .bind(team)
+            .bind(item)
+            .fetch_optional(&mut **tx)
+            .await?
+        {
+            Some(row) => {
+                let now: i64 = row.try_get("now")?;
+                let state: String = row.try_get("state")?;
+                let announced: i64 = row.try_get("expiry_announced")?;
+                Ok((
+                    Some(Current {
+                        lock: lock_from(&row)?,
+                        released: state != "held",
+                        released_by_holder: state == "released",
+                        expiry_announced: announced != 0,
+                        now,
+                    }),
+                    now,
+                ))
+            }
+            None => {
+                let row = sqlx::query(&self.dialect.sql("SELECT {now} AS now"))
+                    .fetch_one(&mut **tx)
+                    .await?;
+                Ok((None, row.try_get("now")?))
+            }
+        }
+    }
+
+    /// Writes an event into the outbox, claimed by the caller for the lease.
+    async fn event(
+        &self,
+        tx: &mut Transaction<'static, sqlx::Any>,
+        now: i64,
+        topic: String,
+        event_type: &str,
+        data: &serde_json::Value,
+    ) -> Result<StoredEvent, StoreError> {
+        let data = data.to_string();
+        let row = sqlx::query(&self.dialect.sql(
+            "INSERT INTO lock_events (topic, event_type, data, claimed_until) VALUES ($1, $2, $3, $4) RETURNING id",
+        ))
+        .bind(&topic)
+        .bind(event_type)
+        .bind(&data)
+        .bind(now + self.event_lease_ms)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(StoredEvent {
+            id: row.try_get("id")?,
+            topic,
+            event_type: event_type.to_owned(),
+            data,
+        })
+    }
+
+    /// Grants `item` to `holder` for `ttl_ms`, or says who holds it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails; nothing was written.
+    pub async fn acquire(
+        &self,
+        team: &str,
+        item: &str,
+        holder: &str,
+        session: Option<&str>,
+        ttl_ms: i64,
+    ) -> Result<Acquired, StoreError> {
+        // A first grant races other first grants on the INSERT; the loser retries and then
+        // finds the row to lock.
+        for _ in 0..3 {
+            let mut tx = self.begin().await?;
+            let mut events = Vec::new();
+            match self
+                .grant(&mut tx, team, item, holder, session, ttl_ms, &mut events)
+                .await?
+            {
+                Some(Ok((lock, extended))) => {
+                    tx.commit().await?;
+                    return Ok(Acquired::Granted {
+                        lock,
+                        extended,
+                        events,
+                    });
+                }
+                Some(Err(held)) => return Ok(Acquired::Held(held)),
+                None => continue,
+            }
+        }
+        Err(StoreError::Contended)
+    }
+
+    /// One grant inside a transaction. `None`: a concurrent first grant won the insert (retry);
+    /// `Some(Err(lock))`: held by another.
+    #[allow(clippy::too_many_arguments)]
+    async fn grant(
+        &self,
+        tx: &mut Transaction<'static, sqlx::Any>,
+        team: &str,
+        item: &str,
+        holder: &str,
+        session: Option<&str>,
+        ttl_ms: i64,
+        events: &mut Vec<StoredEvent>,
+    ) -> Result<Option<Result<(LockState, bool), LockState>>, StoreError> {
+        let (current, now) = self.current(tx, team, item).await?;
+        let expires_at = now + ttl_ms;
+        let lock = match current {
+            None => {
+                let sql = self.dialect.sql(&format!(
+                    "INSERT INTO locks ({COLUMNS}) VALUES ($1, $2, $3, $4, 1, $5, $6, 'held', 0) \
+                     ON CONFLICT (team, item) DO NOTHING RETURNING token"
+                ));
+                let inserted = sqlx::query(&sql)
+                    .bind(team)
+                    .bind(item)
+                    .bind(holder)
+                    .bind(session)
+                    .bind(now)
+                    .bind(expires_at)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                if inserted.is_none() {
+                    return Ok(None);
+                }
+                let lock = LockState {
+                    team: team.to_owned(),
+                    item: item.to_owned(),
+                    holder: holder.to_owned(),
+                    session: session.map(str::to_owned),
+                    token: 1,
+                    acquired_at: now,
+                    expires_at,
+                };
+                events.push(
+                    self.event(
+                        tx,
+                        now,
+                        format!("/team/{team}"),
+                        "lock.acquired",
+                        &acquired_data(&lock),
+                    )
+                    .await?,
+                );
+                lock
+            }
+            Some(c) if c.live() && c.lock.holder == holder => {
+                // The holder asks again: extend, keep the token, move to the new session.
+                let session = session.map(str::to_owned).or(c.lock.session.clone());
+                sqlx::query(&self.dialect.sql(
+                    "UPDATE locks SET expires_at = $1, session = $2 WHERE team = $3 AND item = $4",
+                ))
+                .bind(expires_at)
+                .bind(session.as_deref())
+                .bind(team)
+                .bind(item)
+                .execute(&mut **tx)
+                .await?;
+                return Ok(Some(Ok((
+                    LockState {
+                        expires_at,
+                        session,
+                        ..c.lock
+                    },
+                    true,
+                ))));
+            }
+            Some(c) if c.live() => return Ok(Some(Err(c.lock))),
+            Some(c) => {
+                // Free: released, or expired. An expiry nobody announced yet is announced now,
+                // before the new grant's event, so it is never lost or doubled.
+                if !c.released && !c.expiry_announced {
+                    self.expired_events(tx, now, &c.lock, events).await?;
+                }
+                let token = c.lock.token + 1;
+                sqlx::query(&self.dialect.sql(
+                    "UPDATE locks SET holder = $1, session = $2, token = $3, acquired_at = $4, expires_at = $5, \
+                     state = 'held', expiry_announced = 0 WHERE team = $6 AND item = $7",
+                ))
+                .bind(holder)
+                .bind(session)
+                .bind(token)
+                .bind(now)
+                .bind(expires_at)
+                .bind(team)
+                .bind(item)
+                .execute(&mut **tx)
+                .await?;
+                let lock = LockState {
+                    team: team.to_owned(),
+                    item: item.to_owned(),
+                    holder: holder.to_owned(),
+                    session: session.map(str::to_owned),
+                    token,
+                    acquired_at: now,
+                    expires_at,
+                };
+                events.push(
+                    self.event(
+                        tx,
+                        now,
+                        format!("/team/{team}"),
+                        "lock.acquired",
+                        &acquired_data(&lock),
+                    )
+                    .await?,
+                );
+                lock
+            }
+        };
+        Ok(Some(Ok((lock, false))))
+    }
+
+    async fn expired_events(
+        &self,
+        tx: &mut Transaction<'static, sqlx::Any>,
+        now: i64,
+        lock: &LockState,
+        events: &mut Vec<StoredEvent>,
+    ) -> Result<(), StoreError> {
+        let data = json!({"team": lock.team, "item": lock.item, "holder": lock.holder, "token": lock.token, "expired_at": crate::locks::rfc3339(lock.expires_at)});
+        events.push(
+            self.event(
+                tx,
+                now,
+                format!("/team/{}", lock.team),
+                "lock.expired",
+                &data,
+            )
+            .await?,
+        );
+        events.push(
+            self.event(
+                tx,
+                now,
+                format!("/user/{}", lock.holder),
+                "lock.expired",
+                &data,
+            )
+            .await?,
+        );
+        Ok(())
+    }
+
+    /// Extends the caller's grant if `token` is still the live one.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails; nothing was written.
+    pub async fn renew(
+        &self,
+        team: &str,
+        item: &str,
+        holder: &str,
+        token: i64,
+        ttl_ms: i64,
+    ) -> Result<TokenCheck, StoreError> {
+        let mut tx = self.begin().await?;
+        let (current, now) = self.current(&mut tx, team, item).await?;
+        match current {
+            Some(c) if c.live() && c.lock.token == token && c.lock.holder == holder => {
+                let expires_at = now + ttl_ms;
+                sqlx::query(
+                    &self
+                        .dialect
+                        .sql("UPDATE locks SET expires_at = $1 WHERE team = $2 AND item = $3"),
+                )
+                .bind(expires_at)
+                .bind(team)
+                .bind(item)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(TokenCheck::Done {
+                    lock: LockState {
+                        expires_at,
+                        ..c.lock
+                    },
+                    events: Vec::new(),
+                })
+            }
+            Some(c) if c.live() && c.lock.holder != holder => Ok(TokenCheck::HeldByOther(c.lock)),
+            _ => Ok(TokenCheck::Lost),
+        }
+    }
+
+    /// Releases the caller's grant if `token` is still the live one. Releasing a grant that was
+    /// already released with this token succeeds again (idempotent).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails; nothing was written.
+    pub async fn release(
+        &self,
+        team: &str,
+        item: &str,
+        holder: &str,
+        token: i64,
+    ) -> Result<TokenCheck, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut events = Vec::new();
+        let outcome = self
+            .release_in(&mut tx, team, item, holder, token, &mut events)
+            .await?;
+        if matches!(outcome, TokenCheck::Done { .. }) {
+            tx.commit().await?;
+        }
+        Ok(match outcome {
+            TokenCheck::Done { lock, .. } => TokenCheck::Done { lock, events },
+            other => other,
+        })
+    }
+
+    async fn release_in(
+        &self,
+        tx: &mut Transaction<'static, sqlx::Any>,
+        team: &str,
+        item: &str,
+        holder: &str,
+        token: i64,
+        events: &mut Vec<StoredEvent>,
+    ) -> Result<TokenCheck, StoreError> {
+        let (current, now) = self.current(tx, team, item).await?;
+        match current {
+            Some(c) if c.live() && c.lock.token == token && c.lock.holder == holder => {
+                self.set_released(tx, team, item, now).await?;
+                let data = json!({"team": team, "item": item, "holder": holder, "token": token, "reason": "released", "released_at": crate::locks::rfc3339(now)});
+                events.push(
+                    self.event(tx, now, format!("/team/{team}"), "lock.released", &data)
+                        .await?,
+                );
+                Ok(TokenCheck::Done {
+                    lock: LockState {
+                        expires_at: now,
+                        ..c.lock
+                    },
+                    events: Vec::new(),
+                })
+            }
+            Some(c) if c.released_by_holder && c.lock.token == token && c.lock.holder == holder => {
+                Ok(TokenCheck::Done {
+                    lock: c.lock,
+                    events: Vec::new(),
+                })
+            }
+            Some(c) if c.live() && c.lock.holder != holder => Ok(TokenCheck::HeldByOther(c.lock)),
+            _ => Ok(TokenCheck::Lost),
+        }
+    }
+
+    async fn set_released(
+        &self,
+        tx: &mut Transaction<'static, sqlx::Any>,
+        team: &str,
+        item: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&self.dialect.sql(
+            "UPDATE locks SET state = 'released', expires_at = $1 WHERE team = $2 AND item = $3",
+        ))
+        .bind(now)
+        .bind(team)
+        .bind(item)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Ends whoever's grant is live on `item` (an admin's takeover). `None` when none is.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails; nothing was written.
+    pub async fn take_over(
+        &self,
+        team: &str,
+        item: &str,
+        admin: &str,
+    ) -> Result<Option<(LockState, Vec<StoredEvent>)>, StoreError> {
+        let mut tx = self.begin().await?;
+        let (current, now) = self.current(&mut tx, team, item).await?;
+        let Some(c) = current.filter(Current::live) else {
+            return Ok(None);
+        };
+        sqlx::query(&self.dialect.sql(
+            "UPDATE locks SET state = 'taken_over', expires_at = $1 WHERE team = $2 AND item = $3",
+        ))
+        .bind(now)
+        .bind(team)
+        .bind(item)
+        .execute(&mut *tx)
+        .await?;
+        let data = json!({"team": team, "item": item, "holder": c.lock.holder, "token": c.lock.token, "by": admin, "released_at": crate::locks::rfc3339(now)});
+        let events = vec![
+            self.event(
+                &mut tx,
+                now,
+                format!("/team/{team}"),
+                "lock.taken_over",
+                &data,
+            )
+            .await?,
+            self.event(
+                &mut tx,
+                now,
+                format!("/user/{}", c.lock.holder),
+                "lock.taken_over",
+                &data,
+            )
+            .await?,
+        ];
+        tx.commit().await?;
+        Ok(Some((c.lock, events)))
+    }
+
+    /// The live grant on `item`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn get(&self, team: &str, item: &str) -> Result<Option<LockState>, StoreError> {
+        let sql = self.dialect.sql(&format!(
+            "SELECT {COLUMNS} FROM locks WHERE team = $1 AND item = $2 AND state = 'held' AND expires_at > {{now}}"
+        ));
+        let row = sqlx::query(&sql)
+            .bind(team)
+            .bind(item)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| lock_from(&r)).transpose()?)
+    }
+
+    /// Every live grant of `team`, by item.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn list(&self, team: &str) -> Result<Vec<LockState>, StoreError> {
+        let sql = self.dialect.sql(&format!(
+            "SELECT {COLUMNS} FROM locks WHERE team = $1 AND state = 'held' AND expires_at > {{now}} ORDER BY item"
+        ));
+        let rows = sqlx::query(&sql).bind(team).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(lock_from).collect::<Result<_, _>>()?)
+    }
+
+    /// Grants every item or none.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails; nothing was written.
+    pub async fn acquire_batch(
+        &self,
+        team: &str,
+        items: &[String],
+        holder: &str,
+        session: Option<&str>,
+        ttl_ms: i64,
+    ) -> Result<BatchAcquired, StoreError> {
+        // Rows are locked in one order on every node, so two batches cannot deadlock.
+        let mut sorted: Vec<&String> = items.iter().collect();
+        sorted.sort();
+        sorted.dedup();
+        'attempt: for _ in 0..3 {
+            let mut tx = self.begin().await?;
+            let mut events = Vec::new();
+            let mut granted = Vec::new();
+            let mut blocked = Vec::new();
+            for item in &sorted {
+                match self
+                    .grant(&mut tx, team, item, holder, session, ttl_ms, &mut events)
+                    .await?
+                {
+                    Some(Ok((lock, _))) => granted.push(lock),
+                    Some(Err(held)) => blocked.push(held),
+                    None => continue 'attempt,
+                }
+            }
+            if !blocked.is_empty() {
+                // Dropping the transaction rolls back every grant made above.
+                return Ok(BatchAcquired::Blocked(blocked));
+            }
+            tx.commit().await?;
+            // Answer in request order.
+            granted.sort_by_key(|l| items.iter().position(|i| *i == l.item));
+            return Ok(BatchAcquired::Granted {
+                locks: granted,
+                events,
+            });
+        }
+        Err(StoreError::Contended)
+    }
+
+    /// Releases several of the caller's grants in one transaction; reports each.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails; nothing was written.
+    pub async fn release_batch(
+        &self,
+        team: &str,
+        items: &[(String, i64)],
+        holder: &str,
+    ) -> Result<(Vec<(String, TokenCheck)>, Vec<StoredEvent>), StoreError> {
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by(|a, b| items[*a].0.cmp(&items[*b].0));
+        let mut tx = self.begin().await?;
+        let mut events = Vec::new();
+        let mut outcomes: Vec<Option<(String, TokenCheck)>> =
+            (0..items.len()).map(|_| None).collect();
+        for i in order {
+            let (item, token) = &items[i];
+            let outcome = self
+                .release_in(&mut tx, team, item, holder, *token, &mut events)
+                .await?;
+            outcomes[i] = Some((item.clone(), outcome));
+        }
+        tx.commit().await?;
+        Ok((outcomes.into_iter().flatten().collect(), events))
+    }
+
+    /// Announces up to `limit` expiries nobody announced yet; each is claimed in the database,
+    /// so with many nodes sweeping every expiry is announced once.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn sweep_expired(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut tx = self.begin().await?;
+        let sql = self.dialect.sql(&format!(
+            "SELECT {COLUMNS}, {{now}} AS now FROM locks WHERE state = 'held' AND expiry_announced = 0 \
+             AND expires_at <= {{now}} ORDER BY expires_at LIMIT $1{}",
+            self.dialect.skip_locked()
+        ));
+        let rows = sqlx::query(&sql).bind(limit).fetch_all(&mut *tx).await?;
+        let mut events = Vec::new();
+        for row in &rows {
+            let lock = lock_from(row)?;
+            let now: i64 = row.try_get("now")?;
+            sqlx::query(&self.dialect.sql("UPDATE locks SET expiry_announced = 1 WHERE team = $1 AND item = $2 AND token = $3"))
+                .bind(&lock.team)
+                .bind(&lock.item)
+                .bind(lock.token)
+                .execute(&mut *tx)
+                .await?;
+            self.expired_events(&mut tx, now, &lock, &mut events)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    /// Records that a WebSocket session closed; its session-bound locks are released after
+    /// `grace` unless re-acquired by then. Does nothing for sessions without locks.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn session_closed(&self, session: &str, grace_ms: i64) -> Result<(), StoreError> {
+        let sql = self.dialect.sql(
+            "INSERT INTO closed_sessions (session, release_at) SELECT $1, {now} + $2 \
+             WHERE EXISTS (SELECT 1 FROM locks WHERE session = $3 AND state = 'held') \
+             ON CONFLICT (session) DO NOTHING",
+        );
+        sqlx::query(&sql)
+            .bind(session)
+            .bind(grace_ms)
+            .bind(session)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Releases the locks of sessions whose grace has passed.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn release_closed_sessions(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut tx = self.begin().await?;
+        let sql = self.dialect.sql(&format!(
+            "SELECT session, {{now}} AS now FROM closed_sessions WHERE release_at <= {{now}} ORDER BY release_at LIMIT $1{}",
+            self.dialect.skip_locked()
+        ));
+        let rows = sqlx::query(&sql).bind(limit).fetch_all(&mut *tx).await?;
+        let mut events = Vec::new();
+        for row in &rows {
+            let session: String = row.try_get("session")?;
+            let now: i64 = row.try_get("now")?;
+            let held = sqlx::query(&self.dialect.sql(&format!(
+                "SELECT {COLUMNS} FROM locks WHERE session = $1 AND state = 'held' AND expires_at > $2 ORDER BY team, item{}",
+                self.dialect.for_update()
+            )))
+            .bind(&session)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            for lock in held.iter().map(lock_from) {
+                let lock = lock?;
+                self.set_released(&mut tx, &lock.team, &lock.item, now)
+                    .await?;
+                let data = json!({"team": lock.team, "item": lock.item, "holder": lock.holder, "token": lock.token, "reason": "session_closed", "released_at": crate::locks::rfc3339(now)});
+                events.push(
+                    self.event(
+                        &mut tx,
+                        now,
+                        format!("/team/{}", lock.team),
+                        "lock.released",
+                        &data,
+                    )
+                    .await?,
+                );
+            }
+            sqlx::query(
+                &self
+                    .dialect
+                    .sql("DELETE FROM closed_sessions WHERE session = $1"),
+            )
+            .bind(&session)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    /// Claims outbox events whose claim lapsed (their node died before publishing them).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn claim_orphaned_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut tx = self.begin().await?;
+        let sql = self.dialect.sql(&format!(
+            "SELECT id, topic, event_type, data, {{now}} AS now FROM lock_events WHERE claimed_until <= {{now}} ORDER BY id LIMIT $1{}",
+            self.dialect.skip_locked()
+        ));
+        let rows = sqlx::query(&sql).bind(limit).fetch_all(&mut *tx).await?;
+        let mut events = Vec::new();
+        for row in &rows {
+            let id: i64 = row.try_get("id")?;
+            let now: i64 = row.try_get("now")?;
+            sqlx::query(
+                &self
+                    .dialect
+                    .sql("UPDATE lock_events SET claimed_until = $1 WHERE id = $2"),
+            )
+            .bind(now + self.event_lease_ms)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            events.push(StoredEvent {
+                id,
+                topic: row.try_get("topic")?,
+                event_type: row.try_get("event_type")?,
+                data: row.try_get("data")?,
+            });
+        }
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    /// Deletes published events.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn delete_events(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+        // Ids are integers we produced, never user input, so inlining them is safe.
+        let sql = format!("DELETE FROM lock_events WHERE id IN ({})", list.join(","));
+        sqlx::query(&sql).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+fn acquired_data(lock: &LockState) -> serde_json::Value {
+    json!({
+        "team": lock.team,
+        "item": lock.item,
+        "holder": lock.holder,
+        "token": lock.token,
+        "acquired_at": crate::locks::rfc3339(lock.acquired_at),
+        "expires_at": crate::locks::rfc3339(lock.expires_at),
+    })
+}
