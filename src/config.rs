@@ -8,6 +8,7 @@
 
 use api::locks::LockConfig;
 use api::locks::store::StoreConfig;
+use api::presign::StorageConfig;
 use api::{ApiConfig, Cors};
 use hub::redis::RedisSettings;
 use hub::{HubConfig, OriginPolicy};
@@ -82,6 +83,17 @@ keys! {
     "locks.max_batch", "100", "Most items in one batch lock or unlock request.";
     "locks.session_grace", "10s", "How long after its WebSocket closes a session-bound lock is released (a page reload within it keeps the lock).";
     "locks.sweep_interval", "250ms", "How often each node announces expiries and releases locks of closed sessions.";
+    "s3.bucket", "", "Bucket holding item files. Empty: presigning is off (503 `storage_not_configured`).";
+    "s3.region", "us-east-1", "Region the URLs are signed for.";
+    "s3.endpoint", "", "S3-compatible endpoint, e.g. `http://127.0.0.1:9000` (MinIO) or `https://oss-cn-hangzhou.aliyuncs.com`. Empty: AWS S3 for the region.";
+    "s3.path_style", "false", "Path-style URLs (`endpoint/bucket/key`, MinIO and most local servers) instead of virtual-hosted (`bucket.endpoint/key`).";
+    "s3.prefix", "", "Key prefix before `{team}/{item}/{name}`.";
+    "s3.access_key_id", "", "Static access key. Empty: the standard AWS credential chain (environment, profile, web identity, instance metadata).";
+    "s3.secret_access_key", "", "Static secret key, with `s3.access_key_id`.";
+    "s3.session_token", "", "Session token for temporary static credentials; usually empty.";
+    "s3.default_expires", "5m", "Lifetime of a presigned URL when the request names none.";
+    "s3.max_expires", "1h", "Longest lifetime of any presigned URL (write URLs also end with their lock).";
+    "s3.max_batch", "500", "Most objects in one batch presign request.";
     "api.enabled", "true", "Serve the HTTP API on this node.";
     "api.max_body_bytes", "1048576", "Largest API request body.";
     "api.max_batch", "100", "Most events in one `POST /api/v1/publish/batch`.";
@@ -114,6 +126,8 @@ pub(crate) struct Config {
     pub(crate) redis: Option<RedisSettings>,
     pub(crate) database: StoreConfig,
     pub(crate) locks: LockConfig,
+    /// `None`: presigning is off.
+    pub(crate) storage: Option<StorageConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -330,8 +344,10 @@ impl Sources {
                 session_grace: p.duration("locks.session_grace"),
                 sweep_interval: p.duration("locks.sweep_interval"),
             },
+            storage: None,
         };
         let mut config = config;
+        config.storage = p.storage();
         config.database.url = match p.optional("database.url") {
             Some(url)
                 if url.starts_with("postgres://")
@@ -464,6 +480,41 @@ impl Parser<'_> {
                 Duration::ZERO
             }
         }
+    }
+
+    fn storage(&mut self) -> Option<StorageConfig> {
+        let endpoint = self.optional("s3.endpoint");
+        if let Some(e) = &endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            self.error("s3.endpoint", &format!("'{e}' is not an http(s):// URL"));
+        }
+        let access_key_id = self.optional("s3.access_key_id");
+        let secret_access_key = self.optional("s3.secret_access_key");
+        if access_key_id.is_some() != secret_access_key.is_some() {
+            self.errors.push(
+                "s3.access_key_id and s3.secret_access_key go together: set both or neither"
+                    .to_owned(),
+            );
+        }
+        let max_expires = self.duration("s3.max_expires");
+        if max_expires > Duration::from_secs(7 * 24 * 3600) {
+            self.error("s3.max_expires", "SigV4 URLs live at most 7 days");
+        }
+        let config = StorageConfig {
+            endpoint,
+            region: self.raw("s3.region"),
+            bucket: self.optional("s3.bucket").unwrap_or_default(),
+            prefix: self.raw("s3.prefix").trim_matches('/').to_owned(),
+            path_style: self.get("s3.path_style"),
+            access_key_id,
+            secret_access_key,
+            session_token: self.optional("s3.session_token"),
+            default_expires: self.duration("s3.default_expires"),
+            max_expires,
+            max_batch: self.positive("s3.max_batch"),
+        };
+        (!config.bucket.is_empty()).then_some(config)
     }
 
     fn redis(&mut self) -> Option<RedisSettings> {

@@ -128,13 +128,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }),
         ];
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || metrics.render());
+        let storage = match &config.storage {
+            Some(settings) => {
+                info!(bucket = %settings.bucket, endpoint = ?settings.endpoint, "object storage");
+                Some(api::presign::Storage::new(settings.clone()).await)
+            }
+            None => {
+                info!("object storage not configured: presign answers 503 storage_not_configured");
+                None
+            }
+        };
+        let backends = api::Backends {
+            locks: Some(locks),
+            storage,
+        };
         let state = ApiState::new(
             config.api.clone(),
             auth,
             publisher,
             checks,
             Some(render),
-            Some(locks),
+            backends,
         );
         app = app.merge(api::app(state));
     }

@@ -10,6 +10,7 @@
 //! - `publish`: `POST /api/v1/publish` and `/publish/batch`.
 //! - [`locks`]: per-item edit locks: the endpoints, [`locks::store::LockStore`] (sqlx,
 //!   PostgreSQL or SQLite) and the event outbox.
+//! - [`presign`]: presigned object URLs ([`presign::Storage`], aws-sdk-s3) and upload commits.
 //! - `health`: `/healthz`, `/readyz`, `/metrics`.
 //! - `openapi`: the OpenAPI document at `/api/v1/openapi.json`.
 
@@ -18,6 +19,7 @@ pub mod extract;
 mod health;
 pub mod locks;
 mod openapi;
+pub mod presign;
 mod publish;
 mod ratelimit;
 
@@ -117,6 +119,15 @@ struct Inner {
     limiter: ratelimit::KeyedLimiter,
     /// The lock service; `None` on a node that serves no locks.
     locks: Option<Arc<locks::Locks>>,
+    /// Object storage; `None` answers 503 `storage_not_configured`.
+    storage: Option<presign::Storage>,
+}
+
+/// The stateful services behind the API, each optional.
+#[derive(Debug, Default)]
+pub struct Backends {
+    pub locks: Option<Arc<locks::Locks>>,
+    pub storage: Option<presign::Storage>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -136,7 +147,7 @@ impl ApiState {
         publisher: Arc<dyn EventPublisher>,
         checks: Vec<Arc<dyn ReadinessCheck>>,
         metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
-        locks: Option<Arc<locks::Locks>>,
+        backends: Backends,
     ) -> ApiState {
         let limiter = ratelimit::KeyedLimiter::new(config.publish_rate, config.publish_burst);
         ApiState {
@@ -147,7 +158,8 @@ impl ApiState {
                 checks,
                 metrics,
                 limiter,
-                locks,
+                locks: backends.locks,
+                storage: backends.storage,
             }),
         }
     }
@@ -167,6 +179,9 @@ pub fn app(state: ApiState) -> Router {
                 .get(locks::get),
         )
         .route("/teams/{team}/locks", get(locks::list))
+        .route("/teams/{team}/items/{item}/presign", post(presign::presign))
+        .route("/teams/{team}/presign/batch", post(presign::presign_batch))
+        .route("/teams/{team}/items/{item}/commit", post(presign::commit))
         .route(
             "/teams/{team}/locks/batch",
             post(locks::acquire_batch).delete(locks::release_batch),

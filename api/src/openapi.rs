@@ -17,6 +17,9 @@ use utoipa::{Modify, OpenApi};
         crate::locks::list,
         crate::locks::acquire_batch,
         crate::locks::release_batch,
+        crate::presign::presign,
+        crate::presign::presign_batch,
+        crate::presign::commit,
     ),
     modifiers(&BearerAuth)
 )]

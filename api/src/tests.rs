@@ -57,7 +57,7 @@ fn app_with(publisher: Arc<Recorded>) -> Router {
         publisher,
         Vec::new(),
         None,
-        None,
+        Backends::default(),
     ))
 }
 

@@ -1,0 +1,643 @@
+//! Presigned object access (DESIGN §6): browsers read and write item files directly in
+//! S3-compatible storage; no file byte passes through Lockstep.
+//!
+//! Presigning is local computation (SigV4 query signing) on a client built once, so a batch of
+//! hundreds of URLs makes no network call. Object keys are always
+//! `{prefix}/{team}/{item}/{name}` with a validated `name`, so no caller can reach another
+//! team's objects. A write URL is issued only to the item's current lock holder presenting the
+//! current fencing token, and never outlives the lock.
+
+use crate::ApiState;
+use crate::error::ApiError;
+use crate::extract::{ApiJson, Caller};
+use crate::locks::rfc3339;
+use crate::locks::store::LockState;
+use aws_sdk_s3::presigning::{PresignedRequest, PresigningConfig};
+use axum::Json;
+use axum::extract::{Path, State};
+use protocol::topic::is_valid_id;
+use protocol::{EventType, Principal, Scope, Topic};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use utoipa::ToSchema;
+
+/// Object storage settings.
+#[derive(Debug, Clone, Default)]
+pub struct StorageConfig {
+    /// e.g. `https://s3.eu-west-1.amazonaws.com`, `http://127.0.0.1:9000`,
+    /// `https://oss-cn-hangzhou.aliyuncs.com`; empty: the AWS default for the region.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    /// Prepended to every key (no leading or trailing `/`); may be empty.
+    pub prefix: String,
+    /// `https://endpoint/bucket/key` (MinIO, most local servers) instead of
+    /// `https://bucket.endpoint/key` (AWS, OSS).
+    pub path_style: bool,
+    /// Static credentials; when absent, the standard AWS credential chain (environment,
+    /// profile, web identity, instance metadata).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+    /// Lifetime of a URL when the request names none.
+    pub default_expires: Duration,
+    /// Longest lifetime of any URL.
+    pub max_expires: Duration,
+    /// Most objects in one batch.
+    pub max_batch: usize,
+}
+
+/// The presigner: one S3 client, built at start.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    client: aws_sdk_s3::Client,
+    config: StorageConfig,
+}
+
+impl Storage {
+    /// Builds the client. Resolves credentials from the AWS chain when none are configured.
+    pub async fn new(config: StorageConfig) -> Storage {
+        let mut builder = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new(config.region.clone()))
+            .force_path_style(config.path_style);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        builder = match (&config.access_key_id, &config.secret_access_key) {
+            (Some(key), Some(secret)) => {
+                builder.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                    key,
+                    secret,
+                    config.session_token.clone(),
+                    None,
+                    "lockstep-config",
+                ))
+            }
+            _ => {
+                let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .region(aws_sdk_s3::config::Region::new(config.region.clone()))
+                    .load()
+                    .await;
+                match shared.credentials_provider() {
+                    Some(provider) => builder.credentials_provider(provider),
+                    None => builder,
+                }
+            }
+        };
+        Storage {
+            client: aws_sdk_s3::Client::from_conf(builder.build()),
+            config,
+        }
+    }
+
+    fn key(&self, team: &str, item: &str, name: &str) -> String {
+        if self.config.prefix.is_empty() {
+            format!("{team}/{item}/{name}")
+        } else {
+            format!("{}/{team}/{item}/{name}", self.config.prefix)
+        }
+    }
+
+    async fn presign(
+        &self,
+        method: Method,
+        key: &str,
+        content_type: Option<&str>,
+        expires: Duration,
+    ) -> Result<PresignedRequest, ApiError> {
+        let presigning =
+            PresigningConfig::expires_in(expires).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let failed = |e: &dyn std::fmt::Display| {
+            tracing::warn!(error = %e, "presigning failed");
+            ApiError::unavailable(
+                "storage_unavailable",
+                "could not sign the request: storage credentials are unavailable",
+            )
+        };
+        match method {
+            Method::Get => self
+                .client
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(key)
+                .presigned(presigning)
+                .await
+                .map_err(|e| failed(&aws_sdk_s3::error::DisplayErrorContext(&e))),
+            Method::Put => {
+                let mut put = self
+                    .client
+                    .put_object()
+                    .bucket(&self.config.bucket)
+                    .key(key);
+                if let Some(ct) = content_type {
+                    put = put.content_type(ct);
+                }
+                put.presigned(presigning)
+                    .await
+                    .map_err(|e| failed(&aws_sdk_s3::error::DisplayErrorContext(&e)))
+            }
+        }
+    }
+
+    /// Whether the object exists (`HEAD`).
+    async fn exists(&self, key: &str) -> Result<Option<(i64, Option<String>)>, ApiError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(head) => Ok(Some((
+                head.content_length().unwrap_or(0),
+                head.e_tag().map(str::to_owned),
+            ))),
+            Err(err)
+                if err.as_service_error().is_some_and(
+                    aws_sdk_s3::operation::head_object::HeadObjectError::is_not_found,
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(err) => {
+                tracing::warn!(error = %aws_sdk_s3::error::DisplayErrorContext(&err), "HEAD object failed");
+                Err(ApiError::unavailable(
+                    "storage_unavailable",
+                    "the object storage did not answer",
+                ))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+pub(crate) enum Method {
+    #[serde(rename = "GET")]
+    Get,
+    #[serde(rename = "PUT")]
+    Put,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PresignRequest {
+    method: Method,
+    /// Object name within the item: `[A-Za-z0-9._-]` segments separated by `/`.
+    #[schema(example = "frames/000123.pcd")]
+    name: String,
+    /// Signed into PUT URLs: the upload must send exactly this `content-type`.
+    content_type: Option<String>,
+    /// Seconds; capped by the configured maximum and, for PUT, by the lock's expiry.
+    expires_in: Option<u64>,
+    /// The lock's fencing token; required for PUT.
+    token: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchObject {
+    item: String,
+    name: String,
+    content_type: Option<String>,
+    /// For PUT: the token of this item's lock.
+    token: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchPresignRequest {
+    method: Method,
+    objects: Vec<BatchObject>,
+    expires_in: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Presigned {
+    url: String,
+    method: String,
+    /// Headers the request must carry exactly (e.g. the signed `content-type`).
+    headers: HashMap<String, String>,
+    expires_at: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CommitRequest {
+    token: i64,
+    name: String,
+}
+
+fn storage(state: &ApiState) -> Result<&Storage, ApiError> {
+    state.inner.storage.as_ref().ok_or_else(|| {
+        ApiError::unavailable(
+            "storage_not_configured",
+            "object storage is not configured on this node (set LOCKSTEP_S3_BUCKET and friends)",
+        )
+    })
+}
+
+/// Validates an object name: `/`-separated segments of `[A-Za-z0-9._-]`, none empty, `.` or
+/// `..`, at most 512 bytes. Keys are built from it; nothing else may escape the item's folder.
+pub(crate) fn valid_name(name: &str) -> bool {
+    (1..=512).contains(&name.len())
+        && name.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+}
+
+fn valid_content_type(ct: &str) -> bool {
+    (1..=255).contains(&ct.len())
+        && ct.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && ct.contains('/')
+}
+
+fn authorize(caller: &Principal, team: &str) -> Result<(), ApiError> {
+    if !is_valid_id(team) {
+        return Err(ApiError::invalid(
+            "invalid_team",
+            format!("invalid team id '{team}'"),
+        ));
+    }
+    if !caller.has_scope(Scope::Presign) {
+        return Err(ApiError::forbidden(
+            "presigned URLs need the 'presign' scope",
+        ));
+    }
+    if !(caller.is_member(team) || caller.is_admin(team)) {
+        return Err(ApiError::forbidden(format!("not a member of team {team}")));
+    }
+    Ok(())
+}
+
+/// One object to sign, validated.
+struct Object<'a> {
+    item: &'a str,
+    name: &'a str,
+    content_type: Option<&'a str>,
+    token: Option<i64>,
+}
+
+fn validate(object: &Object<'_>, method: Method, index: Option<usize>) -> Result<(), ApiError> {
+    let at = |message: String, code: &'static str| {
+        let prefix = index.map(|i| format!("objects[{i}]: ")).unwrap_or_default();
+        ApiError::Invalid {
+            code,
+            message: format!("{prefix}{message}"),
+            details: index.map(|i| json!({"index": i})),
+        }
+    };
+    if !is_valid_id(object.item) {
+        return Err(at(
+            format!("invalid item id '{}'", object.item),
+            "invalid_item",
+        ));
+    }
+    if !valid_name(object.name) {
+        return Err(at(
+            "invalid name: use '/'-separated segments of [A-Za-z0-9._-], no '.' or '..' segments, at most 512 bytes".to_owned(),
+            "invalid_name",
+        ));
+    }
+    if let Some(ct) = object.content_type
+        && !valid_content_type(ct)
+    {
+        return Err(at(
+            format!("invalid content_type '{ct}'"),
+            "invalid_content_type",
+        ));
+    }
+    if method == Method::Put && object.token.is_none() {
+        return Err(at(
+            "a PUT needs the item's lock token".to_owned(),
+            "missing_token",
+        ));
+    }
+    Ok(())
+}
+
+/// The lifetime of a URL: requested (or default), capped by the maximum and, for a write, by
+/// the lock's remaining life (`lock_left_ms`).
+fn lifetime(
+    config: &StorageConfig,
+    requested: Option<u64>,
+    lock_left_ms: Option<i64>,
+) -> Result<Duration, ApiError> {
+    let mut expires = requested
+        .map_or(config.default_expires, Duration::from_secs)
+        .min(config.max_expires);
+    if requested == Some(0) {
+        return Err(ApiError::invalid(
+            "invalid_expires_in",
+            "expires_in must be at least 1 second",
+        ));
+    }
+    if let Some(left) = lock_left_ms {
+        expires = expires.min(Duration::from_millis(u64::try_from(left).unwrap_or(0)));
+    }
+    if expires < Duration::from_secs(1) {
+        return Err(ApiError::Conflict {
+            code: "lock_expiring",
+            message: "the lock expires within a second; renew it first".to_owned(),
+            details: None,
+            gone: false,
+        });
+    }
+    Ok(expires)
+}
+
+/// Checks that `caller` holds `item`'s live lock with `token`; returns the lock.
+fn check_lock<'a>(
+    live: &'a HashMap<String, LockState>,
+    caller: &Principal,
+    item: &str,
+    token: i64,
+) -> Result<&'a LockState, ApiError> {
+    match live.get(item) {
+        Some(lock) if lock.holder == caller.sub && lock.token == token => Ok(lock),
+        Some(lock) if lock.holder != caller.sub => Err(ApiError::Conflict {
+            code: "lock_held",
+            message: format!(
+                "item {item} is locked by {}; a write URL needs the lock",
+                lock.holder
+            ),
+            details: Some(json!({"holder": lock.holder, "expires_at": rfc3339(lock.expires_at)})),
+            gone: false,
+        }),
+        _ => Err(ApiError::Conflict {
+            code: "lock_lost",
+            message: format!(
+                "token {token} is not the current lock on item {item}; acquire the lock (again) first"
+            ),
+            details: None,
+            gone: true,
+        }),
+    }
+}
+
+async fn live_locks(
+    state: &ApiState,
+    team: &str,
+) -> Result<(HashMap<String, LockState>, i64), ApiError> {
+    let locks = state.inner.locks.as_ref().ok_or_else(|| {
+        ApiError::unavailable("locks_not_configured", "this node serves no locks")
+    })?;
+    let store = locks.store();
+    let unavailable = |e: crate::locks::store::StoreError| {
+        tracing::warn!(%e, "lock store error");
+        ApiError::unavailable(
+            "lock_store_unavailable",
+            "the lock store is unavailable; try again",
+        )
+    };
+    let now = store.now().await.map_err(unavailable)?;
+    let live = store.list(team).await.map_err(unavailable)?;
+    Ok((live.into_iter().map(|l| (l.item.clone(), l)).collect(), now))
+}
+
+fn view(signed: &PresignedRequest, expires: Duration) -> Presigned {
+    let expires_at = SystemTime::now() + expires;
+    Presigned {
+        url: signed.uri().to_owned(),
+        method: signed.method().to_owned(),
+        headers: signed
+            .headers()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        expires_at: rfc3339(
+            i64::try_from(
+                expires_at
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis(),
+            )
+            .unwrap_or(0),
+        ),
+    }
+}
+
+/// Signs one URL to read (any member) or write (the lock holder) an item's object.
+#[utoipa::path(post, path = "/api/v1/teams/{team}/items/{item}/presign", request_body = PresignRequest,
+    responses((status = 200, body = Presigned), (status = 403), (status = 409), (status = 410), (status = 422), (status = 503)),
+    security(("bearer" = [])))]
+pub(crate) async fn presign(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path((team, item)): Path<(String, String)>,
+    ApiJson(request): ApiJson<PresignRequest>,
+) -> Result<Json<Presigned>, ApiError> {
+    authorize(&caller, &team)?;
+    let storage = storage(&state)?;
+    let object = Object {
+        item: &item,
+        name: &request.name,
+        content_type: request.content_type.as_deref(),
+        token: request.token,
+    };
+    validate(&object, request.method, None)?;
+    let lock_left = match (request.method, request.token) {
+        (Method::Put, Some(token)) => {
+            let (live, now) = live_locks(&state, &team).await?;
+            let lock = check_lock(&live, &caller, &item, token)?;
+            Some(lock.expires_at - now)
+        }
+        _ => None,
+    };
+    let expires = lifetime(&storage.config, request.expires_in, lock_left)?;
+    let key = storage.key(&team, &item, &request.name);
+    let signed = storage
+        .presign(request.method, &key, object.content_type, expires)
+        .await?;
+    Ok(Json(view(&signed, expires)))
+}
+
+/// Signs many URLs at once (a frame sequence), all validated before any is made, answered in
+/// request order.
+#[utoipa::path(post, path = "/api/v1/teams/{team}/presign/batch", request_body = BatchPresignRequest,
+    responses((status = 200), (status = 403), (status = 409), (status = 413), (status = 422), (status = 503)),
+    security(("bearer" = [])))]
+pub(crate) async fn presign_batch(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(team): Path<String>,
+    ApiJson(request): ApiJson<BatchPresignRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&caller, &team)?;
+    let storage = storage(&state)?;
+    let max = storage.config.max_batch;
+    if request.objects.len() > max {
+        return Err(ApiError::TooLarge {
+            code: "batch_too_large",
+            message: format!(
+                "a batch holds at most {max} objects; got {}",
+                request.objects.len()
+            ),
+        });
+    }
+    if request.objects.is_empty() {
+        return Err(ApiError::invalid("empty_batch", "the batch has no objects"));
+    }
+    let objects: Vec<Object<'_>> = request
+        .objects
+        .iter()
+        .map(|o| Object {
+            item: &o.item,
+            name: &o.name,
+            content_type: o.content_type.as_deref(),
+            token: o.token,
+        })
+        .collect();
+    for (i, object) in objects.iter().enumerate() {
+        validate(object, request.method, Some(i))?;
+    }
+    // For writes, one read of the team's live locks checks every object.
+    let mut lock_left: Option<i64> = None;
+    if request.method == Method::Put {
+        let (live, now) = live_locks(&state, &team).await?;
+        for (i, object) in objects.iter().enumerate() {
+            let lock = check_lock(&live, &caller, object.item, object.token.unwrap_or(0)).map_err(
+                |e| match e {
+                    ApiError::Conflict {
+                        code,
+                        message,
+                        details,
+                        gone,
+                    } => ApiError::Conflict {
+                        code,
+                        message: format!("objects[{i}]: {message}"),
+                        details: details.or(Some(json!({"index": i}))),
+                        gone,
+                    },
+                    other => other,
+                },
+            )?;
+            let left = lock.expires_at - now;
+            lock_left = Some(lock_left.map_or(left, |l| l.min(left)));
+        }
+    }
+    let expires = lifetime(&storage.config, request.expires_in, lock_left)?;
+    let mut urls = Vec::with_capacity(objects.len());
+    for object in &objects {
+        let key = storage.key(&team, object.item, object.name);
+        let signed = storage
+            .presign(request.method, &key, object.content_type, expires)
+            .await?;
+        urls.push(view(&signed, expires));
+    }
+    Ok(Json(json!({ "urls": urls })))
+}
+
+/// Confirms an upload: the lock and token are still current and the object exists; then
+/// `item.updated` goes to the team.
+#[utoipa::path(post, path = "/api/v1/teams/{team}/items/{item}/commit", request_body = CommitRequest,
+    responses((status = 200), (status = 404), (status = 409), (status = 410), (status = 503)), security(("bearer" = [])))]
+pub(crate) async fn commit(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path((team, item)): Path<(String, String)>,
+    ApiJson(request): ApiJson<CommitRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&caller, &team)?;
+    let storage = storage(&state)?;
+    validate(
+        &Object {
+            item: &item,
+            name: &request.name,
+            content_type: None,
+            token: Some(request.token),
+        },
+        Method::Put,
+        None,
+    )?;
+    let (live, _) = live_locks(&state, &team).await?;
+    check_lock(&live, &caller, &item, request.token)?;
+    let key = storage.key(&team, &item, &request.name);
+    let Some((size, etag)) = storage.exists(&key).await? else {
+        return Err(ApiError::NotFound {
+            code: "object_not_found",
+            message: format!(
+                "no object '{}' on item {item}; upload it first",
+                request.name
+            ),
+        });
+    };
+    let data = json!({"team": team, "item": item, "name": request.name, "holder": caller.sub, "token": request.token, "size": size, "etag": etag});
+    let topic = Topic::team(&team).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let event_type =
+        EventType::parse("item.updated").map_err(|e| ApiError::Internal(e.to_string()))?;
+    let raw = serde_json::value::RawValue::from_string(data.to_string())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let id = state
+        .inner
+        .publisher
+        .publish(&topic, &event_type, &raw)
+        .await
+        .map_err(|f| {
+            ApiError::unavailable(
+                "broker_unavailable",
+                format!("{f}; the upload is stored, commit again to announce it"),
+            )
+        })?;
+    Ok(Json(
+        json!({"id": id, "item": item, "name": request.name, "size": size, "etag": etag}),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cannot_escape_the_item() {
+        for ok in ["a.json", "frames/000123.pcd", "x-y_z.v2/a", "a..b"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "../b",
+            "a/../b",
+            "a//b",
+            "./a",
+            "a b",
+            "a\\b",
+            "é",
+            "a?b",
+            &"x".repeat(513),
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lifetimes_are_capped() {
+        let config = StorageConfig {
+            default_expires: Duration::from_secs(300),
+            max_expires: Duration::from_secs(3600),
+            ..StorageConfig::default()
+        };
+        assert_eq!(
+            lifetime(&config, None, None).unwrap(),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            lifetime(&config, Some(99_999), None).unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            lifetime(&config, Some(600), Some(30_000)).unwrap(),
+            Duration::from_secs(30)
+        );
+        assert!(lifetime(&config, Some(0), None).is_err());
+        assert!(lifetime(&config, None, Some(500)).is_err());
+    }
+}
