@@ -27,6 +27,8 @@ command -v redis-cli >/dev/null || missing+=(redis-tools)
 # Tests start private PostgreSQL clusters (initdb + pg_ctl from Debian's server package).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v runuser >/dev/null || missing+=(util-linux)
+# The browser presign test puts nginx (CORS) in front of the S3-compatible server.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -q
@@ -59,6 +61,17 @@ then
   log "installing Python test clients (pip)"
   python3 -m pip install -q --disable-pip-version-check -r "$clients/python/requirements.txt"
 fi
+
+# --- an S3-compatible server that verifies SigV4 signatures, for the presign tests ----------
+# s3s-fs 0.14.1 is the last release that builds with Rust 1.95; it is built once into a cache
+# outside the clone (about 4 minutes on 2 cores) and reused.
+tools="$HOME/.cache/lockstep-tools"
+if [ "$("$tools/bin/s3s-fs" --version 2>/dev/null)" != "s3s-fs 0.14.1" ]; then
+  log "installing s3s-fs 0.14.1 into $tools"
+  CARGO_TARGET_DIR="$HOME/.cache/lockstep-tools/build" \
+    cargo install s3s-fs@0.14.1 --features binary --locked --root "$tools" --quiet
+fi
+export S3S_FS_BIN="$tools/bin/s3s-fs"
 
 # --- checks and tests --------------------------------------------------------------------
 log "cargo fmt --check"

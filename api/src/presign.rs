@@ -142,6 +142,27 @@ impl Storage {
         }
     }
 
+    /// Signs a read URL for an item's object: the work `POST …/presign` does after validation
+    /// (for benchmarks of the signing itself).
+    ///
+    /// # Errors
+    ///
+    /// When credentials are unavailable.
+    pub async fn sign_get(
+        &self,
+        team: &str,
+        item: &str,
+        name: &str,
+        expires: Duration,
+    ) -> Result<String, ApiError> {
+        let key = self.key(team, item, name);
+        Ok(self
+            .presign(Method::Get, &key, None, expires)
+            .await?
+            .uri()
+            .to_owned())
+    }
+
     /// Whether the object exists (`HEAD`).
     async fn exists(&self, key: &str) -> Result<Option<(i64, Option<String>)>, ApiError> {
         match self

@@ -9,9 +9,10 @@
 //! - [`target`]: the servers under test (Lockstep, RabbitMQ Web-STOMP, the ceiling server)
 //!   and how each is spoken to.
 //! - [`stats`]: expected/delivered accounting, latency histograms, per-second timeline.
-//! - Scenarios: [`fanout`], [`idle`], [`connect`].
+//! - Scenarios: [`fanout`], [`idle`], [`connect`], and [`api_load`] (locks, presign, signing).
 //! - [`ceiling`]: the reference broadcast server.
 
+pub mod api_load;
 pub mod ceiling;
 pub mod client;
 pub mod connect;

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use loadtest::target::{Target, TopicKind};
 use loadtest::wire::Endpoint;
-use loadtest::{ceiling, connect, fanout, idle};
+use loadtest::{api_load, ceiling, connect, fanout, idle};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -76,6 +76,43 @@ enum Command {
         connections: usize,
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+    },
+    /// Acquire+release pairs per second through the HTTP API (or Redis SET NX PX + DEL).
+    Locks {
+        /// Lockstep base URLs (http://host:port), comma-separated for several nodes.
+        #[arg(long, value_delimiter = ',')]
+        http: Vec<String>,
+        /// Instead: the same pattern against this Redis (redis://…), the raw-store reference.
+        #[arg(long)]
+        redis: Option<String>,
+        #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "")]
+        jwt_secret: String,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// Presign requests per second through the HTTP API, single or batches.
+    Presign {
+        #[arg(long)]
+        http: String,
+        #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "")]
+        jwt_secret: String,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Objects per request (1: the single-object endpoint).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+    },
+    /// Presigned URLs signed per second on one core, by the code the API uses (no HTTP).
+    Sign {
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// URLs per timed batch (latency is reported per batch).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
     },
     /// Run the reference broadcast server.
     CeilingServer {
@@ -168,6 +205,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Signing is measured on one core: its own single-threaded runtime.
+    if let Command::Sign { count, batch } = cli.command {
+        let report = loadtest::api_load::sign_on_one_core(count, batch)?;
+        eprintln!("{}: {:?} URLs/s", report.target, report.urls_per_sec);
+        return emit(&report);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -269,6 +312,52 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             emit(&report)?;
         }
+        Command::Locks {
+            http,
+            redis,
+            jwt_secret,
+            concurrency,
+            duration,
+        } => {
+            let report = match redis {
+                Some(url) => api_load::locks_redis(&url, concurrency, duration).await?,
+                None => {
+                    anyhow::ensure!(!http.is_empty(), "give --http URL(s) or --redis URL");
+                    api_load::locks(http, &jwt_secret, concurrency, duration).await?
+                }
+            };
+            eprintln!(
+                "{} locks x{}: {} pairs/s, p50 {} ms, p99 {} ms, {} errors",
+                report.target,
+                report.concurrency,
+                report.operations_per_sec,
+                report.latency.p50_ms,
+                report.latency.p99_ms,
+                report.errors
+            );
+            emit(&report)?;
+        }
+        Command::Presign {
+            http,
+            jwt_secret,
+            concurrency,
+            duration,
+            batch,
+        } => {
+            let report = api_load::presign(http, &jwt_secret, concurrency, duration, batch).await?;
+            eprintln!(
+                "{} x{}: {} requests/s ({:?} URLs/s), p50 {} ms, p99 {} ms, {} errors",
+                report.target,
+                report.concurrency,
+                report.operations_per_sec,
+                report.urls_per_sec,
+                report.latency.p50_ms,
+                report.latency.p99_ms,
+                report.errors
+            );
+            emit(&report)?;
+        }
+        Command::Sign { .. } => unreachable!("handled before the runtime starts"),
         Command::CeilingServer { listen } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await

@@ -183,6 +183,27 @@ async fn next_frame(ws: &mut RawWs) -> anyhow::Result<bytes::Bytes> {
     .context("no answer within 30 s")?
 }
 
+/// A token for `sub`, member of teams `t{i}` for `i` in `teams`, with `scope`.
+///
+/// # Errors
+///
+/// When signing fails.
+pub fn token_with_scope(
+    secret: &str,
+    sub: &str,
+    teams: &[usize],
+    scope: &str,
+) -> anyhow::Result<String> {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 24 * 3600;
+    let teams: Vec<String> = teams.iter().map(|i| format!("t{i}")).collect();
+    let claims = serde_json::json!({"sub": sub, "teams": teams, "scope": scope, "exp": exp});
+    Ok(jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
 /// A Lockstep token for `sub`, member of teams `t{i}` for `i` in `teams`, allowed to publish
 /// anywhere.
 ///
