@@ -2,15 +2,17 @@
 //! real S3-compatible server (s3s-fs, which checks SigV4 signatures and expiry), and the bytes
 //! go straight between the client and the storage server. The storage server's own answers
 //! are asserted (status and S3 error code), not just "not 200"; what it stored is read from its
-//! disk, independently of Lockstep.
+//! disk, independently of Lockstep. The browser test runs headless Chromium against an nginx
+//! CORS front, as a deployment's bucket CORS rules would allow.
 
 use crate::locks::call;
 use crate::{client, envelope, http_publish};
 use loadtest::client::StompClient;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tests::nginx::CorsProxy;
 use tests::s3::S3Server;
-use tests::{Lockstep, Options};
+use tests::{Lockstep, Options, free_port, workspace};
 
 const TEAM: &str = "t1";
 
@@ -176,6 +178,17 @@ fn assert_refused(got: &Stored, status: u16, code: &str, what: &str, s3: &S3Serv
         String::from_utf8_lossy(&got.body),
         s3.log()
     );
+}
+
+/// Deterministic bytes for object `i` of a run (`seed`); `presign.html` computes the same
+/// function, so the page can check what it read byte for byte.
+fn pattern(seed: u32, i: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|j| {
+            let v = u64::from(seed) * 31 + i as u64 * 131 + j as u64 * 7 + (j as u64 >> 8) * 13;
+            v.to_le_bytes()[0]
+        })
+        .collect()
 }
 
 fn random_bytes(len: usize) -> Vec<u8> {
@@ -1146,4 +1159,136 @@ async fn commit_announces_uploads_to_the_team() {
         (&json!("test.marker"), &marker["id"]),
         "nothing but the marker after the refused commit: {event}"
     );
+}
+
+#[tokio::test]
+async fn browser_reads_a_batch_and_uploads_through_cors() {
+    const OBJECTS: usize = 20;
+    let page_port = free_port();
+    let origin = format!("http://127.0.0.1:{page_port}");
+    let s3 = S3Server::start();
+    let proxy = CorsProxy::start(&format!("127.0.0.1:{}", s3.port), &origin);
+    // URLs are signed for the proxy's address: the browser only ever talks to it.
+    let node = Lockstep::start_with(s3.configure(
+        Options::default().env("LOCKSTEP_ALLOWED_ORIGINS", &origin),
+        &proxy.endpoint(),
+    ));
+
+    // The objects the page will read, uploaded through one batch of write URLs.
+    let seed: u32 = rand::random_range(1..1_000_000);
+    let sizes: Vec<usize> = (0..OBJECTS).map(|i| 1 + i * 2477 + i % 3).collect();
+    let names: Vec<String> = (0..OBJECTS).map(|i| format!("frames/{i:06}.bin")).collect();
+    let uploader = member(&node, "uploader");
+    let held = lock(&node, &uploader, "scan-9", None).await;
+    let objects: Vec<Value> = names
+        .iter()
+        .map(|n| {
+            json!({"item": "scan-9", "name": n, "token": held["token"],
+                        "content_type": "application/octet-stream"})
+        })
+        .collect();
+    let (status, body) = batch(
+        &node,
+        &uploader,
+        TEAM,
+        json!({"method": "PUT", "objects": objects}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let uploads = body["urls"]
+        .as_array()
+        .expect("urls")
+        .iter()
+        .enumerate()
+        .map(|(i, url)| {
+            let bytes = pattern(seed, i, sizes[i]);
+            async move { send(url, Some(bytes)).await }
+        });
+    for (i, got) in futures_util::future::join_all(uploads)
+        .await
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            got.status,
+            200,
+            "upload {i} through the proxy: {got:?}\n{}",
+            proxy.log()
+        );
+    }
+    for (i, name) in names.iter().enumerate() {
+        assert!(
+            s3.stored(&format!("t1/scan-9/{name}")) == Some(pattern(seed, i, sizes[i])),
+            "object {i} stored as uploaded"
+        );
+    }
+
+    let ana = member(&node, "ana");
+    let config = json!({
+        "http": node.http(),
+        "team": TEAM,
+        "token": ana,
+        "read": {"item": "scan-9", "names": names, "sizes": sizes, "seed": seed},
+        "write": {"item": "result-1", "name": "checks/result.json", "content_type": "application/json"},
+        "page_port": page_port,
+    });
+    let dir = workspace().join("tests/clients");
+    let run = tokio::process::Command::new("node")
+        .arg(dir.join("browser/presign.mjs"))
+        .arg(config.to_string())
+        .current_dir(&dir)
+        .kill_on_drop(true)
+        .output();
+    // presign.mjs bounds itself at 120 s; this bound only guards against a hung Node.
+    let output = tokio::time::timeout(Duration::from_secs(150), run)
+        .await
+        .expect("presign.mjs finished within 150 s")
+        .unwrap_or_else(|e| {
+            panic!("cannot run node: {e}; run the README's test command, which installs it")
+        });
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let summary = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("OK "))
+        .filter(|_| output.status.success())
+        .unwrap_or_else(|| {
+            panic!(
+                "presign.mjs failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}\nlockstep log:\n{}\nnginx:\n{}",
+                output.status,
+                node.log(),
+                proxy.log()
+            )
+        });
+    let summary: Value = serde_json::from_str(summary).expect("summary JSON");
+    eprintln!("presign.mjs: {summary}");
+    assert_eq!(summary["objects"], OBJECTS, "{summary}");
+    assert_eq!(summary["bytes"], sizes.iter().sum::<usize>(), "{summary}");
+
+    // What the page uploaded is on the storage server, under the item's key, and reads back
+    // through a fresh URL.
+    let result = summary["result"].as_str().expect("result");
+    let key = "t1/result-1/checks/result.json";
+    assert_eq!(
+        s3.stored(key).as_deref(),
+        Some(result.as_bytes()),
+        "the page's upload is stored under {key}"
+    );
+    let written: Value = serde_json::from_str(result).expect("the page uploaded JSON");
+    assert_eq!(
+        (&written["checked"], &written["seed"]),
+        (&json!(OBJECTS), &json!(seed)),
+        "{written}"
+    );
+    let read = signed(
+        &node,
+        &ana,
+        "result-1",
+        json!({"method": "GET", "name": "checks/result.json"}),
+    )
+    .await;
+    let got = send(&read, None).await;
+    assert_eq!((got.status, &got.body[..]), (200, result.as_bytes()));
+    assert_eq!(got.content_type.as_deref(), Some("application/json"));
+    assert_eq!(summary["etag"].as_str(), got.etag.as_deref(), "{summary}");
 }
