@@ -7,6 +7,7 @@ mod fanout;
 mod lifecycle;
 mod load;
 mod locks;
+mod presign;
 mod stomp;
 
 use loadtest::client::StompClient;

@@ -1,6 +1,6 @@
-//! The end-to-end test harness: starts real `lockstep` processes (and, later, real Redis,
-//! PostgreSQL and S3-compatible servers) on free loopback ports, mints tokens, and stops
-//! everything it started by PID.
+//! The end-to-end test harness: starts real `lockstep` processes (and real Redis, PostgreSQL
+//! and S3-compatible servers) on free loopback ports, mints tokens, and stops everything it
+//! started by PID.
 //!
 //! The `lockstep` binary must be built first (`cargo build --bin lockstep`, which the test
 //! command does); set `LS_BIN` to use another one.
@@ -10,10 +10,14 @@
 //! - [`Lockstep`]: a running node and its tokens.
 //! - [`redis`]: private Redis servers and Redis Clusters on free ports.
 //! - [`postgres`]: private PostgreSQL clusters on free ports.
+//! - [`s3`]: private S3-compatible servers (s3s-fs) on free ports.
+//! - [`nginx`]: a private nginx answering CORS in front of a storage server, for browsers.
 //! - `it/`: the tests themselves, one binary, a module per area.
 
+pub mod nginx;
 pub mod postgres;
 pub mod redis;
+pub mod s3;
 
 use anyhow::{Context as _, bail};
 use jsonwebtoken::{EncodingKey, Header};
