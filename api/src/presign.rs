@@ -106,10 +106,14 @@ impl Storage {
         method: Method,
         key: &str,
         content_type: Option<&str>,
+        start: SystemTime,
         expires: Duration,
     ) -> Result<PresignedRequest, ApiError> {
-        let presigning =
-            PresigningConfig::expires_in(expires).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let presigning = PresigningConfig::builder()
+            .start_time(start)
+            .expires_in(expires)
+            .build()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let failed = |e: &dyn std::fmt::Display| {
             tracing::warn!(error = %e, "presigning failed");
             ApiError::unavailable(
@@ -157,7 +161,7 @@ impl Storage {
     ) -> Result<String, ApiError> {
         let key = self.key(team, item, name);
         Ok(self
-            .presign(Method::Get, &key, None, expires)
+            .presign(Method::Get, &key, None, SystemTime::now(), expires)
             .await?
             .uri()
             .to_owned())
@@ -352,9 +356,13 @@ fn lifetime(
     requested: Option<u64>,
     lock_left_ms: Option<i64>,
 ) -> Result<Duration, ApiError> {
-    let mut expires = requested
+    // Whole seconds: SigV4's X-Amz-Expires is in seconds, and the reported expiry must be the
+    // moment the URL really stops working.
+    let seconds = requested
         .map_or(config.default_expires, Duration::from_secs)
-        .min(config.max_expires);
+        .min(config.max_expires)
+        .as_secs();
+    let mut expires = Duration::from_secs(seconds);
     if requested == Some(0) {
         return Err(ApiError::invalid(
             "invalid_expires_in",
@@ -362,7 +370,8 @@ fn lifetime(
         ));
     }
     if let Some(left) = lock_left_ms {
-        expires = expires.min(Duration::from_millis(u64::try_from(left).unwrap_or(0)));
+        // Rounded down, so the URL dies no later than the lock.
+        expires = expires.min(Duration::from_secs(u64::try_from(left / 1000).unwrap_or(0)));
     }
     if expires < Duration::from_secs(1) {
         return Err(ApiError::Conflict {
@@ -373,6 +382,17 @@ fn lifetime(
         });
     }
     Ok(expires)
+}
+
+/// `details` with the object's index added (a refusal in a batch names the object).
+fn with_index(details: Option<serde_json::Value>, index: usize) -> serde_json::Value {
+    match details {
+        Some(serde_json::Value::Object(mut map)) => {
+            map.insert("index".to_owned(), json!(index));
+            serde_json::Value::Object(map)
+        }
+        _ => json!({ "index": index }),
+    }
 }
 
 /// Checks that `caller` holds `item`'s live lock with `token`; returns the lock.
@@ -424,8 +444,20 @@ async fn live_locks(
     Ok((live.into_iter().map(|l| (l.item.clone(), l)).collect(), now))
 }
 
-fn view(signed: &PresignedRequest, expires: Duration) -> Presigned {
-    let expires_at = SystemTime::now() + expires;
+/// The signing time: now, rounded down to the second as `X-Amz-Date` will show it, so
+/// `start + expires` is exactly when the URL stops working.
+fn signing_start() -> SystemTime {
+    UNIX_EPOCH
+        + Duration::from_secs(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+        )
+}
+
+fn view(signed: &PresignedRequest, start: SystemTime, expires: Duration) -> Presigned {
+    let expires_at = start + expires;
     Presigned {
         url: signed.uri().to_owned(),
         method: signed.method().to_owned(),
@@ -473,11 +505,12 @@ pub(crate) async fn presign(
         _ => None,
     };
     let expires = lifetime(&storage.config, request.expires_in, lock_left)?;
+    let start = signing_start();
     let key = storage.key(&team, &item, &request.name);
     let signed = storage
-        .presign(request.method, &key, object.content_type, expires)
+        .presign(request.method, &key, object.content_type, start, expires)
         .await?;
-    Ok(Json(view(&signed, expires)))
+    Ok(Json(view(&signed, start, expires)))
 }
 
 /// Signs many URLs at once (a frame sequence), all validated before any is made, answered in
@@ -534,7 +567,7 @@ pub(crate) async fn presign_batch(
                     } => ApiError::Conflict {
                         code,
                         message: format!("objects[{i}]: {message}"),
-                        details: details.or(Some(json!({"index": i}))),
+                        details: Some(with_index(details, i)),
                         gone,
                     },
                     other => other,
@@ -545,13 +578,14 @@ pub(crate) async fn presign_batch(
         }
     }
     let expires = lifetime(&storage.config, request.expires_in, lock_left)?;
+    let start = signing_start();
     let mut urls = Vec::with_capacity(objects.len());
     for object in &objects {
         let key = storage.key(&team, object.item, object.name);
         let signed = storage
-            .presign(request.method, &key, object.content_type, expires)
+            .presign(request.method, &key, object.content_type, start, expires)
             .await?;
-        urls.push(view(&signed, expires));
+        urls.push(view(&signed, start, expires));
     }
     Ok(Json(json!({ "urls": urls })))
 }

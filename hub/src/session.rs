@@ -191,11 +191,15 @@ impl Session {
     async fn serve(&mut self) -> Ending {
         let timer = sleep_until(self.started + self.hub.inner.config.connect_timeout);
         tokio::pin!(timer);
+        // Created once: a fresh `cancelled()` future per loop turn would register and deregister
+        // a waiter on the node-wide token (under its lock) on every wake-up of every session.
         let shutdown = self.hub.inner.shutdown.clone();
+        let shutting_down = shutdown.cancelled();
+        tokio::pin!(shutting_down);
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return Ending::close(Disconnect::SHUTTING_DOWN),
+                () = &mut shutting_down => return Ending::close(Disconnect::SHUTTING_DOWN),
                 () = &mut timer => {
                     match self.on_timer() {
                         Ok(Some(next)) => timer.as_mut().reset(next),

@@ -23,15 +23,21 @@ pub struct Topic {
 pub enum TopicError {
     #[error("unknown destination '{0}': use /user/{{id}}, /team/{{id}} or /global")]
     UnknownDestination(String),
-    #[error("invalid id in destination '{0}': ids match [A-Za-z0-9_.:-]{{1,128}}")]
+    #[error(
+        "invalid id in destination '{0}': ids match [A-Za-z0-9_.:-]{{1,128}} and are not '.' or '..'"
+    )]
     InvalidId(String),
     #[error("invalid event type '{0}': types match [a-z][a-z0-9_]*(.[a-z0-9_]+)+")]
     InvalidEventType(String),
 }
 
-/// Whether `id` is a valid user, team or item id: `[A-Za-z0-9_.:-]{1,128}`.
+/// Whether `id` is a valid user, team or item id: `[A-Za-z0-9_.:-]{1,128}`, except `.` and
+/// `..`. Ids become path segments of object keys (`{team}/{item}/{name}`), and storage servers
+/// that map keys to files resolve those two; an id must never step out of its folder.
 pub fn is_valid_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
+        && id != "."
+        && id != ".."
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
