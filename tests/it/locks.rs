@@ -1,17 +1,24 @@
 //! Edit locks end to end (DESIGN §6, §7): real `lockstep serve` processes over SQLite (the
 //! embedded default) and a private PostgreSQL, events watched by real STOMP clients.
 //!
-//! - the whole HTTP contract, with the events it publishes ([`lifecycle`]).
+//! - the whole HTTP contract, with the events it publishes ([`lifecycle`]);
+//! - safety under contention: many nodes and clients, every grant and event recorded, and a
+//!   pure checker ([`history::check`]) that proves no two grants of an item overlap.
 //!
 //! Every time compared here is the lock store's (the API reports database times).
 
 use crate::envelope;
 use loadtest::client::{Incoming, StompClient};
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tests::postgres::Postgres;
-use tests::{Lockstep, Options};
+use tests::redis::RedisServer;
+use tests::{Lockstep, Options, random_secret};
 
 // ------------------------------------------------------------------------------------------
 // Helpers
@@ -196,6 +203,18 @@ async fn wait_ready(node: &Lockstep, status: u16, within: Duration) -> Duration 
     }
 }
 
+/// Polls `condition` every 50 ms until it holds; panics after `within`.
+async fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One node, ready, with the lock store at `database` (`None`: SQLite in its data dir).
 async fn node(database: Option<&str>, extra: &[(&str, &str)]) -> Lockstep {
     let mut options = Options::default();
@@ -208,6 +227,42 @@ async fn node(database: Option<&str>, extra: &[(&str, &str)]) -> Lockstep {
     let node = Lockstep::start_with(options);
     wait_ready(&node, 200, Duration::from_secs(20)).await;
     node
+}
+
+/// `n` nodes of one cluster: one secret, one PostgreSQL database, one Redis; all ready.
+async fn cluster(
+    n: usize,
+    database: &str,
+    redis: &RedisServer,
+    extra: &[(&str, &str)],
+) -> Vec<Lockstep> {
+    let secret = random_secret();
+    let nodes: Vec<Lockstep> = (0..n)
+        .map(|_| {
+            let mut options = Options::default()
+                .secret(&secret)
+                .env("LOCKSTEP_DATABASE_URL", database)
+                .env("LOCKSTEP_REDIS_URL", redis.url())
+                .env("LOCKSTEP_REDIS_PROBE_INTERVAL", "500ms");
+            for (k, v) in extra {
+                options = options.env(k, v);
+            }
+            Lockstep::start_with(options)
+        })
+        .collect();
+    for node in &nodes {
+        wait_ready(node, 200, Duration::from_secs(20)).await;
+    }
+    nodes
+}
+
+/// How many rows wait in the PostgreSQL outbox (events committed but not yet published and
+/// deleted). Once it is 0 no event can be published again by a sweeper.
+fn outbox_rows(pg: &Postgres, database: &str) -> usize {
+    pg.psql(database, "SELECT count(*) FROM lock_events")
+        .expect("count the outbox")
+        .parse()
+        .expect("a count")
 }
 
 #[test]
@@ -785,4 +840,759 @@ async fn lifecycle_on_postgres() {
             .unwrap(),
         last.to_string()
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. Safety under contention
+// ------------------------------------------------------------------------------------------
+
+/// The safety checker: a pure function over what clients were told and what was announced.
+mod history {
+    use std::collections::BTreeMap;
+
+    /// A 200 answer to an acquire or a renewal: the client was told it holds `token` on `item`
+    /// until `expires_at` (database times, ms since the epoch).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(super) struct Promise {
+        pub(super) item: String,
+        pub(super) token: i64,
+        pub(super) holder: String,
+        pub(super) acquired_at: i64,
+        pub(super) expires_at: i64,
+    }
+
+    /// How a grant ended.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum End {
+        Released,
+        Expired,
+        TakenOver,
+    }
+
+    /// A lock event seen on the team topic.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(super) enum Event {
+        Acquired {
+            item: String,
+            token: i64,
+            holder: String,
+            acquired_at: i64,
+        },
+        Ended {
+            item: String,
+            token: i64,
+            holder: String,
+            how: End,
+            /// `released_at` or `expired_at`.
+            at: i64,
+        },
+    }
+
+    /// Counts, to show a run exercised what it should.
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    pub(super) struct Summary {
+        pub(super) grants: usize,
+        pub(super) released: usize,
+        pub(super) expired: usize,
+        pub(super) taken_over: usize,
+        /// Grants announced whose 200 no client saw (their request's answer was lost).
+        pub(super) unseen: usize,
+    }
+
+    struct Grant<'a> {
+        holder: &'a str,
+        acquired_at: i64,
+        ends: Vec<(End, i64, &'a str)>,
+        /// The expiry of the last promise for this grant: the holder may move its expiry
+        /// earlier itself (a renewal or re-acquire with a shorter TTL sets now + TTL), so only
+        /// its latest promise binds.
+        promised_until: Option<i64>,
+    }
+
+    /// Checks a finished history (every grant has ended) of one team:
+    ///
+    /// - each grant is announced by exactly one `lock.acquired`, and every grant a client was
+    ///   told about (a 200) is one of them, with the same holder and `acquired_at`;
+    /// - at most `unanswered` grants were announced that no client saw (requests whose answer
+    ///   was lost may have been granted);
+    /// - each grant ended exactly once, by its holder's release, an expiry or a takeover, no
+    ///   earlier than it began; an expiry no earlier than the holder's last promised expiry
+    ///   (`promises` are in the order their holder received them);
+    /// - per item, tokens strictly increase with time and grants do not overlap: grant k+1's
+    ///   `acquired_at` ≥ grant k's end.
+    ///
+    /// Returns every violation found.
+    pub(super) fn check(
+        promises: &[Promise],
+        events: &[Event],
+        unanswered: usize,
+    ) -> Result<Summary, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut summary = Summary::default();
+        let mut grants: BTreeMap<(&str, i64), Grant<'_>> = BTreeMap::new();
+        for event in events {
+            if let Event::Acquired {
+                item,
+                token,
+                holder,
+                acquired_at,
+            } = event
+            {
+                let grant = Grant {
+                    holder,
+                    acquired_at: *acquired_at,
+                    ends: Vec::new(),
+                    promised_until: None,
+                };
+                if grants.insert((item, *token), grant).is_some() {
+                    errors.push(format!(
+                        "item {item}: token {token} announced twice by lock.acquired"
+                    ));
+                }
+            }
+        }
+        for event in events {
+            if let Event::Ended {
+                item,
+                token,
+                holder,
+                how,
+                at,
+            } = event
+            {
+                match grants.get_mut(&(item.as_str(), *token)) {
+                    Some(grant) => grant.ends.push((*how, *at, holder)),
+                    None => errors.push(format!(
+                        "item {item}: token {token} ended ({how:?}) but no lock.acquired announced it"
+                    )),
+                }
+            }
+        }
+        for p in promises {
+            match grants.get_mut(&(p.item.as_str(), p.token)) {
+                None => errors.push(format!(
+                    "item {}: {} was granted token {} (200) but no lock.acquired announced it",
+                    p.item, p.holder, p.token
+                )),
+                Some(grant) => {
+                    if grant.holder != p.holder || grant.acquired_at != p.acquired_at {
+                        errors.push(format!(
+                            "item {}: token {} told to {} as acquired at {}, announced for {} at {}",
+                            p.item, p.token, p.holder, p.acquired_at, grant.holder, grant.acquired_at
+                        ));
+                    }
+                    grant.promised_until = Some(p.expires_at);
+                }
+            }
+        }
+        summary.grants = grants.len();
+        summary.unseen = grants
+            .values()
+            .filter(|g| g.promised_until.is_none())
+            .count();
+        if summary.unseen > unanswered {
+            errors.push(format!(
+                "{} grants were announced that no client was told about, but only {unanswered} requests went unanswered",
+                summary.unseen
+            ));
+        }
+        // Per item, in token order (the map's order), with each grant's end.
+        let mut previous: Option<(&str, i64, i64)> = None;
+        for ((item, token), grant) in &grants {
+            let end = match grant.ends.as_slice() {
+                [] => {
+                    errors.push(format!("item {item}: token {token} never ended (no event)"));
+                    None
+                }
+                [(how, at, holder)] => {
+                    match how {
+                        End::Released => summary.released += 1,
+                        End::Expired => summary.expired += 1,
+                        End::TakenOver => summary.taken_over += 1,
+                    }
+                    if *holder != grant.holder {
+                        errors.push(format!(
+                            "item {item}: token {token} held by {} ended as {holder}'s",
+                            grant.holder
+                        ));
+                    }
+                    if *at < grant.acquired_at {
+                        errors.push(format!(
+                            "item {item}: token {token} ended at {at}, before it was acquired at {}",
+                            grant.acquired_at
+                        ));
+                    }
+                    if let (End::Expired, Some(promised)) = (how, grant.promised_until)
+                        && *at < promised
+                    {
+                        errors.push(format!(
+                            "item {item}: token {token} announced expired at {at}, but its holder was promised it until {promised}"
+                        ));
+                    }
+                    Some(*at)
+                }
+                many => {
+                    errors.push(format!(
+                        "item {item}: token {token} ended {} times: {many:?}",
+                        many.len()
+                    ));
+                    None
+                }
+            };
+            if let Some((prev_item, prev_token, prev_end)) = previous
+                && prev_item == *item
+                && grant.acquired_at < prev_end
+            {
+                errors.push(format!(
+                    "item {item}: overlap: token {token} acquired at {} while token {prev_token} lasted until {prev_end}",
+                    grant.acquired_at
+                ));
+            }
+            // Without a known end, compare the next grant with this one's start at least.
+            previous = Some((item, *token, end.unwrap_or(grant.acquired_at)));
+        }
+        if errors.is_empty() {
+            Ok(summary)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// The checker accepts a clean history and finds each kind of violation in doctored ones, so
+/// the contention tests built on it can fail.
+#[test]
+fn lock_history_checker_finds_violations() {
+    use history::{End, Event, Promise, check};
+    let promise = |token: i64, holder: &str, acquired_at: i64, expires_at: i64| Promise {
+        item: "a".to_owned(),
+        token,
+        holder: holder.to_owned(),
+        acquired_at,
+        expires_at,
+    };
+    let acquired = |token: i64, holder: &str, acquired_at: i64| Event::Acquired {
+        item: "a".to_owned(),
+        token,
+        holder: holder.to_owned(),
+        acquired_at,
+    };
+    let ended = |token: i64, holder: &str, how: End, at: i64| Event::Ended {
+        item: "a".to_owned(),
+        token,
+        holder: holder.to_owned(),
+        how,
+        at,
+    };
+    // ana holds token 1 from 1000, renews to 2500, and it expires at 2500; bob takes token 2 at
+    // 2500 and releases it at 2700; an admin takes token 3 from carol.
+    let promises = vec![
+        promise(1, "ana", 1000, 2000),
+        promise(1, "ana", 1000, 2500),
+        promise(2, "bob", 2500, 4000),
+        promise(3, "carol", 2800, 5000),
+    ];
+    let events = vec![
+        acquired(1, "ana", 1000),
+        ended(1, "ana", End::Expired, 2500),
+        acquired(2, "bob", 2500),
+        ended(2, "bob", End::Released, 2700),
+        acquired(3, "carol", 2800),
+        ended(3, "carol", End::TakenOver, 2900),
+    ];
+    let summary = check(&promises, &events, 0).expect("a clean history");
+    assert_eq!(
+        (
+            summary.grants,
+            summary.released,
+            summary.expired,
+            summary.taken_over
+        ),
+        (3, 1, 1, 1)
+    );
+    let fails = |promises: &[Promise], events: &[Event], unanswered: usize, needle: &str| {
+        let errors = check(promises, events, unanswered).expect_err(needle);
+        assert!(
+            errors.iter().any(|e| e.contains(needle)),
+            "expected '{needle}' in {errors:?}"
+        );
+    };
+    // Overlap: bob's grant starts while ana's lasts.
+    let mut overlapping = events.clone();
+    overlapping[2] = acquired(2, "bob", 2400);
+    let mut overlapping_promises = promises.clone();
+    overlapping_promises[2] = promise(2, "bob", 2400, 4000);
+    fails(&overlapping_promises, &overlapping, 0, "overlap");
+    // An expiry announced before the latest renewal's expiry.
+    let mut early = events.clone();
+    early[1] = ended(1, "ana", End::Expired, 2000);
+    fails(&promises, &early, 0, "promised it until 2500");
+    // But a holder may shorten its own grant: a later renewal with a shorter TTL binds.
+    let mut shortened = promises.clone();
+    shortened.insert(2, promise(1, "ana", 1000, 2000));
+    assert!(check(&shortened, &early, 0).is_ok());
+    // A grant announced twice, and one ended twice.
+    let mut doubled = events.clone();
+    doubled.push(acquired(2, "bob", 2500));
+    fails(&promises, &doubled, 0, "announced twice");
+    let mut ended_twice = events.clone();
+    ended_twice.push(ended(1, "ana", End::Expired, 2500));
+    fails(&promises, &ended_twice, 0, "ended 2 times");
+    // A 200 grant nobody announced; a grant nobody saw beyond the unanswered requests.
+    fails(&promises, &events[2..], 0, "no lock.acquired announced it");
+    fails(&promises[..2], &events, 0, "no client was told about");
+    assert!(check(&promises[..2], &events, 2).is_ok());
+    // A grant that never ended, and a token reused out of time order.
+    fails(&promises, &events[..5], 0, "never ended");
+    let reordered = vec![
+        acquired(1, "ana", 3000),
+        ended(1, "ana", End::Released, 3100),
+        acquired(2, "bob", 1000),
+        ended(2, "bob", End::Released, 1100),
+    ];
+    fails(&[], &reordered, 2, "overlap");
+}
+
+/// What the clients of a contention run saw.
+#[derive(Debug, Default)]
+struct Tally {
+    promises: Vec<history::Promise>,
+    /// Acquire requests without a definitive answer (transport error, 5xx): they may have been
+    /// granted without anyone seeing it.
+    unanswered_acquires: usize,
+    /// Answers by (request kind, status).
+    statuses: BTreeMap<(&'static str, u16), usize>,
+    /// Answers no correct server gives here.
+    unexpected: Vec<String>,
+}
+
+impl Tally {
+    fn promise(&mut self, body: &Value) -> i64 {
+        let token = token_of(body);
+        self.promises.push(history::Promise {
+            item: body["item"].as_str().expect("item").to_owned(),
+            token,
+            holder: body["holder"].as_str().expect("holder").to_owned(),
+            acquired_at: ms(&body["acquired_at"]),
+            expires_at: ms(&body["expires_at"]),
+        });
+        token
+    }
+
+    /// Counts an answer; returns its status, or `None` when there was none.
+    fn answer(
+        &mut self,
+        kind: &'static str,
+        answer: &Result<(u16, Value), reqwest::Error>,
+        expected: &[u16],
+    ) -> Option<u16> {
+        match answer {
+            Ok((status, body)) => {
+                *self.statuses.entry((kind, *status)).or_default() += 1;
+                if !expected.contains(status) {
+                    self.unexpected.push(format!("{kind}: {status} {body}"));
+                }
+                Some(*status)
+            }
+            Err(err) => {
+                *self.statuses.entry((kind, 0)).or_default() += 1;
+                self.unexpected.push(format!("{kind}: {err}"));
+                None
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.promises.extend(other.promises);
+        self.unanswered_acquires += other.unanswered_acquires;
+        for (k, n) in other.statuses {
+            *self.statuses.entry(k).or_default() += n;
+        }
+        self.unexpected.extend(other.unexpected);
+    }
+}
+
+const CONTENTION_ITEMS: usize = 20;
+const CONTENTION_CLIENTS: usize = 200;
+
+/// One annotator until `deadline`: takes a random item on a random node with a 1–3 s TTL,
+/// works on it (renewing, now and then re-acquiring, sometimes too late), then releases it or
+/// walks away and lets it expire.
+async fn annotator(
+    http: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    team: String,
+    user: String,
+    token: String,
+    deadline: Instant,
+    seed: u64,
+) -> Tally {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tally = Tally::default();
+    while Instant::now() < deadline {
+        let path = lock_path(
+            &team,
+            &format!("i{}", rng.random_range(0..CONTENTION_ITEMS)),
+        );
+        let mut base = &bases[rng.random_range(0..bases.len())];
+        let mut ttl: u64 = rng.random_range(1000..=3000);
+        let answer = request(
+            &http,
+            base,
+            "POST",
+            &path,
+            &token,
+            Some(json!({"ttl_ms": ttl})),
+        )
+        .await;
+        let mut held = match tally.answer("acquire", &answer, &[200, 409]) {
+            Some(200) => {
+                let body = &answer.as_ref().expect("answered").1;
+                assert_eq!(body["holder"], user.as_str(), "{body}");
+                tally.promise(body)
+            }
+            Some(409) => {
+                // Busy: think a moment before trying another item (keeps the run from being
+                // only 409s; not a synchronization).
+                let pause = rng.random_range(20..100);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                continue;
+            }
+            _ => {
+                tally.unanswered_acquires += 1;
+                continue;
+            }
+        };
+        let mut lost = false;
+        for _ in 0..rng.random_range(0..=3) {
+            // Simulated work between renewals; one time in seven past the TTL, so the renewal
+            // finds the grant expired (410) or taken by someone else (409).
+            let work = if rng.random_bool(1.0 / 7.0) {
+                ttl * 13 / 10
+            } else {
+                rng.random_range(100..ttl * 6 / 10)
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(work).min(left)).await;
+            base = &bases[rng.random_range(0..bases.len())];
+            ttl = rng.random_range(1000..=3000);
+            let reacquire = rng.random_bool(0.2);
+            let answer = if reacquire {
+                request(
+                    &http,
+                    base,
+                    "POST",
+                    &path,
+                    &token,
+                    Some(json!({"ttl_ms": ttl})),
+                )
+                .await
+            } else {
+                request(
+                    &http,
+                    base,
+                    "PUT",
+                    &path,
+                    &token,
+                    Some(json!({"token": held, "ttl_ms": ttl})),
+                )
+                .await
+            };
+            let (kind, expected): (&'static str, &[u16]) = if reacquire {
+                ("re-acquire", &[200, 409])
+            } else {
+                ("renew", &[200, 409, 410])
+            };
+            match tally.answer(kind, &answer, expected) {
+                Some(200) => {
+                    let body = &answer.as_ref().expect("answered").1;
+                    // A re-acquire after the grant expired unnoticed is a new grant (a new
+                    // token); otherwise the same token with a later expiry.
+                    held = tally.promise(body);
+                }
+                status => {
+                    if reacquire && !matches!(status, Some(409)) {
+                        tally.unanswered_acquires += 1;
+                    }
+                    lost = true;
+                    break;
+                }
+            }
+        }
+        if !lost && Instant::now() < deadline && rng.random_bool(0.65) {
+            base = &bases[rng.random_range(0..bases.len())];
+            let answer = request(
+                &http,
+                base,
+                "DELETE",
+                &path,
+                &token,
+                Some(json!({"token": held})),
+            )
+            .await;
+            // 410/409: the grant expired or was taken over while we worked.
+            tally.answer("release", &answer, &[204, 409, 410]);
+        }
+        // Otherwise walk away: the lock expires by its TTL.
+    }
+    tally
+}
+
+/// A team admin who, until `deadline`, now and then takes over a random item.
+async fn admin(
+    http: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    team: String,
+    token: String,
+    deadline: Instant,
+) -> Tally {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut tally = Tally::default();
+    loop {
+        let pause = Duration::from_millis(rng.random_range(150..400));
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left <= pause {
+            return tally;
+        }
+        tokio::time::sleep(pause).await;
+        let path = format!(
+            "{}?force=true",
+            lock_path(
+                &team,
+                &format!("i{}", rng.random_range(0..CONTENTION_ITEMS))
+            )
+        );
+        let base = &bases[rng.random_range(0..bases.len())];
+        let answer = request(&http, base, "DELETE", &path, &token, None).await;
+        tally.answer("takeover", &answer, &[200, 404]);
+    }
+}
+
+/// Events of `/team/{team}` collected by a background reader.
+#[derive(Debug, Default)]
+struct Collected {
+    events: Vec<history::Event>,
+    /// Why the reader stopped, if it did (it must not).
+    stopped: Option<String>,
+}
+
+fn parse_event(event_type: &str, data: &Value) -> history::Event {
+    let item = data["item"].as_str().expect("item").to_owned();
+    let token = token_of(data);
+    let holder = data["holder"].as_str().expect("holder").to_owned();
+    let ended = |how, at: &Value| history::Event::Ended {
+        item: item.clone(),
+        token,
+        holder: holder.clone(),
+        how,
+        at: ms(at),
+    };
+    match event_type {
+        "lock.acquired" => history::Event::Acquired {
+            acquired_at: ms(&data["acquired_at"]),
+            item,
+            token,
+            holder,
+        },
+        "lock.released" => ended(history::End::Released, &data["released_at"]),
+        "lock.expired" => ended(history::End::Expired, &data["expired_at"]),
+        "lock.taken_over" => ended(history::End::TakenOver, &data["released_at"]),
+        other => panic!("unexpected event type {other}: {data}"),
+    }
+}
+
+fn collect(
+    mut client: StompClient,
+    destination: String,
+) -> (Arc<Mutex<Collected>>, tokio::task::JoinHandle<()>) {
+    let collected = Arc::new(Mutex::new(Collected::default()));
+    let sink = collected.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let stop = match client.next().await {
+                Ok(Incoming::Frame(frame)) => {
+                    let envelope = envelope(&frame, "s", &destination);
+                    let event =
+                        parse_event(envelope["type"].as_str().expect("type"), &envelope["data"]);
+                    sink.lock().events.push(event);
+                    continue;
+                }
+                Ok(Incoming::HeartBeat) => continue,
+                Ok(Incoming::Closed(close)) => format!("closed: {close:?}"),
+                Err(err) => format!("{err:#}"),
+            };
+            sink.lock().stopped = Some(stop);
+            return;
+        }
+    });
+    (collected, task)
+}
+
+/// Grants announced without an end, and 200 grants not announced yet.
+fn outstanding(promises: &[history::Promise], events: &[history::Event]) -> usize {
+    let mut acquired = BTreeSet::new();
+    let mut ended = BTreeSet::new();
+    for event in events {
+        match event {
+            history::Event::Acquired { item, token, .. } => {
+                acquired.insert((item.as_str(), *token))
+            }
+            history::Event::Ended { item, token, .. } => ended.insert((item.as_str(), *token)),
+        };
+    }
+    acquired.difference(&ended).count()
+        + promises
+            .iter()
+            .filter(|p| !acquired.contains(&(p.item.as_str(), p.token)))
+            .map(|p| (p.item.as_str(), p.token))
+            .collect::<BTreeSet<_>>()
+            .len()
+}
+
+/// The contention tests take most of the two cores: they run one at a time.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// 200 annotators (200 distinct users) and an admin hammer 20 items of one team through
+/// `nodes` for `run`; every grant and renewal is recorded from the answers, every event from a
+/// subscriber of the team topic, and [`history::check`] must find no violation.
+async fn contention(nodes: &[Lockstep], outbox: Option<(&Postgres, &str)>, run: Duration) {
+    let team = "crowd";
+    let bases: Arc<Vec<String>> = Arc::new(nodes.iter().map(Lockstep::http).collect());
+    let subscriber = watcher(&nodes[0], "watch", &[team], &format!("/team/{team}")).await;
+    let (collected, reader) = collect(subscriber, format!("/team/{team}"));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONTENTION_CLIENTS)
+        .build()
+        .expect("HTTP client");
+    let started = Instant::now();
+    let deadline = started + run;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CONTENTION_CLIENTS {
+        let user = format!("u{i}");
+        let token = nodes[0].token(&user, &[team], "locks");
+        tasks.spawn(annotator(
+            http.clone(),
+            bases.clone(),
+            team.to_owned(),
+            user,
+            token,
+            deadline,
+            i as u64,
+        ));
+    }
+    tasks.spawn(admin(
+        http.clone(),
+        bases.clone(),
+        team.to_owned(),
+        admin_token(&nodes[0], "lead", team),
+        deadline,
+    ));
+    let mut tally = Tally::default();
+    // Each task stops at the deadline; its last request is bounded by the client timeout.
+    let joined = tokio::time::timeout(run + Duration::from_secs(30), async {
+        while let Some(t) = tasks.join_next().await {
+            tally.merge(t.expect("client task"));
+        }
+    })
+    .await;
+    assert!(joined.is_ok(), "client tasks did not finish");
+    let ran = started.elapsed();
+
+    // Let every grant end (TTLs are at most 3 s) and every event arrive.
+    let lead = admin_token(&nodes[0], "lead", team);
+    let list = format!("/api/v1/teams/{team}/locks");
+    let drain = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (s, body) = call(&nodes[0], "GET", &list, &lead, None).await;
+        assert_eq!(s, 200, "{body}");
+        if body["locks"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(Instant::now() < drain, "locks still live: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let settle = Instant::now() + Duration::from_secs(15);
+    while outstanding(&tally.promises, &collected.lock().events) > 0 && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some((pg, database)) = outbox {
+        // Once the outbox is empty no sweeper can publish anything again.
+        wait_until(Duration::from_secs(15), "the outbox drains", || {
+            outbox_rows(pg, database) == 0
+        })
+        .await;
+    }
+    // In-flight deliveries (a late duplicate would be caught by the checker).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reader.abort();
+    let collected = std::mem::take(&mut *collected.lock());
+    assert_eq!(collected.stopped, None, "the team subscriber stopped");
+
+    let result = history::check(
+        &tally.promises,
+        &collected.events,
+        tally.unanswered_acquires,
+    );
+    eprintln!(
+        "contention on {} node(s): {ran:?}, {} answers {:?}, {} events, {:?}",
+        nodes.len(),
+        tally.statuses.values().sum::<usize>(),
+        tally.statuses,
+        collected.events.len(),
+        result.as_ref().map_err(Vec::len),
+    );
+    let summary = result.unwrap_or_else(|errors| {
+        panic!(
+            "{} violations, first ones:\n{}",
+            errors.len(),
+            errors
+                .iter()
+                .take(30)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    assert!(
+        tally.unexpected.is_empty(),
+        "{} unexpected answers, first ones: {:#?}",
+        tally.unexpected.len(),
+        &tally.unexpected[..tally.unexpected.len().min(20)]
+    );
+    // The run exercised contention and every way a grant ends.
+    let refused = tally.statuses.get(&("acquire", 409)).copied().unwrap_or(0);
+    let lost = [409, 410]
+        .iter()
+        .filter_map(|s| tally.statuses.get(&("renew", *s)))
+        .sum::<usize>();
+    assert!(summary.grants >= 100, "{summary:?}");
+    assert!(
+        refused >= 200,
+        "only {refused} acquires found the item held"
+    );
+    assert!(lost > 0, "no renewal found its grant over or taken");
+    assert!(
+        summary.released > 0 && summary.expired > 0 && summary.taken_over > 0,
+        "{summary:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_is_safe_on_three_postgres_nodes() {
+    let _heavy = HEAVY.lock().await;
+    let pg = Postgres::start();
+    let url = pg.database("contention");
+    let redis = RedisServer::start();
+    let nodes = cluster(3, &url, &redis, &[]).await;
+    contention(&nodes, Some((&pg, "contention")), Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_is_safe_on_sqlite() {
+    let _heavy = HEAVY.lock().await;
+    let node = node(None, &[]).await;
+    contention(std::slice::from_ref(&node), None, Duration::from_secs(10)).await;
 }
