@@ -4,7 +4,8 @@
 //! - the whole HTTP contract, with the events it publishes ([`lifecycle`]);
 //! - safety under contention: many nodes and clients, every grant and event recorded, and a
 //!   pure checker ([`history::check`]) that proves no two grants of an item overlap;
-//! - exactly one `lock.expired` per expiry, also while a node is SIGKILLed.
+//! - exactly one `lock.expired` per expiry, also while a node is SIGKILLed;
+//! - session-bound locks released after their WebSocket closes, kept across a reconnect.
 //!
 //! Every time compared here is the lock store's (the API reports database times).
 
@@ -1754,4 +1755,180 @@ async fn expiries_are_announced_exactly_once_even_when_a_node_dies() {
         Some((2, Duration::from_millis(1200))),
     )
     .await;
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. Session-bound locks
+// ------------------------------------------------------------------------------------------
+
+/// A lock bound to a WebSocket session is released `locks.session_grace` (1 s) after that
+/// WebSocket closes, with reason `session_closed`; an unbound lock of the same user stays.
+async fn session_release(node: &Lockstep) {
+    let grace = Duration::from_secs(1);
+    let token = node.token("ana", &["t1"], "locks");
+    let mut team = watcher(node, "watch", &["t1"], "/team/t1").await;
+    let (ana_ws, connected) = StompClient::connect(&node.ws(), &token).await.unwrap();
+    let session = connected
+        .header("session")
+        .expect("CONNECTED carries a session header")
+        .to_owned();
+    let (s, bound) = call(
+        node,
+        "POST",
+        &lock_path("t1", "s1"),
+        &token,
+        Some(json!({"session": session})),
+    )
+    .await;
+    assert_eq!((s, &bound["session"]), (200, &json!(session)), "{bound}");
+    let announced = expect_event(&mut team, "/team/t1", "lock.acquired").await;
+    assert_eq!(announced["token"], bound["token"]);
+    let (s, unbound) = call(node, "POST", &lock_path("t1", "s2"), &token, None).await;
+    assert_eq!(s, 200, "{unbound}");
+    expect_event(&mut team, "/team/t1", "lock.acquired").await;
+
+    let closed = Instant::now();
+    ana_ws.close().await.unwrap();
+    let released = expect_event(&mut team, "/team/t1", "lock.released").await;
+    let after = closed.elapsed();
+    assert!(
+        after >= grace,
+        "released {after:?} after the close, within the grace"
+    );
+    assert_eq!(
+        released,
+        json!({"team": "t1", "item": "s1", "holder": "ana", "token": bound["token"], "reason": "session_closed", "released_at": released["released_at"]})
+    );
+    assert!(ms(&released["released_at"]) >= ms(&bound["acquired_at"]) + 1000);
+    let (s, body) = call(node, "GET", &lock_path("t1", "s1"), &token, None).await;
+    assert_eq!((s, code(&body)), (404, "not_locked"), "{body}");
+    let (s, body) = call(node, "GET", &lock_path("t1", "s2"), &token, None).await;
+    assert_eq!((s, token_of(&body)), (200, token_of(&unbound)), "{body}");
+    assert_no_event(&mut team, "/team/t1", Duration::from_millis(500)).await;
+}
+
+const ONE_SECOND_GRACE: &[(&str, &str)] = &[("LOCKSTEP_LOCKS_SESSION_GRACE", "1s")];
+
+#[tokio::test]
+async fn session_lock_is_released_after_the_grace_on_sqlite() {
+    let node = node(None, ONE_SECOND_GRACE).await;
+    session_release(&node).await;
+}
+
+#[tokio::test]
+async fn session_lock_is_released_after_the_grace_on_postgres() {
+    let pg = Postgres::start();
+    let url = pg.database("session");
+    let node = node(Some(&url), ONE_SECOND_GRACE).await;
+    session_release(&node).await;
+}
+
+/// A page reload: the WebSocket closes, the user reconnects to another node within the grace
+/// and re-acquires with the new session. The lock keeps its token and outlives the first
+/// session's grace; closing the second session then releases it, announced on a third node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_lock_survives_a_reconnect_to_another_node() {
+    // Longer than the 1 s of the single-node case, so the reconnect fits in the grace even on
+    // a loaded machine.
+    let grace = Duration::from_secs(2);
+    let pg = Postgres::start();
+    let url = pg.database("reload");
+    let redis = RedisServer::start();
+    let nodes = cluster(3, &url, &redis, &[("LOCKSTEP_LOCKS_SESSION_GRACE", "2s")]).await;
+    let token = nodes[0].token("ana", &["t1"], "locks");
+    let mut team = watcher(&nodes[2], "watch", &["t1"], "/team/t1").await;
+    let item = lock_path("t1", "page");
+    let pending = |session: &str| -> usize {
+        pg.psql(
+            "reload",
+            &format!("SELECT count(*) FROM closed_sessions WHERE session = '{session}'"),
+        )
+        .unwrap()
+        .parse()
+        .unwrap()
+    };
+
+    let (first, connected) = StompClient::connect(&nodes[0].ws(), &token).await.unwrap();
+    let s1 = connected.header("session").expect("session").to_owned();
+    let (s, a) = call(
+        &nodes[0],
+        "POST",
+        &item,
+        &token,
+        Some(json!({"session": s1})),
+    )
+    .await;
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(
+        expect_event(&mut team, "/team/t1", "lock.acquired").await["token"],
+        a["token"]
+    );
+
+    let closed = Instant::now();
+    first.close().await.unwrap();
+    // The close is on record (its release pending) before the reconnect, so the re-acquire
+    // really races the release.
+    wait_until(
+        Duration::from_secs(5),
+        "the first session's close is recorded",
+        || pending(&s1) == 1,
+    )
+    .await;
+    let (second, connected) = StompClient::connect(&nodes[1].ws(), &token).await.unwrap();
+    let s2 = connected.header("session").expect("session").to_owned();
+    assert_ne!(s1, s2);
+    let (s, b) = call(
+        &nodes[1],
+        "POST",
+        &item,
+        &token,
+        Some(json!({"session": s2})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        (&b["token"], &b["session"], &b["acquired_at"]),
+        (&a["token"], &json!(s2), &a["acquired_at"]),
+        "{b}"
+    );
+    assert!(ms(&b["expires_at"]) >= ms(&a["expires_at"]), "{a} → {b}");
+    let reacquired = closed.elapsed();
+    assert!(
+        reacquired < grace,
+        "the re-acquire took {reacquired:?}, longer than the grace"
+    );
+
+    // A sweeper handles the first session's close once its grace passed, and releases nothing.
+    wait_until(
+        Duration::from_secs(10),
+        "the first session's close is handled",
+        || pending(&s1) == 0,
+    )
+    .await;
+    assert!(closed.elapsed() >= grace);
+    let (s, held) = call(&nodes[2], "GET", &item, &token, None).await;
+    assert_eq!(s, 200, "{held}");
+    assert_eq!(
+        (&held["token"], &held["holder"], &held["session"]),
+        (&a["token"], &json!("ana"), &json!(s2))
+    );
+    assert_no_event(
+        &mut team,
+        "/team/t1 (no release)",
+        Duration::from_millis(300),
+    )
+    .await;
+
+    // The lock now follows the second session.
+    let closed = Instant::now();
+    second.close().await.unwrap();
+    let released = expect_event(&mut team, "/team/t1", "lock.released").await;
+    assert!(closed.elapsed() >= grace);
+    assert_eq!(
+        (&released["token"], &released["reason"]),
+        (&a["token"], &json!("session_closed")),
+        "{released}"
+    );
+    let (s, body) = call(&nodes[0], "GET", &item, &token, None).await;
+    assert_eq!((s, code(&body)), (404, "not_locked"), "{body}");
 }
