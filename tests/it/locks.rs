@@ -5,7 +5,8 @@
 //! - safety under contention: many nodes and clients, every grant and event recorded, and a
 //!   pure checker ([`history::check`]) that proves no two grants of an item overlap;
 //! - exactly one `lock.expired` per expiry, also while a node is SIGKILLed;
-//! - session-bound locks released after their WebSocket closes, kept across a reconnect.
+//! - session-bound locks released after their WebSocket closes, kept across a reconnect;
+//! - a PostgreSQL crash and restart under traffic.
 //!
 //! Every time compared here is the lock store's (the API reports database times).
 
@@ -1931,4 +1932,216 @@ async fn session_lock_survives_a_reconnect_to_another_node() {
     );
     let (s, body) = call(&nodes[0], "GET", &item, &token, None).await;
     assert_eq!((s, code(&body)), (404, "not_locked"), "{body}");
+}
+
+// ------------------------------------------------------------------------------------------
+// 5. PostgreSQL crash and restart
+// ------------------------------------------------------------------------------------------
+
+/// One batch attempt of the background batcher: its number, status, error code, duration.
+type Attempt = (usize, u16, String, Duration);
+
+/// PostgreSQL crashes (immediate stop) while a client keeps acquiring batches, and comes back:
+/// requests during the outage answer 503 `lock_store_unavailable` within 5 s; no batch is half
+/// written; the node is ready again by itself; grants survive and tokens continue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_answers_503_then_recovers() {
+    let mut pg = Postgres::start();
+    let url = pg.database("restart");
+    let node = node(Some(&url), &[]).await;
+    let ana = node.token("ana", &["t1"], "locks");
+    let item = lock_path("t1", "r1");
+    let batch = "/api/v1/teams/t1/locks/batch";
+    let list = "/api/v1/teams/t1/locks";
+
+    // A few grants, and one kept across the outage.
+    let mut last = 0;
+    for _ in 0..3 {
+        let (s, lock) = call(&node, "POST", &item, &ana, None).await;
+        assert_eq!(s, 200, "{lock}");
+        assert!(token_of(&lock) > last);
+        last = token_of(&lock);
+        let (s, _) = call(&node, "DELETE", &item, &ana, Some(json!({"token": last}))).await;
+        assert_eq!(s, 204);
+    }
+    let (s, kept) = call(&node, "POST", &item, &ana, None).await;
+    assert_eq!(s, 200, "{kept}");
+    let kept_token = token_of(&kept);
+    assert!(kept_token > last);
+
+    // The batcher: a batch of four fresh items every 20 ms, each answer recorded.
+    let attempts: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let batcher = {
+        let (base, token, attempts) = (node.http(), ana.clone(), attempts.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for n in 0usize.. {
+                let items: Vec<String> = (0..4).map(|k| format!("b{n}-{k}")).collect();
+                let started = Instant::now();
+                let answer = request(
+                    &http,
+                    &base,
+                    "POST",
+                    batch,
+                    &token,
+                    Some(json!({"items": items, "ttl_ms": 600_000})),
+                )
+                .await;
+                let (status, code) = match &answer {
+                    Ok((s, body)) => (
+                        *s,
+                        body["error"]["code"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    ),
+                    Err(e) => (0, e.to_string()),
+                };
+                attempts.lock().push((n, status, code, started.elapsed()));
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        })
+    };
+    let granted = |a: &[Attempt]| a.iter().filter(|a| a.1 == 200).count();
+    wait_until(Duration::from_secs(10), "5 batches granted", || {
+        granted(&attempts.lock()) >= 5
+    })
+    .await;
+
+    // `restart()` is crash + start; done in two steps so requests can be made in between.
+    pg.crash();
+    let crashed_at = attempts.lock().len();
+    let outage: Vec<(&str, String, Option<Value>)> = vec![
+        ("POST", lock_path("t1", "r2"), None),
+        ("PUT", item.clone(), Some(json!({"token": kept_token}))),
+        ("DELETE", item.clone(), Some(json!({"token": kept_token}))),
+        ("DELETE", format!("{item}?force=true"), None),
+        ("GET", item.clone(), None),
+        ("GET", list.to_owned(), None),
+        (
+            "POST",
+            batch.to_owned(),
+            Some(json!({"items": ["x0", "x1", "x2"]})),
+        ),
+        (
+            "DELETE",
+            batch.to_owned(),
+            Some(json!({"items": [{"item": "r1", "token": kept_token}]})),
+        ),
+    ];
+    let root = admin_token(&node, "root", "t1");
+    let answers = futures_util::future::join_all(outage.into_iter().map(|(method, path, body)| {
+        let (node, token) = (&node, if path.contains("force") { &root } else { &ana });
+        async move {
+            let started = Instant::now();
+            let (s, answer) = call(node, method, &path, token, body).await;
+            (format!("{method} {path}"), s, answer, started.elapsed())
+        }
+    }))
+    .await;
+    for (what, s, answer, took) in &answers {
+        assert_eq!(
+            (*s, code(answer)),
+            (503, "lock_store_unavailable"),
+            "{what}: {answer}"
+        );
+        assert!(*took < Duration::from_secs(5), "{what} took {took:?}");
+    }
+    wait_ready(&node, 503, Duration::from_secs(10)).await;
+    wait_until(
+        Duration::from_secs(10),
+        "a batch attempted during the outage",
+        || attempts.lock().len() > crashed_at + 1,
+    )
+    .await;
+
+    pg.restart();
+    let recovered = wait_ready(&node, 200, Duration::from_secs(30)).await;
+    // The node serves again by itself, and the grant made before the crash is intact.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        let (s, body) = call(&node, "GET", &item, &ana, None).await;
+        if s == 200 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {s} after the restart: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(held, kept);
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(20), batcher)
+        .await
+        .expect("the batcher stops")
+        .unwrap();
+    eprintln!("postgres restart: ready {recovered:?} after the restart");
+
+    // All or nothing: every batch has all four items locked or none; a granted one all four.
+    let (s, body) = call(&node, "GET", list, &ana, None).await;
+    assert_eq!(s, 200, "{body}");
+    let live: BTreeSet<String> = body["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["item"].as_str().unwrap().to_owned())
+        .collect();
+    let attempts = attempts.lock().clone();
+    let mut refused = 0;
+    for (n, status, code, took) in &attempts {
+        let locked = (0..4)
+            .filter(|k| live.contains(&format!("b{n}-{k}")))
+            .count();
+        if *status == 200 {
+            assert_eq!(
+                locked, 4,
+                "batch {n} was granted but {locked} of its items are locked"
+            );
+        } else {
+            refused += 1;
+            assert!(
+                locked == 0 || locked == 4,
+                "batch {n} ({status} {code}) is half written: {locked} of 4 items locked"
+            );
+            assert_eq!(
+                (*status, code.as_str()),
+                (503, "lock_store_unavailable"),
+                "batch {n}"
+            );
+            assert!(*took < Duration::from_secs(5), "batch {n} took {took:?}");
+        }
+    }
+    assert!(
+        refused > 0,
+        "no batch was attempted during the outage: {attempts:?}"
+    );
+    for never in ["x0", "x1", "x2", "r2"] {
+        assert!(
+            !live.contains(never),
+            "{never} was locked during the outage"
+        );
+    }
+
+    // Tokens continue from where they were.
+    let (s, _) = call(
+        &node,
+        "DELETE",
+        &item,
+        &ana,
+        Some(json!({"token": kept_token})),
+    )
+    .await;
+    assert_eq!(s, 204);
+    let (s, next) = call(&node, "POST", &item, &ana, None).await;
+    assert_eq!(s, 200, "{next}");
+    assert!(
+        token_of(&next) > kept_token,
+        "token {} after {kept_token}",
+        token_of(&next)
+    );
 }
