@@ -5,7 +5,8 @@
 //! - safety under contention: many nodes and clients, every grant and event recorded, and a
 //!   pure checker ([`history::check`]) that proves no two grants of an item overlap;
 //! - exactly one `lock.expired` per expiry, also while a node is SIGKILLed;
-//! - session-bound locks released after their WebSocket closes, kept across a reconnect;
+//! - session-bound locks released after their WebSocket closes (also when its node shuts
+//!   down), kept across a reconnect;
 //! - a PostgreSQL crash and restart under traffic.
 //!
 //! Every time compared here is the lock store's (the API reports database times).
@@ -1931,6 +1932,75 @@ async fn session_lock_survives_a_reconnect_to_another_node() {
         "{released}"
     );
     let (s, body) = call(&nodes[0], "GET", &item, &token, None).await;
+    assert_eq!((s, code(&body)), (404, "not_locked"), "{body}");
+}
+
+/// A rolling restart: the node holding the WebSocket is stopped with SIGTERM and closes it with
+/// 4010 ("reconnect elsewhere"). The user does not come back, so the session-bound lock must
+/// still be released after the grace, by the surviving node (DESIGN §7: released shortly after
+/// that WebSocket closes), not held for its whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_lock_is_released_when_its_node_shuts_down() {
+    let pg = Postgres::start();
+    let url = pg.database("shutdown");
+    let redis = RedisServer::start();
+    let mut nodes = cluster(2, &url, &redis, ONE_SECOND_GRACE).await;
+    let token = nodes[0].token("ana", &["t1"], "locks");
+    let mut team = watcher(&nodes[1], "watch", &["t1"], "/team/t1").await;
+    let (mut ana_ws, connected) = StompClient::connect(&nodes[0].ws(), &token).await.unwrap();
+    let session = connected.header("session").expect("session").to_owned();
+    let item = lock_path("t1", "deploy");
+    let (s, lock) = call(
+        &nodes[0],
+        "POST",
+        &item,
+        &token,
+        Some(json!({"session": session})),
+    )
+    .await;
+    assert_eq!(s, 200, "{lock}");
+    expect_event(&mut team, "/team/t1", "lock.acquired").await;
+
+    // The client answers the server's close, as a browser would.
+    let client = tokio::spawn(async move { ana_ws.expect_close().await.map(|(_, close)| close) });
+    let stopped = Instant::now();
+    // `terminate` waits synchronously; let the runtime's other worker serve the client.
+    let (status, _) = tokio::task::block_in_place(|| nodes[0].terminate(Duration::from_secs(20)))
+        .expect("SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let close = client
+        .await
+        .unwrap()
+        .expect("the server closes the WebSocket");
+    assert_eq!(close.map(|c| c.0), Some(4010));
+
+    let frame = team
+        .expect_frame_within(Duration::from_secs(6))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "no lock.released {:?} after the node shut down ({e:#}); GET says {:?}; closed_sessions: {:?}; the stopped node's log:\n{}",
+                stopped.elapsed(),
+                pg.psql("shutdown", "SELECT item, holder, token, session, state FROM locks"),
+                pg.psql("shutdown", "SELECT * FROM closed_sessions"),
+                nodes[0].log()
+            )
+        });
+    let released = envelope(&frame, "s", "/team/t1");
+    assert_eq!(
+        (
+            &released["type"],
+            &released["data"]["reason"],
+            &released["data"]["token"]
+        ),
+        (
+            &json!("lock.released"),
+            &json!("session_closed"),
+            &lock["token"]
+        ),
+        "{released}"
+    );
+    let (s, body) = call(&nodes[1], "GET", &item, &token, None).await;
     assert_eq!((s, code(&body)), (404, "not_locked"), "{body}");
 }
 
