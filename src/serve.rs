@@ -114,6 +114,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         &broker_stop,
     );
     let _ = sessions.0.set(locks.clone());
+    let locks_for_shutdown = locks.clone();
 
     let mut app = Router::new();
     if config.hub_enabled {
@@ -184,6 +185,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     stop.cancel();
     let deadline = tokio::time::Instant::now() + grace;
     let sessions_done = hub.shutdown(grace).await;
+    // The closed WebSockets' session-bound locks must be on record before the node goes, so
+    // another node (or this one, restarted) releases them after the grace.
+    if tokio::time::timeout_at(deadline, locks_for_shutdown.flush_closed_sessions())
+        .await
+        .is_err()
+    {
+        warn!("could not record every closed session in time; their locks will expire by TTL");
+    }
     let requests_done = tokio::time::timeout_at(deadline, server).await.is_ok();
     broker_stop.cancel();
     if sessions_done && requests_done {

@@ -56,7 +56,7 @@ impl Default for LockConfig {
 pub struct Locks {
     store: LockStore,
     config: LockConfig,
-    closed_sessions: mpsc::Sender<String>,
+    closed_sessions: mpsc::Sender<outbox::Closing>,
 }
 
 impl Locks {
@@ -78,7 +78,6 @@ impl Locks {
             store.clone(),
             closed,
             config.session_grace,
-            shutdown.clone(),
         ));
         Arc::new(Locks {
             store,
@@ -89,11 +88,29 @@ impl Locks {
 
     /// A WebSocket session ended; its session-bound locks are released after the grace.
     pub fn session_closed(&self, session: &str) {
-        if self.closed_sessions.try_send(session.to_owned()).is_err() {
+        if self
+            .closed_sessions
+            .try_send(outbox::Closing::Session(session.to_owned()))
+            .is_err()
+        {
             tracing::warn!(
                 session,
                 "closed-session queue full; the session's locks will expire by TTL"
             );
+        }
+    }
+
+    /// Waits until every session close reported so far is recorded in the store, so another
+    /// node can release their locks after the grace (called when the node shuts down).
+    pub async fn flush_closed_sessions(&self) {
+        let (done, recorded) = tokio::sync::oneshot::channel();
+        if self
+            .closed_sessions
+            .send(outbox::Closing::Flush(done))
+            .await
+            .is_ok()
+        {
+            let _ = recorded.await;
         }
     }
 

@@ -76,25 +76,35 @@ pub(crate) async fn run_sweepers(
     }
 }
 
+/// What the session closer is told.
+#[derive(Debug)]
+pub(crate) enum Closing {
+    /// A WebSocket session ended.
+    Session(String),
+    /// Answer once every close queued before this one is recorded (node shutdown).
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Records closed sessions in the store, off the session's path. Bounded: when the store is
 /// down and the queue fills, closes are dropped and their locks simply run out their TTL.
+/// It stops when every sender is gone, not on shutdown: closes queued while the node drains
+/// its WebSockets must still be recorded, or their locks would outlive their sessions.
 pub(crate) async fn run_session_closer(
     store: LockStore,
-    mut closed: mpsc::Receiver<String>,
+    mut closing: mpsc::Receiver<Closing>,
     grace: Duration,
-    shutdown: CancellationToken,
 ) {
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-    loop {
-        let session = tokio::select! {
-            () = shutdown.cancelled() => return,
-            s = closed.recv() => match s {
-                Some(s) => s,
-                None => return,
-            },
-        };
-        if let Err(err) = store.session_closed(&session, grace_ms).await {
-            warn!(%err, session, "could not record a closed session; its locks will expire by TTL");
+    while let Some(message) = closing.recv().await {
+        match message {
+            Closing::Session(session) => {
+                if let Err(err) = store.session_closed(&session, grace_ms).await {
+                    warn!(%err, session, "could not record a closed session; its locks will expire by TTL");
+                }
+            }
+            Closing::Flush(done) => {
+                let _ = done.send(());
+            }
         }
     }
 }
