@@ -102,11 +102,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let store = LockStore::open(&config.database)?;
     info!(url = %redact(&config.database.url), "lock store");
     let migrated = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tokio::spawn(migrate_until_done(
-        store.clone(),
-        migrated.clone(),
-        broker_stop.clone(),
-    ));
+    if config.database.url.starts_with("sqlite:") {
+        // The embedded store is a local file: migrate before binding, so the node is ready when
+        // it says it is listening, and a broken file stops it with a clear error.
+        store
+            .migrate()
+            .await
+            .context("migrating the SQLite lock store")?;
+        migrated.store(true, std::sync::atomic::Ordering::SeqCst);
+    } else {
+        // A database server may still be starting: the node comes up not ready and retries.
+        tokio::spawn(migrate_until_done(
+            store.clone(),
+            migrated.clone(),
+            broker_stop.clone(),
+        ));
+    }
     let locks = Locks::start(
         store.clone(),
         config.locks.clone(),

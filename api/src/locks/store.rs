@@ -1,7 +1,7 @@
 //! The lock store: every lock decision as one transaction on PostgreSQL or SQLite (sqlx).
 //!
 //! One implementation serves both databases through sqlx's `Any` driver; the few differences
-//! (the clock expression, row locks, placeholders) live in [`Dialect`]. On PostgreSQL each
+//! (the clock expression, row locks, placeholders) live in `Dialect`. On PostgreSQL each
 //! decision locks the item's row (`SELECT … FOR UPDATE`), so concurrent nodes serialize per
 //! item. SQLite, the embedded default, runs on one connection, so decisions serialize outright.
 //! Time is always the database's clock, read inside the deciding transaction.
