@@ -8,6 +8,8 @@
 #   loadtest/compare.sh connect     # connection + CONNECT + SUBSCRIBE-with-receipt rate
 #   loadtest/compare.sh redis       # 2 nodes through Redis, then through a 3-master Redis Cluster,
 #                                   # against the single in-process node in the same run
+#   loadtest/compare.sh locks       # acquire+release pairs/s: SQLite, PostgreSQL 1 and 3 nodes, Redis SET NX PX
+#   loadtest/compare.sh presign     # presigned URLs/s on one core vs boto3, and through the HTTP API
 #   loadtest/compare.sh all
 #
 # Everything runs on loopback and stops by itself. Servers are release builds started here and
@@ -26,8 +28,10 @@ OUT="${OUT:-$CARGO_TARGET_DIR/bench/compare-$(date +%Y%m%d-%H%M%S).jsonl}"
 mkdir -p "$(dirname "$OUT")"
 pids=()
 rabbit_node=""
+pg_stop=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ ${#pg_stop[@]} -gt 0 ]; then "${pg_stop[@]}" >/dev/null 2>&1 || true; fi
   if [ -n "$rabbit_node" ]; then rabbitmqctl -q -n "$rabbit_node" stop >/dev/null 2>&1 || true; fi
   rm -rf "$work"
 }
@@ -48,35 +52,53 @@ start_lockstep() {
   secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
   # A backend publisher is not rate-limited like a browser connection.
   LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
-    LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/lockstep" \
+    LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/lockstep" "${storage_env[@]}" \
     "$bin/lockstep" serve --listen 127.0.0.1:0 >"$work/lockstep.out" 2>"$work/lockstep.err" &
   lockstep_pid=$!; pids+=("$lockstep_pid")
   for _ in $(seq 1 100); do grep -q listening "$work/lockstep.out" && break; sleep 0.05; done
-  lockstep_url="ws://$(sed -n 's/.*http:\/\/\(.*\)/\1/p' "$work/lockstep.out")/ws"
+  lockstep_http=$(sed -n 's/^lockstep listening on //p' "$work/lockstep.out")
+  lockstep_url="ws://${lockstep_http#http://}/ws"
   export LOADTEST_JWT_SECRET=$secret
 }
+
+# Presigning needs a bucket configured but never contacts it (only `commit` does), so the
+# benchmarks sign for an address nothing listens on, with the same keys as presign_boto3.py.
+storage_env=(LOCKSTEP_S3_BUCKET=items LOCKSTEP_S3_ENDPOINT=http://127.0.0.1:9000 LOCKSTEP_S3_PATH_STYLE=true
+  LOCKSTEP_S3_ACCESS_KEY_ID=AKIDEXAMPLE LOCKSTEP_S3_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY)
 
 start_rabbit() {
   [ "${NO_RABBIT:-0}" = 1 ] && return 0
   command -v rabbitmq-server >/dev/null || { echo "rabbitmq-server not installed; skipping RabbitMQ (apt-get install rabbitmq-server)" >&2; NO_RABBIT=1; return 0; }
   local dir="$work/rabbit" amqp dist
   mkdir -p "$dir"
-  amqp=$(free_port); dist=$(free_port); rabbit_port=$(free_port)
+  amqp=$(free_port); dist=$(free_port); rabbit_port=$(free_port); stomp=$(free_port)
   echo '[rabbitmq_web_stomp].' >"$dir/enabled_plugins"
+  # Every listener on its own free port: the machine's own RabbitMQ may hold the defaults.
   cat >"$dir/rabbitmq.conf" <<CONF
 listeners.tcp.default = 127.0.0.1:$amqp
+stomp.listeners.tcp.1 = 127.0.0.1:$stomp
 web_stomp.tcp.ip = 127.0.0.1
 web_stomp.tcp.port = $rabbit_port
 loopback_users = none
 CONF
+  # Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user through su, whose PAM
+  # session resets the open-file limit to 1024 (RabbitMQ then stalls near 1000 connections).
+  # As root, start the real script with setpriv instead, which keeps our 20,000 limit.
+  local runner=()
+  if [ "$(id -u)" = 0 ] && id rabbitmq >/dev/null 2>&1; then
+    chown -R rabbitmq:rabbitmq "$work"
+    runner=(setpriv --reuid rabbitmq --regid rabbitmq --init-groups env HOME=/var/lib/rabbitmq)
+  fi
   rabbit_node="lsbench$$@localhost"
   RABBITMQ_NODENAME=$rabbit_node RABBITMQ_NODE_PORT=$amqp RABBITMQ_DIST_PORT=$dist \
     RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_CONFIG_FILE="$dir/rabbitmq" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/pid" \
-    rabbitmq-server >"$dir/out.log" 2>&1 &
+    "${runner[@]}" /usr/lib/rabbitmq/bin/rabbitmq-server >"$dir/out.log" 2>&1 &
   pids+=("$!")
-  wait_port "$rabbit_port"
+  for _ in $(seq 1 600); do (echo >"/dev/tcp/127.0.0.1/$rabbit_port") 2>/dev/null && break; sleep 0.1; done
+  (echo >"/dev/tcp/127.0.0.1/$rabbit_port") 2>/dev/null || { echo "RabbitMQ did not start; see $dir/log" >&2; tail -20 "$dir/out.log" >&2; exit 1; }
   rabbit_pid=$(cat "$dir/pid")
+  echo "rabbitmq: private node $rabbit_node, open-file limit $(awk '/open files/ {print $4}' "/proc/$rabbit_pid/limits")"
   rabbit_url="ws://127.0.0.1:$rabbit_port/ws"
 }
 
@@ -220,6 +242,90 @@ run_redis() {
   stop_pids "${pair_pids[@]}" "${cluster_pids[@]}"
 }
 
+start_postgres() { # a private cluster on a free port; sets pg_url
+  local pgbin dir="$work/pg" port
+  pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  [ -x "$pgbin/initdb" ] || { echo "PostgreSQL server binaries not found (tests/run.sh installs them)" >&2; exit 1; }
+  port=$(free_port)
+  mkdir -p "$dir"
+  local as=()
+  # PostgreSQL refuses to run as root.
+  if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; chmod 755 "$work"; as=(setpriv --reuid postgres --regid postgres --init-groups); fi
+  "${as[@]}" "$pgbin/initdb" -D "$dir/data" -U postgres -A trust >/dev/null
+  "${as[@]}" "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300" start >/dev/null
+  pg_stop=("${as[@]}" "$pgbin/pg_ctl" -D "$dir/data" -m fast stop)
+  pg_url="postgres://postgres@127.0.0.1:$port/postgres"
+}
+
+start_api_nodes() { # count database-url redis-url: sets api_http (comma list) and api_pids
+  local i out
+  api_http=""; api_pids=()
+  for i in $(seq 1 "$1"); do
+    out="$work/api$i.out"
+    rm -rf "$work/api$i"
+    LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/api$i" \
+      LOCKSTEP_DATABASE_URL="$2" LOCKSTEP_REDIS_URL="$3" "${storage_env[@]}" \
+      "$bin/lockstep" serve --listen 127.0.0.1:0 >"$out" 2>"$work/api$i.err" &
+    api_pids+=("$!"); pids+=("$!")
+    for _ in $(seq 1 100); do grep -q listening "$out" && break; sleep 0.05; done
+    local http
+    http=$(sed -n 's/^lockstep listening on //p' "$out")
+    for _ in $(seq 1 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' "$http/readyz")" = 200 ] && break; sleep 0.05; done
+    api_http="${api_http:+$api_http,}$http"
+  done
+}
+
+locks_line() { jq -r '"\(.operations_per_sec|floor) pairs/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms, \(.errors) errors"'; }
+
+run_locks() {
+  echo "== locks: acquire+release pairs/s, each client on its own item, 10 s per cell"
+  start_redis
+  start_postgres
+  local conc
+  for conc in 1 16 64; do
+    echo "-- $conc concurrent clients"
+    "$bin/loadtest" locks --redis "redis://127.0.0.1:$redis_port" --concurrency "$conc" --duration 10s 2>/dev/null | record >"$work/locks.redis"
+    echo "Redis SET NX PX + DEL (reference): $(locks_line <"$work/locks.redis")"
+    start_api_nodes 1 "sqlite://$work/bench-$conc.db" ""
+    "$bin/loadtest" locks --http "$api_http" --concurrency "$conc" --duration 10s 2>/dev/null | record >"$work/locks.sqlite"
+    echo "SQLite, 1 node: $(locks_line <"$work/locks.sqlite")"
+    stop_pids "${api_pids[@]}"
+    for nodes in 1 3; do
+      start_api_nodes "$nodes" "$pg_url" "redis://127.0.0.1:$redis_port"
+      "$bin/loadtest" locks --http "$api_http" --concurrency "$conc" --duration 10s 2>/dev/null | record >"$work/locks.pg$nodes"
+      echo "PostgreSQL, $nodes node(s): $(locks_line <"$work/locks.pg$nodes")"
+      stop_pids "${api_pids[@]}"
+    done
+    for f in sqlite pg1 pg3; do
+      echo "  $f / Redis = $(ratio "$(jq .operations_per_sec "$work/locks.$f")" "$(jq .operations_per_sec "$work/locks.redis")")"
+    done
+  done
+  "${pg_stop[@]}" >/dev/null; pg_stop=()
+  stop_pids "$redis_pid"
+}
+
+run_presign() {
+  echo "== presign: URLs signed per second on one core (no HTTP), Lockstep's signer vs boto3"
+  local batch
+  for batch in 1 300; do
+    "$bin/loadtest" sign --count 60000 --batch "$batch" 2>/dev/null | record >"$work/sign.lockstep"
+    echo "lockstep, batch $batch: $(jq -r '"\(.urls_per_sec|floor) URLs/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms per batch"' "$work/sign.lockstep")"
+    if python3 -c 'import boto3' 2>/dev/null; then
+      python3 loadtest/presign_boto3.py --count 60000 --batch "$batch" | record >"$work/sign.boto3"
+      echo "boto3, batch $batch: $(jq -r '"\(.urls_per_sec|floor) URLs/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms per batch"' "$work/sign.boto3")"
+      echo "  lockstep / boto3 = $(ratio "$(jq .urls_per_sec "$work/sign.lockstep")" "$(jq .urls_per_sec "$work/sign.boto3")")"
+    else
+      echo "boto3 not installed (pip install boto3): no reference" >&2
+    fi
+  done
+  echo "== presign through the HTTP API, 8 clients, 10 s"
+  for batch in 1 300; do
+    "$bin/loadtest" presign --http "$lockstep_http" --batch "$batch" --concurrency 8 --duration 10s 2>/dev/null | record >"$work/presign.http"
+    echo "HTTP, batch $batch: $(jq -r '"\(.operations_per_sec|floor) requests/s (\(.urls_per_sec|floor) URLs/s), p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms, \(.errors) errors"' "$work/presign.http")"
+  done
+}
+
 echo "machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ); results in $OUT"
 start_ceiling
 start_lockstep
@@ -230,6 +336,8 @@ case "$scenario" in
   idle) run_idle ;;
   connect) run_connect ;;
   redis) run_redis ;;
-  all) run_fanout; run_fanout10; run_connect; run_redis; run_idle ;;
+  locks) run_locks ;;
+  presign) run_presign ;;
+  all) run_fanout; run_fanout10; run_connect; run_redis; run_locks; run_presign; run_idle ;;
   *) echo "unknown scenario $scenario" >&2; exit 64 ;;
 esac
