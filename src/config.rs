@@ -354,7 +354,14 @@ impl Sources {
                     || url.starts_with("postgresql://")
                     || url.starts_with("sqlite:") =>
             {
-                url
+                // Like the embedded default, a SQLite store is created when missing; an
+                // explicit `mode=` in the URL still wins.
+                if url.starts_with("sqlite:") && !url.contains("mode=") {
+                    let separator = if url.contains('?') { '&' } else { '?' };
+                    format!("{url}{separator}mode=rwc")
+                } else {
+                    url
+                }
             }
             Some(url) => {
                 p.error(
@@ -631,6 +638,25 @@ mod tests {
         assert_eq!(config.hub.origins, OriginPolicy::SameOrigin);
         assert_eq!(config.hub.max_subscriptions, 64);
         assert!(config.jwt.secret.is_none());
+    }
+
+    #[test]
+    fn sqlite_stores_are_created_unless_the_url_says_otherwise() {
+        let url = |value: &str| {
+            let mut s = Sources::default();
+            s.env(env(&[("LOCKSTEP_DATABASE_URL", value)]));
+            s.build().unwrap().database.url
+        };
+        assert_eq!(url("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db?mode=rwc");
+        assert_eq!(
+            url("sqlite:///tmp/a.db?cache=shared"),
+            "sqlite:///tmp/a.db?cache=shared&mode=rwc"
+        );
+        assert_eq!(
+            url("sqlite:///tmp/a.db?mode=ro"),
+            "sqlite:///tmp/a.db?mode=ro"
+        );
+        assert_eq!(url("postgres://db/x"), "postgres://db/x");
     }
 
     #[test]

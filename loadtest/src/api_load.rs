@@ -82,6 +82,11 @@ where
         failed += f;
         total.add(&h)?;
     }
+    // A run where nothing succeeded measured nothing: say so instead of printing a zero rate.
+    anyhow::ensure!(
+        ok > 0,
+        "all {failed} operations failed: is the server running and configured for this scenario?"
+    );
     Ok((ok, failed, started.elapsed().as_secs_f64(), total))
 }
 

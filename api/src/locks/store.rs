@@ -39,10 +39,18 @@ pub struct StoredEvent {
 /// The store failed: a database error (the request answers 503; nothing was written).
 #[derive(Debug, Error)]
 pub enum StoreError {
+    // Not `#[source]`: the message already carries sqlx's, whose own errors repeat their
+    // sources in their messages, so a printed chain would say everything two or three times.
     #[error("lock store unavailable: {0}")]
-    Unavailable(#[from] sqlx::Error),
+    Unavailable(sqlx::Error),
     #[error("lock store busy: the decision could not be made, try again")]
     Contended,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> StoreError {
+        StoreError::Unavailable(err)
+    }
 }
 
 /// What `acquire` decided.
