@@ -193,3 +193,75 @@ fn ceiling_server_smoke() {
         reports[0]["published"].as_u64().unwrap() * 30
     );
 }
+
+#[test]
+fn locks_presign_and_sign_smoke() {
+    let secret = "loadtest-secret-loadtest-secret-loadtest";
+    // Presigning needs a bucket but never contacts it, so nothing listens on this endpoint.
+    let node = Lockstep::start_with(
+        Options::default()
+            .env("LOCKSTEP_JWT_SECRET", secret)
+            .env("LOCKSTEP_S3_BUCKET", "items")
+            .env("LOCKSTEP_S3_ENDPOINT", "http://127.0.0.1:9")
+            .env("LOCKSTEP_S3_PATH_STYLE", "true")
+            .env("LOCKSTEP_S3_ACCESS_KEY_ID", "AKIDEXAMPLE")
+            .env("LOCKSTEP_S3_SECRET_ACCESS_KEY", "secret"),
+    );
+    let http = node.http();
+    let ok_without_errors = |report: &Value| {
+        assert!(report["operations"].as_u64() > Some(0), "{report}");
+        assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
+    };
+    let locks = run(
+        secret,
+        &[
+            "locks",
+            "--http",
+            &http,
+            "--concurrency",
+            "2",
+            "--duration",
+            "1s",
+        ],
+    );
+    ok_without_errors(&locks[0]);
+    let redis = tests::redis::RedisServer::start();
+    let reference = run(
+        secret,
+        &[
+            "locks",
+            "--redis",
+            &redis.url(),
+            "--concurrency",
+            "2",
+            "--duration",
+            "1s",
+        ],
+    );
+    ok_without_errors(&reference[0]);
+    for batch in ["1", "50"] {
+        let presign = run(
+            secret,
+            &[
+                "presign",
+                "--http",
+                &http,
+                "--batch",
+                batch,
+                "--concurrency",
+                "2",
+                "--duration",
+                "1s",
+            ],
+        );
+        ok_without_errors(&presign[0]);
+        assert!(
+            presign[0]["urls_per_sec"].as_f64() > Some(0.0),
+            "{}",
+            presign[0]
+        );
+    }
+    let sign = run(secret, &["sign", "--count", "200", "--batch", "10"]);
+    assert_eq!(sign[0]["operations"].as_u64(), Some(20), "{}", sign[0]);
+    assert!(sign[0]["urls_per_sec"].as_f64() > Some(0.0), "{}", sign[0]);
+}
