@@ -84,4 +84,7 @@ log "cargo test"
 cargo test --workspace --locked
 log "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+log "deploy/k8s manifests against the Kubernetes 1.30 schemas"
+# Every manifest but kustomization.yaml, which has no schema there; strict: unknown fields fail.
+python3 -m kubernetes_validate -k 1.30.0 --strict --quiet $(ls deploy/k8s/*.yaml | grep -v kustomization.yaml)
 log "all tests passed"
