@@ -66,8 +66,8 @@ start_lockstep() {
 storage_env=(LOCKSTEP_S3_BUCKET=items LOCKSTEP_S3_ENDPOINT=http://127.0.0.1:9000 LOCKSTEP_S3_PATH_STYLE=true
   LOCKSTEP_S3_ACCESS_KEY_ID=AKIDEXAMPLE LOCKSTEP_S3_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY)
 
-# RabbitMQ runs only while it is measured: an idle Erlang node still wakes its schedulers, and
-# the ceiling server and Lockstep are measured without it on the cores.
+# RabbitMQ runs only while it is measured: with its node started (idle) before the sweeps the
+# ceiling server lost about half its rate (BENCHMARKS.md, 2026-11-28).
 stop_rabbit() {
   [ -n "$rabbit_node" ] || return 0
   kill "$rabbit_pid" 2>/dev/null || true
