@@ -83,6 +83,7 @@ keys! {
     "locks.max_batch", "100", "Most items in one batch lock or unlock request.";
     "locks.session_grace", "10s", "How long after its WebSocket closes a session-bound lock is released (a page reload within it keeps the lock).";
     "locks.sweep_interval", "250ms", "How often each node announces expiries and releases locks of closed sessions.";
+    "locks.node_timeout", "10s", "How long a node may stop sweeping before the others take it for dead: the sessions it hosted count as closed, and their locks are released after `locks.session_grace`.";
     "s3.bucket", "", "Bucket holding item files. Empty: presigning is off (503 `storage_not_configured`).";
     "s3.region", "us-east-1", "Region the URLs are signed for.";
     "s3.endpoint", "", "S3-compatible endpoint, e.g. `http://127.0.0.1:9000` (MinIO) or `https://oss-cn-hangzhou.aliyuncs.com`. Empty: AWS S3 for the region.";
@@ -292,6 +293,8 @@ impl Sources {
             publish_burst: p.get("hub.publish_burst"),
             origins: origins.clone(),
             read_buffer_bytes: p.positive("hub.read_buffer_bytes"),
+            // Set by `serve`, which makes the node's id.
+            node_id: String::new(),
         };
         let api = ApiConfig {
             max_body_bytes: p.positive("api.max_body_bytes"),
@@ -343,6 +346,7 @@ impl Sources {
                 max_batch: p.positive("locks.max_batch"),
                 session_grace: p.duration("locks.session_grace"),
                 sweep_interval: p.duration("locks.sweep_interval"),
+                node_timeout: p.duration("locks.node_timeout"),
             },
             storage: None,
         };
@@ -375,6 +379,12 @@ impl Sources {
                 config.data_dir.join("lockstep.db").display()
             ),
         };
+        if config.locks.node_timeout < config.locks.sweep_interval * 4 {
+            p.errors.push(
+                "locks.node_timeout must be at least 4 × locks.sweep_interval: a node that misses a sweep or two is not dead"
+                    .to_owned(),
+            );
+        }
         if config.locks.min_ttl > config.locks.default_ttl
             || config.locks.default_ttl > config.locks.max_ttl
         {

@@ -91,8 +91,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // The hub tells the lock service when sessions end; the lock service publishes through the
     // hub. The observer is made first and pointed at the locks once they exist.
     let sessions = Arc::new(LockSessions::default());
+    let mut hub_config = config.hub.clone();
+    hub_config.node_id.clone_from(&node_id);
     let hub = Hub::new(
-        config.hub.clone(),
+        hub_config,
         auth.clone(),
         registry,
         broker,
@@ -121,6 +123,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let locks = Locks::start(
         store.clone(),
         config.locks.clone(),
+        &node_id,
         publisher.clone(),
         &broker_stop,
     );

@@ -46,6 +46,9 @@ pub struct HubConfig {
     /// every connection (128 KiB by default), so it dominates idle memory; frames larger than it
     /// still work, they just take several reads.
     pub read_buffer_bytes: usize,
+    /// This node's id. Session ids start with it (`{node_id}.{ulid}`), so that when the node
+    /// dies the other nodes can tell which sessions died with it. Empty: plain ULIDs.
+    pub node_id: String,
 }
 
 impl Default for HubConfig {
@@ -66,6 +69,7 @@ impl Default for HubConfig {
             publish_burst: 200,
             origins: OriginPolicy::SameOrigin,
             read_buffer_bytes: 4096,
+            node_id: String::new(),
         }
     }
 }

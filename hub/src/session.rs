@@ -521,7 +521,10 @@ impl Session {
             .heart_beat
             .negotiate(connect.heart_beat);
         let expires = Instant::now() + Duration::from_secs(principal.exp.saturating_sub(now_unix));
-        let session_id = self.hub.new_id();
+        let session_id = match self.hub.inner.config.node_id.as_str() {
+            "" => self.hub.new_id(),
+            node => format!("{node}.{}", self.hub.new_id()),
+        };
         let offered = self.hub.inner.config.heart_beat;
         // Tell the client what we will actually do in each direction.
         let heart_beat = protocol::HeartBeat {

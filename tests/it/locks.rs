@@ -2004,6 +2004,93 @@ async fn session_lock_is_released_when_its_node_shuts_down() {
     assert_eq!((s, code(&body)), (404, "not_locked"), "{body}");
 }
 
+/// A node killed with SIGKILL records nothing: the other nodes notice it stopped sweeping
+/// (`locks.node_timeout`), count its sessions as closed, and release their locks after the
+/// grace; a session of a live node keeps its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_lock_is_released_when_its_node_is_killed() {
+    let pg = Postgres::start();
+    let url = pg.database("killed");
+    let redis = RedisServer::start();
+    let extra = [
+        ("LOCKSTEP_LOCKS_SESSION_GRACE", "1s"),
+        ("LOCKSTEP_LOCKS_NODE_TIMEOUT", "2s"),
+    ];
+    let mut nodes = cluster(2, &url, &redis, &extra).await;
+    let token = nodes[0].token("ana", &["t1"], "locks");
+    let bob = nodes[1].token("bob", &["t1"], "locks");
+    let mut team = watcher(&nodes[1], "watch", &["t1"], "/team/t1").await;
+    // Ana's session is on the node that will die, Bob's on the one that lives.
+    let (_ana_ws, connected) = StompClient::connect(&nodes[0].ws(), &token).await.unwrap();
+    let ana_session = connected.header("session").expect("session").to_owned();
+    let (_bob_ws, connected) = StompClient::connect(&nodes[1].ws(), &bob).await.unwrap();
+    let bob_session = connected.header("session").expect("session").to_owned();
+    let doomed = lock_path("t1", "doomed");
+    let kept = lock_path("t1", "kept");
+    let (s, lock) = call(
+        &nodes[1],
+        "POST",
+        &doomed,
+        &token,
+        Some(json!({"session": ana_session, "ttl_ms": 600_000})),
+    )
+    .await;
+    assert_eq!(s, 200, "{lock}");
+    expect_event(&mut team, "/team/t1", "lock.acquired").await;
+    let (s, body) = call(
+        &nodes[1],
+        "POST",
+        &kept,
+        &bob,
+        Some(json!({"session": bob_session, "ttl_ms": 600_000})),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    expect_event(&mut team, "/team/t1", "lock.acquired").await;
+
+    let killed = Instant::now();
+    nodes[0].kill();
+    // Node timeout (2 s) plus grace (1 s) plus sweeps; far less than the 10-minute TTL.
+    let frame = team
+        .expect_frame_within(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "no lock.released {:?} after the node was killed ({e:#}); locks: {:?}; nodes: {:?}; closed_sessions: {:?}",
+                killed.elapsed(),
+                pg.psql("killed", "SELECT item, holder, token, session, state FROM locks"),
+                pg.psql("killed", "SELECT * FROM nodes"),
+                pg.psql("killed", "SELECT * FROM closed_sessions"),
+            )
+        });
+    let released = envelope(&frame, "s", "/team/t1");
+    assert_eq!(
+        (
+            &released["type"],
+            &released["data"]["item"],
+            &released["data"]["reason"],
+            &released["data"]["token"]
+        ),
+        (
+            &json!("lock.released"),
+            &json!("doomed"),
+            &json!("session_closed"),
+            &lock["token"]
+        ),
+        "{released}"
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_secs(3),
+        "released {:?} after the kill, before node timeout + grace",
+        killed.elapsed()
+    );
+    let (s, body) = call(&nodes[1], "GET", &doomed, &token, None).await;
+    assert_eq!((s, code(&body)), (404, "not_locked"), "{body}");
+    // The live node's session keeps its lock through the same sweeps.
+    let (s, body) = call(&nodes[1], "GET", &kept, &bob, None).await;
+    assert_eq!((s, &body["holder"]), (200, &json!("bob")), "{body}");
+}
+
 // ------------------------------------------------------------------------------------------
 // 5. PostgreSQL crash and restart
 // ------------------------------------------------------------------------------------------

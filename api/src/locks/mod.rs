@@ -36,6 +36,9 @@ pub struct LockConfig {
     pub session_grace: Duration,
     /// How often each node looks for expiries, closed sessions and orphaned events.
     pub sweep_interval: Duration,
+    /// How long a node may go without sweeping before the others take it for dead and treat
+    /// every session it hosted as closed.
+    pub node_timeout: Duration,
 }
 
 impl Default for LockConfig {
@@ -47,6 +50,7 @@ impl Default for LockConfig {
             max_batch: 100,
             session_grace: Duration::from_secs(10),
             sweep_interval: Duration::from_millis(250),
+            node_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -61,9 +65,12 @@ pub struct Locks {
 
 impl Locks {
     /// Starts the service's background work (sweepers, session closer) until `shutdown`.
+    /// `node` is this node's id: the hub's session ids start with it (`{node}.…`), so when the
+    /// node dies the others can release its sessions' locks.
     pub fn start(
         store: LockStore,
         config: LockConfig,
+        node: &str,
         publisher: Arc<dyn EventPublisher>,
         shutdown: &CancellationToken,
     ) -> Arc<Locks> {
@@ -71,7 +78,12 @@ impl Locks {
         tokio::spawn(outbox::run_sweepers(
             store.clone(),
             publisher,
-            config.sweep_interval,
+            outbox::Sweeping {
+                node: node.to_owned(),
+                interval: config.sweep_interval,
+                node_timeout: config.node_timeout,
+                session_grace: config.session_grace,
+            },
             shutdown.clone(),
         ));
         tokio::spawn(outbox::run_session_closer(

@@ -46,19 +46,58 @@ pub(crate) async fn publish(
     }
 }
 
+/// What the sweepers need to know about this node.
+#[derive(Debug, Clone)]
+pub(crate) struct Sweeping {
+    pub(crate) node: String,
+    pub(crate) interval: Duration,
+    pub(crate) node_timeout: Duration,
+    pub(crate) session_grace: Duration,
+}
+
 /// Runs the sweepers until `shutdown`.
 pub(crate) async fn run_sweepers(
     store: LockStore,
     publisher: Arc<dyn EventPublisher>,
-    interval: Duration,
+    sweeping: Sweeping,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval);
+    let mut ticker = tokio::time::interval(sweeping.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    // Since when this node has reached the database at every tick. It judges other nodes only
+    // after a whole `node_timeout` of that: after a database outage every node's last
+    // heartbeat is old, and the first node back must not take the others for dead before they
+    // had the chance to report.
+    let mut reachable_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        match store.node_seen(&sweeping.node).await {
+            Ok(()) => {
+                let since = *reachable_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= sweeping.node_timeout {
+                    match store
+                        .close_dead_nodes(
+                            millis(sweeping.node_timeout),
+                            millis(sweeping.session_grace),
+                        )
+                        .await
+                    {
+                        Ok(dead) if !dead.is_empty() => {
+                            warn!(?dead, "nodes went silent; their sessions count as closed");
+                        }
+                        Ok(_) => {}
+                        Err(err) => debug!(%err, "dead-node sweep failed; retrying next tick"),
+                    }
+                }
+            }
+            Err(err) => {
+                reachable_since = None;
+                debug!(%err, "node heartbeat failed; retrying next tick");
+            }
         }
         for (what, result) in [
             ("expiries", store.sweep_expired(100).await),

@@ -908,6 +908,62 @@ impl LockStore {
         Ok(events)
     }
 
+    /// Records that `node` is alive (the database's clock).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn node_seen(&self, node: &str) -> Result<(), StoreError> {
+        let sql = self.dialect.sql(
+            "INSERT INTO nodes (node, seen_at) VALUES ($1, {now}) \
+             ON CONFLICT (node) DO UPDATE SET seen_at = excluded.seen_at",
+        );
+        sqlx::query(&sql).bind(node).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Takes nodes silent for longer than `timeout_ms` for dead: every session-bound lock of a
+    /// session they hosted (its id starts with `{node}.`) is released `grace_ms` from now, as
+    /// if the session had closed now. Returns the dead nodes.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn close_dead_nodes(
+        &self,
+        timeout_ms: i64,
+        grace_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.begin().await?;
+        let sql = self.dialect.sql(&format!(
+            "SELECT node FROM nodes WHERE seen_at < {{now}} - $1 ORDER BY node LIMIT 100{}",
+            self.dialect.skip_locked()
+        ));
+        let dead: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(timeout_ms)
+            .fetch_all(&mut *tx)
+            .await?;
+        for node in &dead {
+            // Node ids are ULIDs (no LIKE wildcards); sessions are `{node}.{ulid}`.
+            sqlx::query(&self.dialect.sql(
+                "INSERT INTO closed_sessions (session, release_at) \
+                 SELECT DISTINCT session, {now} + $1 FROM locks \
+                 WHERE state = 'held' AND session LIKE $2 \
+                 ON CONFLICT (session) DO NOTHING",
+            ))
+            .bind(grace_ms)
+            .bind(format!("{node}.%"))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&self.dialect.sql("DELETE FROM nodes WHERE node = $1"))
+                .bind(node)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(dead)
+    }
+
     /// Claims outbox events whose claim lapsed (their node died before publishing them).
     ///
     /// # Errors
