@@ -170,7 +170,14 @@ async fn bad_tokens_are_refused_with_4001() {
         .await
         .unwrap();
     assert_eq!(connected.header("version"), Some("1.2"));
-    assert!(connected.header("session").is_some_and(|s| s.len() == 26));
+    // `{node}.{ulid}`: the node's id first, so other nodes can tell its sessions apart.
+    let session = connected.header("session").expect("session");
+    assert!(
+        session
+            .split_once('.')
+            .is_some_and(|(node, id)| node.len() == 26 && id.len() == 26),
+        "{session}"
+    );
 }
 
 #[tokio::test]

@@ -387,6 +387,17 @@ impl LockStore {
     ) -> Result<Option<Result<(LockState, bool), LockState>>, StoreError> {
         let (current, now) = self.current(tx, team, item).await?;
         let expires_at = now + ttl_ms;
+        // The node hosting the session must be watched: if another node took it for dead and
+        // forgot it (it stalled while holding no locks), track it again from now, so its death
+        // still releases this lock. Never refreshes a known node's stamp.
+        if let Some((node, _)) = session.and_then(|s| s.split_once('.')) {
+            sqlx::query(&self.dialect.sql(
+                "INSERT INTO nodes (node, seen_at) VALUES ($1, {now}) ON CONFLICT (node) DO NOTHING",
+            ))
+            .bind(node)
+            .execute(&mut **tx)
+            .await?;
+        }
         let lock = match current {
             None => {
                 let sql = self.dialect.sql(&format!(
