@@ -78,12 +78,8 @@ impl Locks {
         tokio::spawn(outbox::run_sweepers(
             store.clone(),
             publisher,
-            outbox::Sweeping {
-                node: node.to_owned(),
-                interval: config.sweep_interval,
-                node_timeout: config.node_timeout,
-                session_grace: config.session_grace,
-            },
+            node.to_owned(),
+            config.clone(),
             shutdown.clone(),
         ));
         tokio::spawn(outbox::run_session_closer(
@@ -276,7 +272,12 @@ fn ttl(config: &LockConfig, ttl_ms: Option<u64>) -> Result<i64, ApiError> {
             ),
         ));
     }
-    Ok(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+    Ok(millis(ttl))
+}
+
+/// A duration in the store's unit, milliseconds, saturating.
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn session(session: Option<String>) -> Result<Option<String>, ApiError> {

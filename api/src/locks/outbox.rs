@@ -3,6 +3,7 @@
 //! before it could.
 
 use super::store::{LockStore, StoredEvent};
+use super::{LockConfig, millis};
 use crate::EventPublisher;
 use protocol::{EventType, Topic};
 use serde_json::value::RawValue;
@@ -46,25 +47,16 @@ pub(crate) async fn publish(
     }
 }
 
-/// What the sweepers need to know about this node.
-#[derive(Debug, Clone)]
-pub(crate) struct Sweeping {
-    pub(crate) node: String,
-    pub(crate) interval: Duration,
-    pub(crate) node_timeout: Duration,
-    pub(crate) session_grace: Duration,
-}
-
-/// Runs the sweepers until `shutdown`.
+/// Runs the sweepers until `shutdown`. `node` is this node's id, stamped every sweep.
 pub(crate) async fn run_sweepers(
     store: LockStore,
     publisher: Arc<dyn EventPublisher>,
-    sweeping: Sweeping,
+    node: String,
+    config: LockConfig,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(sweeping.interval);
+    let mut ticker = tokio::time::interval(config.sweep_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     // Since when this node has reached the database at every tick. It judges other nodes only
     // after a whole `node_timeout` of that: after a database outage every node's last
     // heartbeat is old, and the first node back must not take the others for dead before they
@@ -75,15 +67,12 @@ pub(crate) async fn run_sweepers(
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match store.node_seen(&sweeping.node).await {
+        match store.node_seen(&node).await {
             Ok(()) => {
                 let since = *reachable_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= sweeping.node_timeout {
+                if since.elapsed() >= config.node_timeout {
                     match store
-                        .close_dead_nodes(
-                            millis(sweeping.node_timeout),
-                            millis(sweeping.session_grace),
-                        )
+                        .close_dead_nodes(millis(config.node_timeout), millis(config.session_grace))
                         .await
                     {
                         Ok(dead) if !dead.is_empty() => {
@@ -133,7 +122,7 @@ pub(crate) async fn run_session_closer(
     mut closing: mpsc::Receiver<Closing>,
     grace: Duration,
 ) {
-    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let grace_ms = millis(grace);
     while let Some(message) = closing.recv().await {
         match message {
             Closing::Session(session) => {

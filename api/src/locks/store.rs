@@ -226,7 +226,7 @@ impl LockStore {
         Ok(LockStore {
             pool,
             dialect,
-            event_lease_ms: i64::try_from(config.event_lease.as_millis()).unwrap_or(i64::MAX),
+            event_lease_ms: super::millis(config.event_lease),
         })
     }
 
@@ -352,6 +352,7 @@ impl LockStore {
         // finds the row to lock.
         for _ in 0..3 {
             let mut tx = self.begin().await?;
+            self.watch_session_node(&mut tx, session).await?;
             let mut events = Vec::new();
             match self
                 .grant(&mut tx, team, item, holder, session, ttl_ms, &mut events)
@@ -372,6 +373,26 @@ impl LockStore {
         Err(StoreError::Contended)
     }
 
+    /// Makes sure the node hosting `session` is watched, once per granting transaction: if
+    /// another node took it for dead and forgot it (it stalled while holding no locks), it is
+    /// tracked again from now, so its death still releases the locks granted here. Never
+    /// refreshes a known node's stamp.
+    async fn watch_session_node(
+        &self,
+        tx: &mut Transaction<'static, sqlx::Any>,
+        session: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if let Some((node, _)) = session.and_then(|s| s.split_once('.')) {
+            sqlx::query(&self.dialect.sql(
+                "INSERT INTO nodes (node, seen_at) VALUES ($1, {now}) ON CONFLICT (node) DO NOTHING",
+            ))
+            .bind(node)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
     /// One grant inside a transaction. `None`: a concurrent first grant won the insert (retry);
     /// `Some(Err(lock))`: held by another.
     #[allow(clippy::too_many_arguments)]
@@ -387,17 +408,6 @@ impl LockStore {
     ) -> Result<Option<Result<(LockState, bool), LockState>>, StoreError> {
         let (current, now) = self.current(tx, team, item).await?;
         let expires_at = now + ttl_ms;
-        // The node hosting the session must be watched: if another node took it for dead and
-        // forgot it (it stalled while holding no locks), track it again from now, so its death
-        // still releases this lock. Never refreshes a known node's stamp.
-        if let Some((node, _)) = session.and_then(|s| s.split_once('.')) {
-            sqlx::query(&self.dialect.sql(
-                "INSERT INTO nodes (node, seen_at) VALUES ($1, {now}) ON CONFLICT (node) DO NOTHING",
-            ))
-            .bind(node)
-            .execute(&mut **tx)
-            .await?;
-        }
         let lock = match current {
             None => {
                 let sql = self.dialect.sql(&format!(
@@ -755,6 +765,7 @@ impl LockStore {
         sorted.dedup();
         'attempt: for _ in 0..3 {
             let mut tx = self.begin().await?;
+            self.watch_session_node(&mut tx, session).await?;
             let mut events = Vec::new();
             let mut granted = Vec::new();
             let mut blocked = Vec::new();
