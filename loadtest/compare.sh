@@ -115,20 +115,9 @@ CONF
 record() { tee -a "$OUT"; }
 
 start_lockstep_pair() { # redis-url: two nodes sharing it; sets pair_url and pair_pids
-  local i out
-  pair_url=""; pair_pids=()
-  for i in 1 2; do
-    out="$work/pair$i.out"
-    LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
-      LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/pair$i" LOCKSTEP_REDIS_URL="$1" \
-      "$bin/lockstep" serve --listen 127.0.0.1:0 >"$out" 2>"$work/pair$i.err" &
-    pair_pids+=("$!"); pids+=("$!")
-    for _ in $(seq 1 100); do grep -q listening "$out" && break; sleep 0.05; done
-    local http
-    http=$(sed -n 's/^lockstep listening on //p' "$out")
-    for _ in $(seq 1 200); do [ "$(curl -s -o /dev/null -w '%{http_code}' "$http/readyz")" = 200 ] && break; sleep 0.05; done
-    pair_url="${pair_url:+$pair_url,}ws://${http#http://}/ws"
-  done
+  start_api_nodes 2 "" "$1"
+  pair_pids=("${api_pids[@]}")
+  pair_url=$(sed 's|http://\([^,]*\)|ws://\1/ws|g' <<<"$api_http")
 }
 
 stop_pids() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
@@ -144,7 +133,10 @@ start_redis_cluster() { # 3 masters; sets cluster_url, cluster_pids
   local i port dir addrs=()
   cluster_pids=()
   for i in 1 2 3; do
-    while :; do port=$((20000 + RANDOM % 30000)); (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null || (echo >"/dev/tcp/127.0.0.1/$((port + 10000))") 2>/dev/null || break; done
+    # Redis Cluster also binds port + 10000 for its bus. Both stay below the kernel's ephemeral
+    # range (32768 and up), where the load generator's own connections may already hold the
+    # bus port without listening on it.
+    while :; do port=$((20000 + RANDOM % 2700)); (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null || (echo >"/dev/tcp/127.0.0.1/$((port + 10000))") 2>/dev/null || break; done
     dir="$work/cluster$i"; mkdir -p "$dir"
     redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no --dir "$dir" \
       --cluster-enabled yes --cluster-config-file nodes.conf >/dev/null 2>&1 &
@@ -260,7 +252,7 @@ run_redis() {
     "$bin/loadtest" fanout --url "$pair_url" --subscribers 1000 "${args[@]}" --duration 10s \
       --cpu-pid redis1="${cluster_pids[0]}" --cpu-pid redis2="${cluster_pids[1]}" --cpu-pid redis3="${cluster_pids[2]}" 2>/dev/null | record >"$work/cluster.$shape"
     best <"$work/cluster.$shape" >"$work/cluster.$shape.best"
-    echo "2 nodes + Redis Cluster (3 masters), $shape: $(jq -r '"\(.deliveries_per_sec|floor) deliveries/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms, Redis \([.cpu[].us_per_published] | add * 100 | round / 100) us CPU per published event (all shards)"' "$work/cluster.$shape.best")"
+    echo "2 nodes + Redis Cluster (3 masters), $shape: $(jq -r '"\(.deliveries_per_sec|floor) deliveries/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms, Redis \(([.cpu[]?.us_per_published] | add // 0) * 100 | round / 100) us CPU per published event (all shards)"' "$work/cluster.$shape.best")"
   done
   stop_pids "${pair_pids[@]}" "${cluster_pids[@]}"
 }
@@ -281,13 +273,15 @@ start_postgres() { # a private cluster on a free port; sets pg_url
   pg_url="postgres://postgres@127.0.0.1:$port/postgres"
 }
 
-start_api_nodes() { # count database-url redis-url: sets api_http (comma list) and api_pids
+start_api_nodes() { # count database-url redis-url: N nodes; sets api_http (comma list) and api_pids
   local i out
   api_http=""; api_pids=()
   for i in $(seq 1 "$1"); do
     out="$work/api$i.out"
     rm -rf "$work/api$i"
-    LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/api$i" \
+    # Empty URLs mean the defaults (SQLite in the data directory, the in-process broker).
+    LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
+      LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/api$i" \
       LOCKSTEP_DATABASE_URL="$2" LOCKSTEP_REDIS_URL="$3" env "${storage_env[@]}" \
       "$bin/lockstep" serve --listen 127.0.0.1:0 >"$out" 2>"$work/api$i.err" &
     api_pids+=("$!"); pids+=("$!")
@@ -298,6 +292,8 @@ start_api_nodes() { # count database-url redis-url: sets api_http (comma list) a
     api_http="${api_http:+$api_http,}$http"
   done
 }
+
+sign_line() { jq -r '"\(.urls_per_sec|floor) URLs/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms per batch"'; }
 
 locks_line() { jq -r '"\(.operations_per_sec|floor) pairs/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms, \(.errors) errors"'; }
 
@@ -333,10 +329,10 @@ run_presign() {
   local batch
   for batch in 1 300; do
     "$bin/loadtest" sign --count 60000 --batch "$batch" 2>/dev/null | record >"$work/sign.lockstep"
-    echo "lockstep, batch $batch: $(jq -r '"\(.urls_per_sec|floor) URLs/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms per batch"' "$work/sign.lockstep")"
+    echo "lockstep, batch $batch: $(sign_line <"$work/sign.lockstep")"
     if python3 -c 'import boto3' 2>/dev/null; then
       python3 loadtest/presign_boto3.py --count 60000 --batch "$batch" | record >"$work/sign.boto3"
-      echo "boto3, batch $batch: $(jq -r '"\(.urls_per_sec|floor) URLs/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms per batch"' "$work/sign.boto3")"
+      echo "boto3, batch $batch: $(sign_line <"$work/sign.boto3")"
       echo "  lockstep / boto3 = $(ratio "$(jq .urls_per_sec "$work/sign.lockstep")" "$(jq .urls_per_sec "$work/sign.boto3")")"
     else
       echo "boto3 not installed (pip install boto3): no reference" >&2
