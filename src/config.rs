@@ -110,6 +110,15 @@ pub(crate) enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// The whole configuration, typed.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -138,6 +147,70 @@ pub(crate) struct JwtConfig {
     pub(crate) issuer: Option<String>,
     pub(crate) audience: Option<String>,
     pub(crate) leeway: Duration,
+}
+
+impl Config {
+    /// What this configuration runs, a line per part, without secrets (`config check`).
+    pub(crate) fn summary(&self) -> String {
+        let mut out = String::new();
+        let mut line = |name: &str, value: String| {
+            out.push_str(&format!("  {name:<14} {value}\n"));
+        };
+        line("listen", self.listen.to_string());
+        let serves = match (self.hub_enabled, self.api_enabled) {
+            (true, true) => "WebSocket hub and HTTP API",
+            (true, false) => "WebSocket hub only",
+            _ => "HTTP API only",
+        };
+        line("serves", serves.to_owned());
+        line(
+            "broker",
+            self.redis
+                .as_ref()
+                .map_or_else(|| "in-process (single node)".to_owned(), |r| redact(&r.url)),
+        );
+        line("lock store", redact(&self.database.url));
+        line(
+            "storage",
+            self.storage.as_ref().map_or_else(
+                || "not configured (presign answers 503)".to_owned(),
+                |s| {
+                    format!(
+                        "bucket {} at {}",
+                        s.bucket,
+                        s.endpoint
+                            .as_deref()
+                            .unwrap_or("the AWS endpoint of the region")
+                    )
+                },
+            ),
+        );
+        let jwt = match (&self.jwt.secret, &self.jwt.public_keys) {
+            (Some(_), Some(keys)) => format!("HS256 secret and keys from {}", keys.display()),
+            (Some(_), None) => "HS256 with the configured secret".to_owned(),
+            (None, Some(keys)) => format!("keys from {}", keys.display()),
+            (None, None) => format!(
+                "HS256 with the secret generated into {}",
+                self.data_dir.display()
+            ),
+        };
+        line("tokens", jwt);
+        line(
+            "log",
+            format!("{} at {}", self.log_format.as_str(), self.log_level),
+        );
+        out
+    }
+}
+
+/// A URL without its password, for logs and summaries.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Everything wrong with a configuration.
@@ -316,12 +389,19 @@ impl Sources {
                 LogFormat::Text
             }
         };
+        let log_level = p.raw("log.level");
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            p.error(
+                "log.level",
+                &format!("'{log_level}' is not a tracing filter: {err}"),
+            );
+        }
         let config = Config {
             listen: p.listen(),
             data_dir: PathBuf::from(p.raw("data_dir")),
             shutdown_grace: p.duration("shutdown_grace"),
             log_format,
-            log_level: p.raw("log.level"),
+            log_level,
             jwt: JwtConfig {
                 secret: p.optional("jwt.secret"),
                 public_keys: p.optional("jwt.public_keys").map(PathBuf::from),

@@ -1,6 +1,6 @@
 //! `lockstep serve`: build the node from its configuration and run it.
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, redact};
 use anyhow::Context as _;
 use api::locks::Locks;
 use api::locks::store::LockStore;
@@ -53,6 +53,11 @@ pub(crate) fn run(config: Config) -> anyhow::Result<()> {
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // tungstenite's trace output prints whole WebSocket frames, and a STOMP CONNECT frame
+    // carries the client's token: capped whatever level is configured, so no log holds one.
+    let filter = NEVER_TRACE.iter().fold(filter, |f, d| {
+        f.add_directive(d.parse().expect("a valid directive"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -65,8 +70,13 @@ fn init_tracing(config: &Config) {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let auth = Arc::new(authenticator(&config)?);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        // Histograms as Prometheus histograms (aggregatable across nodes), not summaries.
+        .set_buckets(LATENCY_BUCKETS)
+        .context("metrics buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    hub::metrics::describe();
+    api::metrics::describe();
 
     if config.database.url.starts_with("sqlite:") {
         std::fs::create_dir_all(&config.data_dir)
@@ -142,7 +152,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 migrated: migrated.clone(),
             }),
         ];
-        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || metrics.render());
+        // Histogram samples wait in the recorder until upkeep folds them into buckets; without
+        // a scrape they would pile up, so fold them on a timer too.
+        let upkeep = metrics.clone();
+        let upkeep_stop = broker_stop.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = upkeep_stop.cancelled() => return,
+                    _ = ticker.tick() => upkeep.run_upkeep(),
+                }
+            }
+        });
+        let gauges = hub.clone();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+            gauges.record_gauges();
+            metrics.render()
+        });
         let storage = match &config.storage {
             Some(settings) => {
                 info!(bucket = %settings.bucket, endpoint = ?settings.endpoint, "object storage");
@@ -220,15 +247,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
+/// Log targets held at `debug` at most: their `trace` output contains message payloads, which
+/// may hold tokens.
+const NEVER_TRACE: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
+
+/// Latency histogram buckets, in seconds: sub-millisecond broker round trips up to requests
+/// that hit the 30 s timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+];
 
 /// One line on stdout with the bound address, so scripts (and the test harness) can find a
 /// node started on port 0.
@@ -236,6 +264,44 @@ fn redact(url: &str) -> String {
 fn announce(addr: SocketAddr) {
     println!("lockstep listening on http://{addr}");
     let _ = std::io::stdout().flush();
+}
+
+/// What `serve` would refuse before binding, checked without side effects (no secret is
+/// generated, nothing connects): `config check` runs it.
+///
+/// # Errors
+///
+/// Every problem found, one line each.
+pub(crate) fn preflight(config: &Config) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    if let Some(path) = &config.jwt.public_keys {
+        match std::fs::read_to_string(path) {
+            Ok(keys) => {
+                let auth = AuthConfig {
+                    hs256_secret: config.jwt.secret.clone().map(String::into_bytes),
+                    public_keys: Some(keys),
+                    issuer: config.jwt.issuer.clone(),
+                    audience: config.jwt.audience.clone(),
+                    leeway_secs: config.jwt.leeway.as_secs(),
+                };
+                if let Err(err) = Authenticator::new(&auth) {
+                    problems.push(format!("jwt.public_keys {}: {err}", path.display()));
+                }
+            }
+            Err(err) => problems.push(format!("jwt.public_keys {}: {err}", path.display())),
+        }
+    }
+    if config.data_dir.exists() && !config.data_dir.is_dir() {
+        problems.push(format!(
+            "data_dir {} exists and is not a directory",
+            config.data_dir.display()
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {

@@ -29,6 +29,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v runuser >/dev/null || missing+=(util-linux)
 # The browser presign test puts nginx (CORS) in front of the S3-compatible server.
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+# deploy/local-cluster is linted.
+command -v shellcheck >/dev/null || missing+=(shellcheck)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -q
@@ -87,4 +89,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 log "deploy/k8s manifests against the Kubernetes 1.30 schemas"
 # Every manifest but kustomization.yaml, which has no schema there; strict: unknown fields fail.
 python3 -m kubernetes_validate -k 1.30.0 --strict --quiet $(ls deploy/k8s/*.yaml | grep -v kustomization.yaml)
+log "deploy/: Dockerfile, compose and k8s checks, and proof that each check can fail"
+shellcheck deploy/local-cluster
+python3 tests/deploy/check_deploy.py "$CARGO_TARGET_DIR/debug/lockstep"
+LOCKSTEP_BIN="$CARGO_TARGET_DIR/debug/lockstep" python3 -m unittest discover -s tests/deploy -p 'test_*.py'
 log "all tests passed"

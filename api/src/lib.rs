@@ -12,12 +12,14 @@
 //!   PostgreSQL or SQLite) and the event outbox.
 //! - [`presign`]: presigned object URLs ([`presign::Storage`], aws-sdk-s3) and upload commits.
 //! - `health`: `/healthz`, `/readyz`, `/metrics`.
+//! - [`metrics`]: the API's Prometheus metric names and the request-counting middleware.
 //! - `openapi`: the OpenAPI document at `/api/v1/openapi.json`.
 
 pub mod error;
 pub mod extract;
 mod health;
 pub mod locks;
+pub mod metrics;
 mod openapi;
 pub mod presign;
 mod publish;
@@ -37,6 +39,9 @@ use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::time::Duration;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 /// Publishes events for the API. The binary implements it over the hub.
@@ -198,22 +203,47 @@ pub fn app(state: ApiState) -> Router {
         .layer(middleware::from_fn(move |req, next| {
             with_timeout(timeout, req, next)
         }))
+        // Outside the timeout, so a request answered 503 by it is counted with that status.
+        .layer(middleware::from_fn(metrics::track))
         .layer(cors_layer(&config.cors))
-        // Added last, so outermost: the span covers everything else.
-        // Failures are logged where they happen (ApiError); a 503 from /readyz is not an error
-        // worth a log line of its own.
+        // The span covers everything inside it. It names the route template, never the raw
+        // URI: query strings may carry credentials. Failures are logged where they happen
+        // (ApiError); a 503 from /readyz is not an error worth a log line of its own.
         .layer(
             TraceLayer::new_for_http()
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG))
                 .make_span_with(|req: &Request| {
-                    let path = req
+                    let route = req
                         .extensions()
                         .get::<MatchedPath>()
-                        .map_or(req.uri().path(), MatchedPath::as_str);
-                    tracing::debug_span!("request", method = %req.method(), path)
+                        .map_or("unmatched", MatchedPath::as_str);
+                    let id = req
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!("request", method = %req.method(), route, request.id = id)
                 }),
         )
+        // Outermost: every request gets an id (kept if a proxy in front already set one),
+        // logged in its span and echoed in the response for support requests.
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeUlid))
         .with_state(state)
+}
+
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// Request ids are ULIDs: unique across nodes and sortable by time.
+#[derive(Debug, Clone, Copy)]
+struct MakeUlid;
+
+impl MakeRequestId for MakeUlid {
+    fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
+        HeaderValue::from_str(&ulid::Ulid::new().to_string())
+            .ok()
+            .map(RequestId::new)
+    }
 }
 
 async fn not_found() -> ApiError {

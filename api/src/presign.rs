@@ -207,6 +207,15 @@ pub(crate) enum Method {
     Put,
 }
 
+impl Method {
+    fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PresignRequest {
@@ -510,6 +519,7 @@ pub(crate) async fn presign(
     let signed = storage
         .presign(request.method, &key, object.content_type, start, expires)
         .await?;
+    crate::metrics::presigned(request.method.as_str(), 1);
     Ok(Json(view(&signed, start, expires)))
 }
 
@@ -587,6 +597,7 @@ pub(crate) async fn presign_batch(
             .await?;
         urls.push(view(&signed, start, expires));
     }
+    crate::metrics::presigned(request.method.as_str(), urls.len());
     Ok(Json(json!({ "urls": urls })))
 }
 
@@ -641,6 +652,7 @@ pub(crate) async fn commit(
                 format!("{f}; the upload is stored, commit again to announce it"),
             )
         })?;
+    crate::metrics::upload_committed();
     Ok(Json(
         json!({"id": id, "item": item, "name": request.name, "size": size, "etag": etag}),
     ))

@@ -16,9 +16,11 @@
 //! - [`broker`]: the [`Broker`] trait and [`MemoryBroker`].
 //! - [`redis`]: [`redis::RedisBroker`], the cluster broker on Redis (fred).
 //! - [`config`]: [`HubConfig`], every bound of a session.
+//! - [`metrics`]: the hub's Prometheus metric names and the handles hot paths keep.
 
 pub mod broker;
 pub mod config;
+pub mod metrics;
 mod outbox;
 pub mod redis;
 pub mod registry;
@@ -75,6 +77,7 @@ struct Inner {
     ids: IdGenerator,
     next_conn: AtomicU64,
     observer: Option<Arc<dyn SessionObserver>>,
+    metrics: metrics::HubMetrics,
 }
 
 struct IdGenerator(Mutex<ulid::Generator>);
@@ -123,6 +126,7 @@ impl Hub {
                 ids: IdGenerator(Mutex::new(ulid::Generator::new())),
                 next_conn: AtomicU64::new(1),
                 observer,
+                metrics: metrics::HubMetrics::new(),
             }),
         }
     }
@@ -150,11 +154,22 @@ impl Hub {
         }
         .to_json();
         let message = MessageTemplate::new(topic.as_str(), &id, event_type.as_str(), &json);
+        let started = std::time::Instant::now();
         let confirmed = self.inner.broker.publish(topic.as_str(), &message);
+        let inner = self.inner.clone();
         Box::pin(async move {
-            confirmed.await?;
-            metrics::counter!("lockstep_events_published_total").increment(1);
-            Ok(id)
+            let metrics = &inner.metrics;
+            match confirmed.await {
+                Ok(()) => {
+                    metrics.publish_seconds.record(started.elapsed());
+                    metrics.published.increment(1);
+                    Ok(id)
+                }
+                Err(err) => {
+                    metrics.publish_failures.increment(1);
+                    Err(err.into())
+                }
+            }
         })
     }
 
@@ -169,6 +184,18 @@ impl Hub {
     /// Number of open WebSocket sessions on this node.
     pub fn connection_count(&self) -> usize {
         self.inner.config.max_connections - self.inner.connections.available_permits()
+    }
+
+    /// Sets the gauges that are read off the hub's state (connections, subscriptions, topics);
+    /// called when `/metrics` is scraped.
+    pub fn record_gauges(&self) {
+        #[allow(clippy::cast_precision_loss)] // Counts far below 2^52.
+        {
+            ::metrics::gauge!(metrics::CONNECTIONS).set(self.connection_count() as f64);
+            let registry = &self.inner.registry;
+            ::metrics::gauge!(metrics::SUBSCRIPTIONS).set(registry.subscription_count() as f64);
+            ::metrics::gauge!(metrics::TOPICS).set(registry.topic_count() as f64);
+        }
     }
 
     /// Closes every session with 4010 and waits up to `grace` for their closing handshakes.

@@ -272,7 +272,7 @@ impl RedisBroker {
                     }
                     Err(RecvError::Lagged(n)) => {
                         warn!(lost = n, "fell behind Redis pub/sub; events were dropped");
-                        metrics::counter!("lockstep_broker_lagged_total").increment(n);
+                        metrics::counter!(crate::metrics::BROKER_LAGGED).increment(n);
                     }
                     Err(RecvError::Closed) => return,
                 }
@@ -293,7 +293,10 @@ impl RedisBroker {
                         return;
                     }
                     r = reconnects.recv() => match r {
-                        Ok(server) => info!(%server, "connected to Redis"),
+                        Ok(server) => {
+                            metrics::counter!(crate::metrics::REDIS_RECONNECTS).increment(1);
+                            info!(%server, "connected to Redis");
+                        }
                         Err(RecvError::Closed) => return,
                         Err(RecvError::Lagged(_)) => {}
                     },
@@ -346,6 +349,7 @@ impl RedisBroker {
                         "the pub/sub probe did not come back; forcing the subscriber to reconnect"
                     );
                     state.probe_ok.store(false, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::REDIS_PROBE_FAILURES).increment(1);
                     let _ = tokio::time::timeout(
                         Duration::from_secs(5),
                         broker.subscriber.force_reconnection(),

@@ -41,9 +41,22 @@ pub struct Delivery {
 }
 
 /// Topic → local subscribers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     topics: DashMap<String, TopicEntry>,
+    /// Resolved once: fan-out counts every event.
+    deliveries: metrics::Counter,
+    dropped: metrics::Counter,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            topics: DashMap::new(),
+            deliveries: metrics::counter!(crate::metrics::DELIVERIES),
+            dropped: metrics::counter!(crate::metrics::DELIVERIES_DROPPED),
+        }
+    }
 }
 
 /// Most distinct subscription ids one fan-out remembers frames for. Clients mostly number
@@ -129,6 +142,11 @@ impl Registry {
         self.topics.len()
     }
 
+    /// Number of subscriptions on this node, over every topic.
+    pub fn subscription_count(&self) -> usize {
+        self.topics.iter().map(|e| e.subscribers.len()).sum()
+    }
+
     /// Queues `message` for every local subscriber of `topic`. Never blocks: a subscriber whose
     /// queue is full is marked slow and will be disconnected; the others are unaffected.
     pub fn deliver(&self, topic: &str, message: &MessageTemplate) -> Delivery {
@@ -155,9 +173,9 @@ impl Registry {
                 Pushed::Closed => {}
             }
         }
-        metrics::counter!("lockstep_deliveries_total").increment(delivery.queued as u64);
+        self.deliveries.increment(delivery.queued as u64);
         if delivery.slow > 0 {
-            metrics::counter!("lockstep_slow_consumers_total").increment(delivery.slow as u64);
+            self.dropped.increment(delivery.slow as u64);
         }
         delivery
     }

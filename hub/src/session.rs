@@ -102,12 +102,12 @@ impl Ending {
 }
 
 /// Closing because the peer's heart-beats stopped.
-const HEARTBEAT_TIMEOUT: Disconnect = Disconnect {
+pub(crate) const HEARTBEAT_TIMEOUT: Disconnect = Disconnect {
     code: 4003,
     reason: "heart-beat timeout",
 };
 /// Closing because the cluster broker is unavailable (RFC 6455 "try again later").
-const UNAVAILABLE: Disconnect = Disconnect {
+pub(crate) const UNAVAILABLE: Disconnect = Disconnect {
     code: 1013,
     reason: "broker unavailable",
 };
@@ -148,7 +148,9 @@ struct Session {
 pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
     let _task = hub.inner.tracker.token();
     let conn = hub.next_conn_id();
-    let span = tracing::debug_span!(
+    // At info, so that whatever a session logs at info or above carries its connection, peer
+    // and user.
+    let span = tracing::info_span!(
         "conn",
         conn.id = conn,
         peer.addr = field::Empty,
@@ -175,15 +177,18 @@ pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
         last_read: now,
         last_write: now,
     };
-    metrics::gauge!("lockstep_ws_connections").increment(1.0);
+    metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
     session.serve_and_close().instrument(span).await;
-    metrics::gauge!("lockstep_ws_connections").decrement(1.0);
 }
 
 impl Session {
     async fn serve_and_close(mut self) {
         let ending = self.serve().await;
         debug!(?ending, "session ending");
+        crate::metrics::closed(match &ending {
+            Ending::Close { disconnect, .. } => Some(*disconnect),
+            Ending::Gone => None,
+        });
         self.finish(ending).await;
         self.cleanup();
     }
@@ -325,11 +330,14 @@ impl Session {
                 ws.feed(Message::Text(frame)).await?;
                 written += 1;
             }
+            let mut messages = 0;
             while written < MAX_BATCH {
                 let Some(frame) = outbox.pop() else { break };
                 ws.feed(Message::Text(frame)).await?;
                 written += 1;
+                messages += 1;
             }
+            hub.inner.metrics.messages_out.increment(messages);
             ws.flush().await
         };
         tokio::pin!(write);
@@ -362,6 +370,7 @@ impl Session {
 
     /// Sends a server frame directly (receipts, `CONNECTED`), bypassing the queue.
     async fn send_frame(&mut self, frame: &Frame) -> Result<(), Ending> {
+        crate::metrics::frame_out(&frame.command);
         self.write_batch(Some(Utf8Bytes::from(server::to_text(frame))))
             .await
     }
@@ -402,6 +411,7 @@ impl Session {
     }
 
     async fn on_frame(&mut self, frame: Frame) -> Result<(), Ending> {
+        crate::metrics::frame_in(&frame.command);
         let receipt = frame.header("receipt").map(str::to_owned);
         let frame = ClientFrame::try_from(frame).map_err(|err| {
             Ending::error(
@@ -748,6 +758,7 @@ impl Session {
         let goodbye = async {
             if let Some(e) = error {
                 let frame = server::error(e.message, e.receipt.as_deref(), &e.details);
+                crate::metrics::frame_out(&frame.command);
                 ws.feed(Message::Text(server::to_text(&frame).into()))
                     .await?;
             }

@@ -128,7 +128,11 @@ impl Subscriptions {
             }
             let mut failed = false;
             if !subscribe.is_empty() {
-                match broker.subscribe(&subscribe).await {
+                let started = std::time::Instant::now();
+                let result = broker.subscribe(&subscribe).await;
+                metrics::histogram!(crate::metrics::BROKER_SUBSCRIBE_SECONDS)
+                    .record(started.elapsed());
+                match result {
                     Ok(()) => {
                         subscribed.extend(subscribe.iter().cloned());
                         confirm.append(&mut subscribe);

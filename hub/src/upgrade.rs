@@ -86,6 +86,7 @@ pub(crate) async fn handler(
 }
 
 async fn close_at_once(mut socket: WebSocket, disconnect: Disconnect) {
+    crate::metrics::closed(Some(disconnect));
     let frame = CloseFrame {
         code: disconnect.code,
         reason: disconnect.reason.into(),

@@ -251,6 +251,39 @@ async fn redis_restart_keeps_every_subscription() {
     publisher.await.unwrap();
     let outcomes = outcomes.lock().clone();
 
+    // The operator sees it: each node counted the reconnect, and the publishes refused during
+    // the outage.
+    for node in &nodes {
+        let text = reqwest::get(format!("{}/metrics", node.http()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let reconnects = crate::ops::sample(&text, "lockstep_redis_reconnects_total", &[]);
+        assert!(reconnects >= 1.0, "reconnects {reconnects}:\n{text}");
+    }
+    let failures: f64 = {
+        let mut sum = 0.0;
+        for node in &nodes {
+            let text = reqwest::get(format!("{}/metrics", node.http()))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            sum += crate::ops::sample(&text, "lockstep_publish_failures_total", &[]);
+        }
+        sum
+    };
+    let refused_count = outcomes.iter().filter(|o| o.1 == 503).count();
+    #[allow(clippy::cast_precision_loss)]
+    let refused_count = refused_count as f64;
+    assert!(
+        failures >= refused_count,
+        "{failures} publish failures counted for {refused_count} refusals"
+    );
+
     // Publishes during the outage were refused, and quickly.
     let refused: Vec<_> = outcomes.iter().filter(|o| o.1 != 202).collect();
     assert!(

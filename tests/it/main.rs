@@ -3,10 +3,12 @@
 mod api;
 mod clients;
 mod cluster;
+mod deploy;
 mod fanout;
 mod lifecycle;
 mod load;
 mod locks;
+mod ops;
 mod presign;
 mod stomp;
 

@@ -172,6 +172,11 @@ impl Lockstep {
         }
     }
 
+    /// The node's HS256 secret.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }

@@ -293,6 +293,7 @@ fn session(session: Option<String>) -> Result<Option<String>, ApiError> {
 }
 
 fn held(lock: &LockState) -> ApiError {
+    crate::metrics::lock_conflict();
     ApiError::Conflict {
         code: "lock_held",
         message: format!(
@@ -307,6 +308,7 @@ fn held(lock: &LockState) -> ApiError {
 }
 
 fn lost(item: &str) -> ApiError {
+    crate::metrics::lock_lost();
     ApiError::Conflict {
         code: "lock_lost",
         message: format!(
@@ -524,6 +526,7 @@ pub(crate) async fn acquire_batch(
             Ok(Json(json!({ "locks": views })))
         }
         BatchAcquired::Blocked(blockers) => {
+            crate::metrics::lock_conflict();
             let list: Vec<serde_json::Value> = blockers
                 .iter()
                 .map(|l| json!({"item": l.item, "holder": l.holder, "expires_at": rfc3339(l.expires_at)}))

@@ -34,7 +34,10 @@ pub(crate) async fn publish(
             continue;
         };
         match publisher.publish(&topic, &event_type, &data).await {
-            Ok(_) => done.push(event.id),
+            Ok(_) => {
+                crate::metrics::lock_event(&event.topic, &event.event_type);
+                done.push(event.id);
+            }
             Err(err) => {
                 warn!(%err, id = event.id, "lock event not published yet; a sweeper will retry");
                 break;

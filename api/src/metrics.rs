@@ -1,0 +1,125 @@
+//! The API's Prometheus metrics: names, help texts, and the request-counting middleware.
+//!
+//! Lock state changes are counted from the events they publish after commit (every grant,
+//! release, expiry and takeover publishes exactly one event to the team topic), so the sum over
+//! all nodes is the cluster's count, whichever node announced an expiry or a dead node's events.
+
+use ::metrics::{Unit, describe_counter, describe_histogram};
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use std::time::Instant;
+
+pub const HTTP_REQUESTS: &str = "lockstep_http_requests_total";
+pub const HTTP_SECONDS: &str = "lockstep_http_request_duration_seconds";
+pub const LOCK_GRANTS: &str = "lockstep_lock_grants_total";
+pub const LOCK_RELEASES: &str = "lockstep_lock_releases_total";
+pub const LOCK_EXPIRIES: &str = "lockstep_lock_expiries_total";
+pub const LOCK_TAKEOVERS: &str = "lockstep_lock_takeovers_total";
+pub const LOCK_CONFLICTS: &str = "lockstep_lock_conflicts_total";
+pub const LOCK_LOST: &str = "lockstep_lock_lost_total";
+pub const PRESIGNED_URLS: &str = "lockstep_presigned_urls_total";
+pub const UPLOADS_COMMITTED: &str = "lockstep_uploads_committed_total";
+
+/// Registers help texts and units. Call once, after the recorder is installed.
+pub fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by method, route template and status."
+    );
+    describe_histogram!(
+        HTTP_SECONDS,
+        Unit::Seconds,
+        "HTTP request latency, by method and route template."
+    );
+    describe_counter!(
+        LOCK_GRANTS,
+        "Locks granted to a new holder (lock.acquired events published)."
+    );
+    describe_counter!(
+        LOCK_RELEASES,
+        "Locks released by their holder or after their session closed."
+    );
+    describe_counter!(
+        LOCK_EXPIRIES,
+        "Locks whose TTL ran out (lock.expired events published)."
+    );
+    describe_counter!(LOCK_TAKEOVERS, "Locks ended by an admin's forced takeover.");
+    describe_counter!(
+        LOCK_CONFLICTS,
+        "Lock requests refused because another user holds the item (409 lock_held)."
+    );
+    describe_counter!(
+        LOCK_LOST,
+        "Requests with a token whose grant is over (410 lock_lost)."
+    );
+    describe_counter!(PRESIGNED_URLS, "Presigned object URLs issued, by method.");
+    describe_counter!(
+        UPLOADS_COMMITTED,
+        "Uploads confirmed by a commit (item.updated published)."
+    );
+}
+
+/// Counts a lock event that went out, if it is a team-topic state change. The copy of an
+/// expiry or takeover sent to the previous holder's user topic is the same change, not counted.
+pub(crate) fn lock_event(topic: &str, event_type: &str) {
+    if !topic.starts_with("/team/") {
+        return;
+    }
+    let name = match event_type {
+        "lock.acquired" => LOCK_GRANTS,
+        "lock.released" => LOCK_RELEASES,
+        "lock.expired" => LOCK_EXPIRIES,
+        "lock.taken_over" => LOCK_TAKEOVERS,
+        _ => return,
+    };
+    ::metrics::counter!(name).increment(1);
+}
+
+pub(crate) fn lock_conflict() {
+    ::metrics::counter!(LOCK_CONFLICTS).increment(1);
+}
+
+pub(crate) fn lock_lost() {
+    ::metrics::counter!(LOCK_LOST).increment(1);
+}
+
+pub(crate) fn presigned(method: &'static str, urls: usize) {
+    ::metrics::counter!(PRESIGNED_URLS, "method" => method).increment(urls as u64);
+}
+
+pub(crate) fn upload_committed() {
+    ::metrics::counter!(UPLOADS_COMMITTED).increment(1);
+}
+
+/// Counts every request by route template (never the raw path, which would let clients create
+/// series) and records its latency.
+pub(crate) async fn track(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = method_label(request.method());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    ::metrics::counter!(HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status)
+        .increment(1);
+    ::metrics::histogram!(HTTP_SECONDS, "method" => method, "route" => route)
+        .record(started.elapsed());
+    response
+}
+
+/// Standard methods by name; anything else (clients may invent methods) as `other`.
+fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}

@@ -1,0 +1,188 @@
+//! The hub's Prometheus metrics: their names, help texts, and the handles hot paths keep.
+//!
+//! Metrics go through the `metrics` facade; the binary installs the Prometheus recorder before
+//! it builds the hub, and without one every handle is a no-op (unit tests). Handles on paths that
+//! run per delivery or per write are resolved once, when the hub is built, so they cost an atomic
+//! add rather than a registry lookup; rare events (a close, a refused frame) use the macros.
+//!
+//! Gauges (connections, subscriptions, topics) are set when `/metrics` is scraped, from the
+//! registry itself, so they can never drift from the truth.
+
+use ::metrics::{Counter, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
+use protocol::{Command, Disconnect};
+
+pub const CONNECTIONS: &str = "lockstep_ws_connections";
+pub const CONNECTIONS_OPENED: &str = "lockstep_ws_connections_opened_total";
+pub const CLOSES: &str = "lockstep_ws_closes_total";
+pub const SUBSCRIPTIONS: &str = "lockstep_subscriptions";
+pub const TOPICS: &str = "lockstep_topics";
+pub const FRAMES_IN: &str = "lockstep_frames_in_total";
+pub const FRAMES_OUT: &str = "lockstep_frames_out_total";
+pub const DELIVERIES: &str = "lockstep_deliveries_total";
+pub const DELIVERIES_DROPPED: &str = "lockstep_deliveries_dropped_total";
+pub const EVENTS_PUBLISHED: &str = "lockstep_events_published_total";
+pub const PUBLISH_FAILURES: &str = "lockstep_publish_failures_total";
+pub const BROKER_PUBLISH_SECONDS: &str = "lockstep_broker_publish_seconds";
+pub const BROKER_SUBSCRIBE_SECONDS: &str = "lockstep_broker_subscribe_seconds";
+pub const BROKER_LAGGED: &str = "lockstep_broker_lagged_total";
+pub const REDIS_RECONNECTS: &str = "lockstep_redis_reconnects_total";
+pub const REDIS_PROBE_FAILURES: &str = "lockstep_redis_probe_failures_total";
+
+/// Registers help texts and units. Call once, after the recorder is installed.
+pub fn describe() {
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node.");
+    describe_counter!(
+        CONNECTIONS_OPENED,
+        "WebSocket connections accepted (upgraded) since start."
+    );
+    describe_counter!(
+        CLOSES,
+        "WebSocket connections ended, by close code (`peer`: the client or the network ended it)."
+    );
+    describe_gauge!(SUBSCRIPTIONS, "STOMP subscriptions held on this node.");
+    describe_gauge!(TOPICS, "Topics with at least one subscriber on this node.");
+    describe_counter!(FRAMES_IN, "STOMP frames received, by command.");
+    describe_counter!(
+        FRAMES_OUT,
+        "STOMP frames sent, by command (heart-beats not counted)."
+    );
+    describe_counter!(
+        DELIVERIES,
+        "MESSAGE frames queued for local subscribers (one per subscriber per event)."
+    );
+    describe_counter!(
+        DELIVERIES_DROPPED,
+        "Deliveries refused because the subscriber's queue was full; that connection is closed with 4008."
+    );
+    describe_counter!(
+        EVENTS_PUBLISHED,
+        "Events the broker confirmed, from STOMP SEND and the HTTP API."
+    );
+    describe_counter!(
+        PUBLISH_FAILURES,
+        "Events the broker refused or could not take (the publisher got an error)."
+    );
+    describe_histogram!(
+        BROKER_PUBLISH_SECONDS,
+        Unit::Seconds,
+        "Time from an event's publish to the broker's confirmation."
+    );
+    describe_histogram!(
+        BROKER_SUBSCRIBE_SECONDS,
+        Unit::Seconds,
+        "Time for one broker subscribe call (a batch of topics)."
+    );
+    describe_counter!(
+        BROKER_LAGGED,
+        "Events lost because this node fell behind the Redis pub/sub connection."
+    );
+    describe_counter!(
+        REDIS_RECONNECTS,
+        "Connections and reconnections of the Redis pub/sub connection."
+    );
+    describe_counter!(
+        REDIS_PROBE_FAILURES,
+        "Pub/sub probes that did not come back, each forcing a resubscribe."
+    );
+}
+
+/// Handles the per-event and per-write paths use.
+#[derive(Debug, Clone)]
+pub(crate) struct HubMetrics {
+    pub(crate) messages_out: Counter,
+    pub(crate) published: Counter,
+    pub(crate) publish_failures: Counter,
+    pub(crate) publish_seconds: Histogram,
+}
+
+impl HubMetrics {
+    pub(crate) fn new() -> HubMetrics {
+        HubMetrics {
+            messages_out: ::metrics::counter!(FRAMES_OUT, "command" => "MESSAGE"),
+            published: ::metrics::counter!(EVENTS_PUBLISHED),
+            publish_failures: ::metrics::counter!(PUBLISH_FAILURES),
+            publish_seconds: ::metrics::histogram!(BROKER_PUBLISH_SECONDS),
+        }
+    }
+}
+
+/// Counts a frame a client sent. Unknown commands share one label, so a client cannot grow the
+/// number of series.
+pub(crate) fn frame_in(command: &Command) {
+    let label = match command {
+        Command::Unknown(_) => "other",
+        known => command_label(known),
+    };
+    ::metrics::counter!(FRAMES_IN, "command" => label).increment(1);
+}
+
+/// Counts a frame the server sent itself (not a fan-out `MESSAGE`).
+pub(crate) fn frame_out(command: &Command) {
+    ::metrics::counter!(FRAMES_OUT, "command" => command_label(command)).increment(1);
+}
+
+/// Counts a connection's end: the close code the server sent, or `peer`.
+pub(crate) fn closed(disconnect: Option<Disconnect>) {
+    let code = match disconnect {
+        Some(d) => close_label(d.code),
+        None => "peer",
+    };
+    ::metrics::counter!(CLOSES, "code" => code).increment(1);
+}
+
+fn command_label(command: &Command) -> &'static str {
+    match command {
+        Command::Connect => "CONNECT",
+        Command::Stomp => "STOMP",
+        Command::Send => "SEND",
+        Command::Subscribe => "SUBSCRIBE",
+        Command::Unsubscribe => "UNSUBSCRIBE",
+        Command::Ack => "ACK",
+        Command::Nack => "NACK",
+        Command::Begin => "BEGIN",
+        Command::Commit => "COMMIT",
+        Command::Abort => "ABORT",
+        Command::Disconnect => "DISCONNECT",
+        Command::Connected => "CONNECTED",
+        Command::Message => "MESSAGE",
+        Command::Receipt => "RECEIPT",
+        Command::Error => "ERROR",
+        Command::Unknown(_) => "other",
+    }
+}
+
+/// Close codes as static labels: the ones the hub sends, anything else as `other`.
+fn close_label(code: u16) -> &'static str {
+    match code {
+        1000 => "1000",
+        1001 => "1001",
+        1013 => "1013",
+        4000 => "4000",
+        4001 => "4001",
+        4002 => "4002",
+        4003 => "4003",
+        4004 => "4004",
+        4008 => "4008",
+        4009 => "4009",
+        4010 => "4010",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_close_code_the_hub_sends_has_its_own_label() {
+        for d in Disconnect::ALL {
+            assert_eq!(close_label(d.code), d.code.to_string(), "{d:?}");
+        }
+        for d in [
+            crate::session::HEARTBEAT_TIMEOUT,
+            crate::session::UNAVAILABLE,
+        ] {
+            assert_eq!(close_label(d.code), d.code.to_string(), "{d:?}");
+        }
+    }
+}
