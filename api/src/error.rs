@@ -10,6 +10,24 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
+/// The body of every error answer, as the OpenAPI document describes it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorDetail {
+    /// Stable and machine-readable: `lock_held`, `invalid_body`, `broker_unavailable`, …
+    #[schema(example = "lock_held")]
+    code: String,
+    /// For people; safe to show.
+    message: String,
+    /// Structured context when there is some (the holder of a lock, a batch index).
+    #[schema(value_type = Option<Value>)]
+    details: Option<Value>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// 400: the request is not what the endpoint reads (bad JSON, bad query).

@@ -1,6 +1,15 @@
-//! The OpenAPI document, generated from the handlers' annotations.
+//! The OpenAPI 3.1 document at `/api/v1/openapi.json`.
+//!
+//! Operations, request and response bodies come from the handlers' annotations and types. What
+//! every operation shares is added here, once, so it cannot be forgotten on one of them: the
+//! `{team}`/`{item}` path parameters and their id pattern, the error answers (always
+//! [`ErrorBody`](crate::error::ErrorBody)), and the bounds that are this node's configuration
+//! (TTLs, batch sizes), so a client generated from the document refuses what the node refuses.
 
+use crate::ApiState;
 use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -21,6 +30,7 @@ use utoipa::{Modify, OpenApi};
         crate::presign::presign_batch,
         crate::presign::commit,
     ),
+    components(schemas(crate::error::ErrorBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -42,6 +52,159 @@ impl Modify for BearerAuth {
     }
 }
 
-pub(crate) async fn document() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// User, team and item ids (`protocol::topic::is_valid_id`).
+const ID_PATTERN: &str = r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$";
+
+pub(crate) async fn document(State(state): State<ApiState>) -> Json<Value> {
+    Json(build(&state))
+}
+
+/// The document for this node's configuration.
+fn build(state: &ApiState) -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
+    add_shared(&mut doc);
+    let inner = &state.inner;
+    set_max_items(&mut doc, "BatchRequest", "events", inner.config.max_batch);
+    if let Some(locks) = &inner.locks {
+        let config = locks.config();
+        let (min, max) = (config.min_ttl.as_millis(), config.max_ttl.as_millis());
+        for schema in ["AcquireRequest", "RenewRequest", "BatchAcquireRequest"] {
+            if let Some(ttl) = property(&mut doc, schema, "ttl_ms") {
+                ttl["minimum"] = json!(min);
+                ttl["maximum"] = json!(max);
+            }
+        }
+        for schema in ["BatchAcquireRequest", "BatchReleaseRequest"] {
+            set_max_items(&mut doc, schema, "items", config.max_batch);
+        }
+    }
+    if let Some(storage) = &inner.storage {
+        set_max_items(
+            &mut doc,
+            "BatchPresignRequest",
+            "objects",
+            storage.config().max_batch,
+        );
+    }
+    doc
+}
+
+fn property<'a>(doc: &'a mut Value, schema: &str, field: &str) -> Option<&'a mut Value> {
+    doc.pointer_mut(&format!("/components/schemas/{schema}/properties/{field}"))
+}
+
+fn set_max_items(doc: &mut Value, schema: &str, field: &str, max: usize) {
+    if let Some(list) = property(doc, schema, field) {
+        list["maxItems"] = json!(max);
+    }
+}
+
+/// Adds what every operation has: path parameters, id patterns, error answers.
+fn add_shared(doc: &mut Value) {
+    if let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    {
+        schemas.insert(
+            "Id".to_owned(),
+            json!({
+                "type": "string",
+                "pattern": ID_PATTERN,
+                "description": "A user, team or item id: [A-Za-z0-9_.:-]{1,128}, not '.' or '..'.",
+                "example": "t1",
+            }),
+        );
+    }
+    // Ids inside bodies.
+    if let Some(items) = property(doc, "BatchAcquireRequest", "items") {
+        items["items"] = json!({"$ref": "#/components/schemas/Id"});
+    }
+    if let Some(item) = property(doc, "BatchReleaseItem", "item") {
+        *item = json!({"$ref": "#/components/schemas/Id"});
+    }
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for operation in operations.values_mut() {
+            add_path_parameters(path, operation);
+            add_error_answers(operation);
+        }
+    }
+}
+
+fn add_path_parameters(path: &str, operation: &mut Value) {
+    let mut parameters: Vec<Value> = path
+        .split('/')
+        .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| {
+            json!({
+                "name": name,
+                "in": "path",
+                "required": true,
+                "schema": {"$ref": "#/components/schemas/Id"},
+            })
+        })
+        .collect();
+    if let Some(existing) = operation.get("parameters").and_then(Value::as_array) {
+        parameters.extend(existing.iter().cloned());
+    }
+    if !parameters.is_empty() {
+        operation["parameters"] = Value::Array(parameters);
+    }
+}
+
+/// Every error answer the API can give for this operation, each with the error body.
+fn add_error_answers(operation: &mut Value) {
+    let has_body = operation.get("requestBody").is_some();
+    let has_input = has_body
+        || operation
+            .get("parameters")
+            .and_then(Value::as_array)
+            .is_some_and(|p| !p.is_empty());
+    let mut statuses = vec![
+        ("401", "no token, or an invalid or expired one"),
+        (
+            "403",
+            "the token does not allow this (scope, team membership, admin rights)",
+        ),
+        (
+            "503",
+            "a dependency is down or not configured, or the request timed out; nothing was changed",
+        ),
+    ];
+    if has_input {
+        statuses.push((
+            "400",
+            "the request cannot be read (JSON syntax, content type, path or query)",
+        ));
+        statuses.push((
+            "422",
+            "well-formed but invalid (ids, names, bounds); the body says which field",
+        ));
+    }
+    if has_body {
+        statuses.push(("413", "the body or a batch is too large"));
+    }
+    let Some(responses) = operation
+        .get_mut("responses")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    for (status, description) in statuses {
+        responses
+            .entry(status)
+            .or_insert_with(|| json!({"description": description}));
+    }
+    for (status, response) in responses.iter_mut() {
+        if status.starts_with('4') || status.starts_with('5') {
+            response["content"] = json!({
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+            });
+        }
+    }
 }

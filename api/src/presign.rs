@@ -9,12 +9,12 @@
 
 use crate::ApiState;
 use crate::error::ApiError;
-use crate::extract::{ApiJson, Caller};
+use crate::extract::{ApiJson, ApiPath, Caller, whole};
 use crate::locks::rfc3339;
 use crate::locks::store::LockState;
 use aws_sdk_s3::presigning::{PresignedRequest, PresigningConfig};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use protocol::topic::is_valid_id;
 use protocol::{EventType, Principal, Scope, Topic};
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,10 @@ pub struct Storage {
 }
 
 impl Storage {
+    pub fn config(&self) -> &StorageConfig {
+        &self.config
+    }
+
     /// Builds the client. Resolves credentials from the AWS chain when none are configured.
     pub async fn new(config: StorageConfig) -> Storage {
         let mut builder = aws_sdk_s3::config::Builder::new()
@@ -221,23 +225,39 @@ impl Method {
 pub(crate) struct PresignRequest {
     method: Method,
     /// Object name within the item: `[A-Za-z0-9._-]` segments separated by `/`.
-    #[schema(example = "frames/000123.pcd")]
+    #[schema(
+        example = "frames/000123.pcd",
+        pattern = r"^(?!\.\.?(?:/|$))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)*$",
+        max_length = 512
+    )]
     name: String,
     /// Signed into PUT URLs: the upload must send exactly this `content-type`.
+    #[schema(pattern = r"^[ -~]*/[ -~]*$", max_length = 255)]
     content_type: Option<String>,
     /// Seconds; capped by the configured maximum and, for PUT, by the lock's expiry.
+    #[serde(default, deserialize_with = "whole::opt")]
+    #[schema(minimum = 1, maximum = 604_800)]
     expires_in: Option<u64>,
     /// The lock's fencing token; required for PUT.
+    #[serde(default, deserialize_with = "whole::opt")]
     token: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchObject {
+    #[schema(pattern = r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$", example = "doc-1")]
     item: String,
+    #[schema(
+        example = "frames/000123.pcd",
+        pattern = r"^(?!\.\.?(?:/|$))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)*$",
+        max_length = 512
+    )]
     name: String,
+    #[schema(pattern = r"^[ -~]*/[ -~]*$", max_length = 255)]
     content_type: Option<String>,
     /// For PUT: the token of this item's lock.
+    #[serde(default, deserialize_with = "whole::opt")]
     token: Option<i64>,
 }
 
@@ -245,8 +265,29 @@ pub(crate) struct BatchObject {
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchPresignRequest {
     method: Method,
+    #[schema(min_items = 1)]
     objects: Vec<BatchObject>,
+    #[serde(default, deserialize_with = "whole::opt")]
+    #[schema(minimum = 1, maximum = 604_800)]
     expires_in: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PresignedBatch {
+    /// One per object, in request order.
+    urls: Vec<Presigned>,
+}
+
+/// An announced upload.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Committed {
+    /// The `item.updated` event's id.
+    id: String,
+    item: String,
+    name: String,
+    /// Bytes, as the object storage reports them.
+    size: i64,
+    etag: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -261,7 +302,13 @@ pub(crate) struct Presigned {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CommitRequest {
+    #[serde(deserialize_with = "whole::int")]
     token: i64,
+    #[schema(
+        example = "frames/000123.pcd",
+        pattern = r"^(?!\.\.?(?:/|$))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)*$",
+        max_length = 512
+    )]
     name: String,
 }
 
@@ -360,6 +407,10 @@ fn validate(object: &Object<'_>, method: Method, index: Option<usize>) -> Result
 
 /// The lifetime of a URL: requested (or default), capped by the maximum and, for a write, by
 /// the lock's remaining life (`lock_left_ms`).
+/// Longest `expires_in` a request may name: SigV4's own limit, 7 days. Anything up to it is
+/// accepted and capped at `s3.max_expires`; more is a mistake worth telling the client about.
+pub(crate) const MAX_EXPIRES_IN: u64 = 604_800;
+
 fn lifetime(
     config: &StorageConfig,
     requested: Option<u64>,
@@ -372,10 +423,12 @@ fn lifetime(
         .min(config.max_expires)
         .as_secs();
     let mut expires = Duration::from_secs(seconds);
-    if requested == Some(0) {
+    if requested.is_some_and(|r| r == 0 || r > MAX_EXPIRES_IN) {
         return Err(ApiError::invalid(
             "invalid_expires_in",
-            "expires_in must be at least 1 second",
+            format!(
+                "expires_in must be between 1 and {MAX_EXPIRES_IN} seconds (longer requests are capped at the configured maximum)"
+            ),
         ));
     }
     if let Some(left) = lock_left_ms {
@@ -488,12 +541,12 @@ fn view(signed: &PresignedRequest, start: SystemTime, expires: Duration) -> Pres
 
 /// Signs one URL to read (any member) or write (the lock holder) an item's object.
 #[utoipa::path(post, path = "/api/v1/teams/{team}/items/{item}/presign", request_body = PresignRequest,
-    responses((status = 200, body = Presigned), (status = 403), (status = 409), (status = 410), (status = 422), (status = 503)),
+    responses((status = 200, description = "the signed URL", body = Presigned), (status = 409, description = "the item is locked by another user, or the lock expires within a second"), (status = 410, description = "the token's grant is over")),
     security(("bearer" = [])))]
 pub(crate) async fn presign(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path((team, item)): Path<(String, String)>,
+    ApiPath((team, item)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<PresignRequest>,
 ) -> Result<Json<Presigned>, ApiError> {
     authorize(&caller, &team)?;
@@ -526,14 +579,14 @@ pub(crate) async fn presign(
 /// Signs many URLs at once (a frame sequence), all validated before any is made, answered in
 /// request order.
 #[utoipa::path(post, path = "/api/v1/teams/{team}/presign/batch", request_body = BatchPresignRequest,
-    responses((status = 200), (status = 403), (status = 409), (status = 413), (status = 422), (status = 503)),
+    responses((status = 200, description = "the signed URLs, in request order", body = PresignedBatch), (status = 409, description = "an item is locked by another user, or a lock expires within a second"), (status = 410, description = "an item's token is no longer current")),
     security(("bearer" = [])))]
 pub(crate) async fn presign_batch(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path(team): Path<String>,
+    ApiPath(team): ApiPath<String>,
     ApiJson(request): ApiJson<BatchPresignRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<PresignedBatch>, ApiError> {
     authorize(&caller, &team)?;
     let storage = storage(&state)?;
     let max = storage.config.max_batch;
@@ -598,19 +651,19 @@ pub(crate) async fn presign_batch(
         urls.push(view(&signed, start, expires));
     }
     crate::metrics::presigned(request.method.as_str(), urls.len());
-    Ok(Json(json!({ "urls": urls })))
+    Ok(Json(PresignedBatch { urls }))
 }
 
 /// Confirms an upload: the lock and token are still current and the object exists; then
 /// `item.updated` goes to the team.
 #[utoipa::path(post, path = "/api/v1/teams/{team}/items/{item}/commit", request_body = CommitRequest,
-    responses((status = 200), (status = 404), (status = 409), (status = 410), (status = 503)), security(("bearer" = [])))]
+    responses((status = 200, description = "announced as item.updated", body = Committed), (status = 404, description = "no such object: upload it first"), (status = 409, description = "the item is locked by another user"), (status = 410, description = "the token's grant is over")), security(("bearer" = [])))]
 pub(crate) async fn commit(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path((team, item)): Path<(String, String)>,
+    ApiPath((team, item)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<CommitRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Committed>, ApiError> {
     authorize(&caller, &team)?;
     let storage = storage(&state)?;
     validate(
@@ -653,9 +706,13 @@ pub(crate) async fn commit(
             )
         })?;
     crate::metrics::upload_committed();
-    Ok(Json(
-        json!({"id": id, "item": item, "name": request.name, "size": size, "etag": etag}),
-    ))
+    Ok(Json(Committed {
+        id,
+        item,
+        name: request.name,
+        size,
+        etag,
+    }))
 }
 
 #[cfg(test)]
@@ -705,6 +762,8 @@ mod tests {
             Duration::from_secs(30)
         );
         assert!(lifetime(&config, Some(0), None).is_err());
+        assert!(lifetime(&config, Some(MAX_EXPIRES_IN + 1), None).is_err());
+        assert!(lifetime(&config, Some(MAX_EXPIRES_IN), None).is_ok());
         assert!(lifetime(&config, None, Some(500)).is_err());
     }
 }

@@ -17,14 +17,21 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub(crate) struct PublishRequest {
     /// `/user/{id}`, `/team/{id}` or `/global`.
-    #[schema(example = "/team/t1")]
+    #[schema(
+        example = "/team/t1",
+        pattern = r"^/(?:global|(?:user|team)/(?!\.\.?$)[A-Za-z0-9_.:-]{1,128})$"
+    )]
     topic: String,
     /// Event type, e.g. `job.progress`.
     #[serde(rename = "type")]
-    #[schema(example = "job.progress")]
+    #[schema(
+        example = "job.progress",
+        pattern = r"^[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+$",
+        max_length = 128
+    )]
     event_type: String,
     /// Any JSON; delivered byte for byte.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     data: Box<RawValue>,
 }
 
@@ -37,6 +44,7 @@ pub(crate) struct Published {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchRequest {
+    #[schema(min_items = 1)]
     events: Vec<PublishRequest>,
 }
 
@@ -48,7 +56,7 @@ pub(crate) struct BatchPublished {
 
 /// Publishes one event.
 #[utoipa::path(post, path = "/api/v1/publish", request_body = PublishRequest,
-    responses((status = 202, body = Published), (status = 401), (status = 403), (status = 422), (status = 429), (status = 503)),
+    responses((status = 202, description = "accepted by the broker", body = Published), (status = 429, description = "the token's publish rate is exceeded; see Retry-After")),
     security(("bearer" = [])))]
 pub(crate) async fn publish(
     State(state): State<ApiState>,
@@ -68,7 +76,7 @@ pub(crate) async fn publish(
 
 /// Publishes several events, in order. All are validated before any is sent.
 #[utoipa::path(post, path = "/api/v1/publish/batch", request_body = BatchRequest,
-    responses((status = 202, body = BatchPublished), (status = 401), (status = 403), (status = 413), (status = 422), (status = 429), (status = 503)),
+    responses((status = 202, description = "every event accepted by the broker", body = BatchPublished), (status = 429, description = "the token's publish rate is exceeded; see Retry-After")),
     security(("bearer" = [])))]
 pub(crate) async fn publish_batch(
     State(state): State<ApiState>,

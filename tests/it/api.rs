@@ -299,3 +299,57 @@ async fn health_openapi_metrics_and_cors() {
             .is_none()
     );
 }
+
+/// Found by schemathesis against the OpenAPI document: serde took a struct from a JSON array,
+/// query and path rejections were plain text, `60000.0` was refused as an integer, and a JSON
+/// `null` body was refused where the body is optional.
+#[tokio::test]
+async fn bodies_queries_and_paths_are_read_as_the_document_says() {
+    let node = Lockstep::start();
+    let token = node.token("ana", &["t1"], "publish locks");
+    let raw = |method: &str, path: &str, body: &str| {
+        let request = reqwest::Client::new()
+            .request(method.parse().unwrap(), format!("{}{path}", node.http()))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.expect("every answer is JSON");
+            (status, body)
+        }
+    };
+    let lock = "/api/v1/teams/t1/items/i1/lock";
+
+    // An array is not an object, even if its elements line up with the fields.
+    let (status, body) = raw("POST", "/api/v1/publish", r#"["/team/t1","a.b",{}]"#).await;
+    assert_eq!((status, code(&body)), (422, "invalid_body"), "{body}");
+    let (status, body) = raw("POST", lock, "[60000, null]").await;
+    assert_eq!((status, code(&body)), (422, "invalid_body"), "{body}");
+
+    // `null` is "no body" where the body is optional; whole floats are integers.
+    let (status, body) = raw("POST", lock, "null").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = raw("POST", lock, r#"{"ttl_ms": 60000.0}"#).await;
+    assert_eq!(status, 200, "{body}");
+    for bad in [r#"{"ttl_ms": 60000.5}"#, r#"{"ttl_ms": 1e300}"#] {
+        let (status, body) = raw("POST", lock, bad).await;
+        assert_eq!(
+            (status, code(&body)),
+            (422, "invalid_body"),
+            "{bad}: {body}"
+        );
+    }
+    let renewed = format!(r#"{{"token": {}.0}}"#, body["token"]);
+    let (status, body) = raw("PUT", lock, &renewed).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Queries and paths that cannot be read answer in the error format.
+    let (status, body) = raw("DELETE", &format!("{lock}?token=99999999999999999999"), "").await;
+    assert_eq!((status, code(&body)), (400, "invalid_query"), "{body}");
+    let (status, body) = raw("DELETE", &format!("{lock}?force=maybe"), "").await;
+    assert_eq!((status, code(&body)), (400, "invalid_query"), "{body}");
+    let (status, body) = raw("GET", "/api/v1/teams/t1/items/%FF/lock", "").await;
+    assert_eq!((status, code(&body)), (400, "invalid_path"), "{body}");
+}

@@ -8,6 +8,7 @@ mod fanout;
 mod lifecycle;
 mod load;
 mod locks;
+mod openapi;
 mod ops;
 mod presign;
 mod stomp;

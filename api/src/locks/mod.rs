@@ -7,10 +7,10 @@ pub mod outbox;
 pub mod store;
 
 use crate::error::ApiError;
-use crate::extract::{ApiJson, Caller};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller, whole};
 use crate::{ApiState, EventPublisher};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use protocol::topic::is_valid_id;
@@ -22,7 +22,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use store::{Acquired, BatchAcquired, LockState, LockStore, StoreError, TokenCheck};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 /// Lock settings.
 #[derive(Debug, Clone)]
@@ -125,6 +125,10 @@ impl Locks {
     pub fn store(&self) -> &LockStore {
         &self.store
     }
+
+    pub fn config(&self) -> &LockConfig {
+        &self.config
+    }
 }
 
 /// RFC 3339 with milliseconds, UTC, from ms since the epoch.
@@ -167,26 +171,32 @@ impl From<LockState> for LockView {
 #[serde(deny_unknown_fields)]
 pub(crate) struct AcquireRequest {
     /// Lifetime in milliseconds; the configured default when absent.
+    #[serde(default, deserialize_with = "whole::opt")]
     ttl_ms: Option<u64>,
     /// The `session` header of `CONNECTED`: the lock is released shortly after that WebSocket
     /// closes.
+    #[schema(pattern = r"^[!-~]{1,128}$")]
     session: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RenewRequest {
+    #[serde(deserialize_with = "whole::int")]
     token: i64,
+    #[serde(default, deserialize_with = "whole::opt")]
     ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReleaseRequest {
+    #[serde(default, deserialize_with = "whole::opt")]
     token: Option<i64>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ReleaseQuery {
     /// `true`: a team admin ends whoever's lock is live (takeover).
     #[serde(default)]
@@ -198,8 +208,11 @@ pub(crate) struct ReleaseQuery {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchAcquireRequest {
+    #[schema(min_items = 1)]
     items: Vec<String>,
+    #[serde(default, deserialize_with = "whole::opt")]
     ttl_ms: Option<u64>,
+    #[schema(pattern = r"^[!-~]{1,128}$")]
     session: Option<String>,
 }
 
@@ -207,13 +220,50 @@ pub(crate) struct BatchAcquireRequest {
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchReleaseItem {
     item: String,
+    #[serde(deserialize_with = "whole::int")]
     token: i64,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchReleaseRequest {
+    #[schema(min_items = 1)]
     items: Vec<BatchReleaseItem>,
+}
+
+/// The live locks of a team, or the locks a batch granted.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct LockList {
+    locks: Vec<LockView>,
+}
+
+/// What a batch release did for one item.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReleaseResult {
+    item: String,
+    released: bool,
+    /// Why not: `lock_held` (another user holds it) or `lock_lost` (the token's grant is over).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    /// The current holder, with `lock_held`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holder: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReleaseResults {
+    /// One per requested item, in request order.
+    results: Vec<ReleaseResult>,
+}
+
+/// A forced takeover: whose lock ended.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TakenOver {
+    team: String,
+    item: String,
+    taken_over_from: String,
+    /// The ended grant's token.
+    token: i64,
 }
 
 fn locks(state: &ApiState) -> Result<&Locks, ApiError> {
@@ -324,13 +374,13 @@ async fn publish(state: &ApiState, locks: &Locks, events: &[store::StoredEvent])
 }
 
 /// Acquires (or extends) the lock on an item.
-#[utoipa::path(post, path = "/api/v1/teams/{team}/items/{item}/lock", request_body = AcquireRequest,
-    responses((status = 200, body = LockView), (status = 409, description = "held by another user"), (status = 403), (status = 422), (status = 503)),
+#[utoipa::path(post, path = "/api/v1/teams/{team}/items/{item}/lock", request_body = Option<AcquireRequest>,
+    responses((status = 200, description = "granted, or extended for its holder", body = LockView), (status = 409, description = "held by another user")),
     security(("bearer" = [])))]
 pub(crate) async fn acquire(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path((team, item)): Path<(String, String)>,
+    ApiPath((team, item)): ApiPath<(String, String)>,
     body: Option<ApiJson<AcquireRequest>>,
 ) -> Result<Json<LockView>, ApiError> {
     authorize(&caller, &team, &[&item])?;
@@ -354,12 +404,12 @@ pub(crate) async fn acquire(
 
 /// Renews the caller's lock.
 #[utoipa::path(put, path = "/api/v1/teams/{team}/items/{item}/lock", request_body = RenewRequest,
-    responses((status = 200, body = LockView), (status = 409), (status = 410, description = "the token's grant is over"), (status = 503)),
+    responses((status = 200, description = "renewed", body = LockView), (status = 409, description = "held by another user"), (status = 410, description = "the token's grant is over")),
     security(("bearer" = [])))]
 pub(crate) async fn renew(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path((team, item)): Path<(String, String)>,
+    ApiPath((team, item)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<RenewRequest>,
 ) -> Result<Json<LockView>, ApiError> {
     authorize(&caller, &team, &[&item])?;
@@ -378,15 +428,15 @@ pub(crate) async fn renew(
 }
 
 /// Releases the caller's lock, or (`force=true`, team admins) ends whoever's lock is live.
-#[utoipa::path(delete, path = "/api/v1/teams/{team}/items/{item}/lock", request_body = ReleaseRequest,
-    params(("force" = Option<bool>, Query), ("token" = Option<i64>, Query)),
-    responses((status = 204), (status = 200, description = "taken over"), (status = 403), (status = 404), (status = 409), (status = 410), (status = 503)),
+#[utoipa::path(delete, path = "/api/v1/teams/{team}/items/{item}/lock", request_body = Option<ReleaseRequest>,
+    params(ReleaseQuery),
+    responses((status = 204, description = "released"), (status = 200, description = "taken over (force=true)", body = TakenOver), (status = 404, description = "not locked (force=true)"), (status = 409, description = "held by another user"), (status = 410, description = "the token's grant is over")),
     security(("bearer" = [])))]
 pub(crate) async fn release(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path((team, item)): Path<(String, String)>,
-    Query(query): Query<ReleaseQuery>,
+    ApiPath((team, item)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<ReleaseQuery>,
     body: Option<ApiJson<ReleaseRequest>>,
 ) -> Result<Response, ApiError> {
     authorize(&caller, &team, &[&item])?;
@@ -405,7 +455,12 @@ pub(crate) async fn release(
         {
             Some((previous, events)) => {
                 publish(&state, locks, &events).await;
-                let body = json!({"team": team, "item": item, "taken_over_from": previous.holder, "token": previous.token});
+                let body = TakenOver {
+                    team,
+                    item,
+                    taken_over_from: previous.holder,
+                    token: previous.token,
+                };
                 Ok((StatusCode::OK, Json(body)).into_response())
             }
             None => Err(ApiError::NotFound {
@@ -440,11 +495,11 @@ pub(crate) async fn release(
 
 /// The live lock on an item.
 #[utoipa::path(get, path = "/api/v1/teams/{team}/items/{item}/lock",
-    responses((status = 200, body = LockView), (status = 404)), security(("bearer" = [])))]
+    responses((status = 200, description = "the live lock", body = LockView), (status = 404, description = "not locked")), security(("bearer" = [])))]
 pub(crate) async fn get(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path((team, item)): Path<(String, String)>,
+    ApiPath((team, item)): ApiPath<(String, String)>,
 ) -> Result<Json<LockView>, ApiError> {
     authorize(&caller, &team, &[&item])?;
     let locks = locks(&state)?;
@@ -464,12 +519,12 @@ pub(crate) async fn get(
 
 /// Every live lock of a team.
 #[utoipa::path(get, path = "/api/v1/teams/{team}/locks",
-    responses((status = 200, body = Vec<LockView>)), security(("bearer" = [])))]
+    responses((status = 200, description = "every live lock of the team", body = LockList)), security(("bearer" = [])))]
 pub(crate) async fn list(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path(team): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    ApiPath(team): ApiPath<String>,
+) -> Result<Json<LockList>, ApiError> {
     authorize(&caller, &team, &[])?;
     let locks = locks(&state)?;
     let all: Vec<LockView> = locks
@@ -480,7 +535,7 @@ pub(crate) async fn list(
         .into_iter()
         .map(LockView::from)
         .collect();
-    Ok(Json(json!({ "locks": all })))
+    Ok(Json(LockList { locks: all }))
 }
 
 fn check_batch(config: &LockConfig, n: usize) -> Result<(), ApiError> {
@@ -498,13 +553,13 @@ fn check_batch(config: &LockConfig, n: usize) -> Result<(), ApiError> {
 
 /// Acquires every listed item, or none (409 lists the blockers).
 #[utoipa::path(post, path = "/api/v1/teams/{team}/locks/batch", request_body = BatchAcquireRequest,
-    responses((status = 200), (status = 409), (status = 413), (status = 422), (status = 503)), security(("bearer" = [])))]
+    responses((status = 200, description = "every item granted", body = LockList), (status = 409, description = "some items are held by others; nothing was locked")), security(("bearer" = [])))]
 pub(crate) async fn acquire_batch(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path(team): Path<String>,
+    ApiPath(team): ApiPath<String>,
     ApiJson(request): ApiJson<BatchAcquireRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<LockList>, ApiError> {
     let items: Vec<&str> = request.items.iter().map(String::as_str).collect();
     authorize(&caller, &team, &items)?;
     let locks = locks(&state)?;
@@ -523,7 +578,7 @@ pub(crate) async fn acquire_batch(
         } => {
             publish(&state, locks, &events).await;
             let views: Vec<LockView> = granted.into_iter().map(LockView::from).collect();
-            Ok(Json(json!({ "locks": views })))
+            Ok(Json(LockList { locks: views }))
         }
         BatchAcquired::Blocked(blockers) => {
             crate::metrics::lock_conflict();
@@ -546,13 +601,13 @@ pub(crate) async fn acquire_batch(
 
 /// Releases several of the caller's locks; reports each item.
 #[utoipa::path(delete, path = "/api/v1/teams/{team}/locks/batch", request_body = BatchReleaseRequest,
-    responses((status = 200), (status = 413), (status = 422), (status = 503)), security(("bearer" = [])))]
+    responses((status = 200, description = "what happened to each item", body = ReleaseResults)), security(("bearer" = [])))]
 pub(crate) async fn release_batch(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Path(team): Path<String>,
+    ApiPath(team): ApiPath<String>,
     ApiJson(request): ApiJson<BatchReleaseRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ReleaseResults>, ApiError> {
     let items: Vec<&str> = request.items.iter().map(|i| i.item.as_str()).collect();
     authorize(&caller, &team, &items)?;
     let locks = locks(&state)?;
@@ -568,15 +623,21 @@ pub(crate) async fn release_batch(
         .await
         .map_err(|e| store_error(&e))?;
     publish(&state, locks, &events).await;
-    let results: Vec<serde_json::Value> = outcomes
+    let results = outcomes
         .into_iter()
-        .map(|(item, outcome)| match outcome {
-            TokenCheck::Done { .. } => json!({"item": item, "released": true}),
-            TokenCheck::HeldByOther(l) => {
-                json!({"item": item, "released": false, "code": "lock_held", "holder": l.holder})
+        .map(|(item, outcome)| {
+            let (released, code, holder) = match outcome {
+                TokenCheck::Done { .. } => (true, None, None),
+                TokenCheck::HeldByOther(l) => (false, Some("lock_held"), Some(l.holder)),
+                TokenCheck::Lost => (false, Some("lock_lost"), None),
+            };
+            ReleaseResult {
+                item,
+                released,
+                code,
+                holder,
             }
-            TokenCheck::Lost => json!({"item": item, "released": false, "code": "lock_lost"}),
         })
         .collect();
-    Ok(Json(json!({ "results": results })))
+    Ok(Json(ReleaseResults { results }))
 }
