@@ -10,6 +10,9 @@
 #                                   # against the single in-process node in the same run
 #   loadtest/compare.sh locks       # acquire+release pairs/s: SQLite, PostgreSQL 1 and 3 nodes, Redis SET NX PX
 #   loadtest/compare.sh presign     # presigned URLs/s on one core vs boto3, and through the HTTP API
+#   BASELINE=<git rev> loadtest/compare.sh ab
+#                                   # this tree against an earlier commit, alternating twice:
+#                                   # CPU per delivery, fanout p99, idle RSS per connection
 #   loadtest/compare.sh all
 #
 # Everything runs on loopback and stops by itself. Servers are release builds started here and
@@ -53,7 +56,7 @@ start_lockstep() {
   # A backend publisher is not rate-limited like a browser connection.
   LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
     LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/lockstep" env "${storage_env[@]}" \
-    "$bin/lockstep" serve --listen 127.0.0.1:0 >"$work/lockstep.out" 2>"$work/lockstep.err" &
+    "${lockstep_bin:-$bin/lockstep}" serve --listen 127.0.0.1:0 >"$work/lockstep.out" 2>"$work/lockstep.err" &
   lockstep_pid=$!; pids+=("$lockstep_pid")
   for _ in $(seq 1 100); do grep -q listening "$work/lockstep.out" && break; sleep 0.05; done
   lockstep_http=$(sed -n 's/^lockstep listening on //p' "$work/lockstep.out")
@@ -184,7 +187,7 @@ run_fanout() {
 
 run_fanout10() {
   echo "== fanout10: 1000 subscribers on 10 topics, 2000 msg/s, 100-byte payloads, 20 s"
-  local name url target
+  local name url
   for name in ceiling lockstep; do
     url=$([ $name = ceiling ] && echo "$ceiling_url" || echo "$lockstep_url")
     "$bin/loadtest" fanout --target "$name" --url "$url" --subscribers 1000 --topics 10 --rates 2000 --payload 100 --duration 20s 2>/dev/null | record >"$work/$name.f10"
@@ -350,6 +353,51 @@ run_presign() {
 echo "machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ); results in $OUT"
 start_ceiling
 start_lockstep
+# The same tree against an earlier commit: what a change cost. The baseline is built from a
+# git worktree in the same target directory (only the workspace crates rebuild), copied out,
+# and this tree rebuilt; the two binaries then take turns, twice, so a drift of the machine's
+# speed shows as a spread.
+run_ab() {
+  local rev=${BASELINE:?set BASELINE to a git revision, e.g. BASELINE=HEAD~1}
+  local tree="$work/baseline" shape
+  git worktree add -q --detach "$tree" "$rev"
+  (cd "$tree" && cargo build --release --locked -q -p lockstep)
+  cp "$bin/lockstep" "$work/lockstep-baseline"
+  # Once the worktree is gone its sources are missing, so cargo rebuilds this tree's crates.
+  git worktree remove --force "$tree"
+  cargo build --release --locked -q -p lockstep -p loadtest
+  echo "== ab: $(git rev-parse --short "$rev") (baseline) against this tree; 1000 subscribers on 1 topic at 500 msg/s, 10 s; 1000 on 10 topics at 2000 msg/s, 100 B, 20 s; 10,000 idle connections x 3 subscriptions, 30 s"
+  stop_pids "$ceiling_pid" "$lockstep_pid"
+  local round name
+  for round in 1 2; do
+    for name in baseline current; do
+      lockstep_bin=$([ $name = baseline ] && echo "$work/lockstep-baseline" || echo "$bin/lockstep")
+      start_lockstep
+      "$bin/loadtest" fanout --target lockstep --url "$lockstep_url" --subscribers 1000 --topics 1 --rates 500 --duration 10s \
+        --cpu-pid lockstep="$lockstep_pid" 2>/dev/null | record >"$work/ab.$name.$round.f1"
+      "$bin/loadtest" fanout --target lockstep --url "$lockstep_url" --subscribers 1000 --topics 10 --rates 2000 --payload 100 --duration 20s \
+        --cpu-pid lockstep="$lockstep_pid" 2>/dev/null | record >"$work/ab.$name.$round.f10"
+      stop_pids "$lockstep_pid"
+      start_lockstep
+      "$bin/loadtest" idle --target lockstep --url "$lockstep_url" --connections 10000 --subscriptions 3 --hold 30s \
+        --server-pid "$lockstep_pid" --sources 4 2>/dev/null | record >"$work/ab.$name.$round.idle"
+      stop_pids "$lockstep_pid"
+      echo "round $round $name: 1 topic $(jq -r '"\(.deliveries_per_sec|floor)/s, lost \(.lost), p99 \(.latency.p99_ms) ms, \(.cpu[0].us_per_delivery) µs CPU per delivery"' "$work/ab.$name.$round.f1");" \
+        "10 topics $(jq -r '"lost \(.lost), p99 \(.latency.p99_ms) ms, \(.cpu[0].us_per_delivery) µs CPU per delivery"' "$work/ab.$name.$round.f10");" \
+        "idle $(jq -r '"\(.rss_per_connection_kib) KiB per connection"' "$work/ab.$name.$round.idle")"
+    done
+  done
+  local b c
+  for shape in f1 f10; do
+    b=$(jq -s 'map(.cpu[0].us_per_delivery) | add / length' "$work"/ab.baseline.*."$shape")
+    c=$(jq -s 'map(.cpu[0].us_per_delivery) | add / length' "$work"/ab.current.*."$shape")
+    echo "$shape CPU per delivery, current / baseline = $(ratio "$c" "$b") (means over both rounds: $c vs $b µs)"
+  done
+  b=$(jq -s 'map(.rss_per_connection_kib) | add / length' "$work"/ab.baseline.*.idle)
+  c=$(jq -s 'map(.rss_per_connection_kib) | add / length' "$work"/ab.current.*.idle)
+  echo "idle RSS per connection, current / baseline = $(ratio "$c" "$b") ($c vs $b KiB)"
+}
+
 case "$scenario" in
   fanout) run_fanout ;;
   fanout10) run_fanout10 ;;
@@ -359,5 +407,6 @@ case "$scenario" in
   locks) run_locks ;;
   presign) run_presign ;;
   all) run_fanout; run_fanout10; run_connect; run_redis; run_locks; run_presign; run_idle ;;
+  ab) run_ab ;;
   *) echo "unknown scenario $scenario" >&2; exit 64 ;;
 esac
