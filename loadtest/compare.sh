@@ -17,7 +17,8 @@
 #
 # Everything runs on loopback and stops by itself. Servers are release builds started here and
 # stopped by PID; RabbitMQ runs as a private node on its own ports (so its file-descriptor limit
-# and configuration are ours, not the machine's). Set NO_RABBIT=1 to skip RabbitMQ.
+# and configuration are ours, not the machine's). Set NO_RABBIT=1 to skip RabbitMQ, and
+# LOG_LEVEL (default warn) for Lockstep's log filter.
 # Results also go to $OUT (default target/bench/compare-<time>.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,7 @@ start_lockstep() {
   secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
   # A backend publisher is not rate-limited like a browser connection.
   LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
-    LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/lockstep" env "${storage_env[@]}" \
+    LOCKSTEP_LOG_LEVEL="${LOG_LEVEL:-warn}" LOCKSTEP_DATA_DIR="$work/lockstep" env "${storage_env[@]}" \
     "${lockstep_bin:-$bin/lockstep}" serve --listen 127.0.0.1:0 >"$work/lockstep.out" 2>"$work/lockstep.err" &
   lockstep_pid=$!; pids+=("$lockstep_pid")
   for _ in $(seq 1 100); do grep -q listening "$work/lockstep.out" && break; sleep 0.05; done
@@ -284,7 +285,7 @@ start_api_nodes() { # count database-url redis-url: N nodes; sets api_http (comm
     rm -rf "$work/api$i"
     # Empty URLs mean the defaults (SQLite in the data directory, the in-process broker).
     LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
-      LOCKSTEP_LOG_LEVEL=warn LOCKSTEP_DATA_DIR="$work/api$i" \
+      LOCKSTEP_LOG_LEVEL="${LOG_LEVEL:-warn}" LOCKSTEP_DATA_DIR="$work/api$i" \
       LOCKSTEP_DATABASE_URL="$2" LOCKSTEP_REDIS_URL="$3" env "${storage_env[@]}" \
       "$bin/lockstep" serve --listen 127.0.0.1:0 >"$out" 2>"$work/api$i.err" &
     api_pids+=("$!"); pids+=("$!")
@@ -389,12 +390,12 @@ run_ab() {
   done
   local b c
   for shape in f1 f10; do
-    b=$(jq -s 'map(.cpu[0].us_per_delivery) | add / length' "$work"/ab.baseline.*."$shape")
-    c=$(jq -s 'map(.cpu[0].us_per_delivery) | add / length' "$work"/ab.current.*."$shape")
+    b=$(jq -s 'map(.cpu[0].us_per_delivery) | add / length * 100 | round / 100' "$work"/ab.baseline.*."$shape")
+    c=$(jq -s 'map(.cpu[0].us_per_delivery) | add / length * 100 | round / 100' "$work"/ab.current.*."$shape")
     echo "$shape CPU per delivery, current / baseline = $(ratio "$c" "$b") (means over both rounds: $c vs $b µs)"
   done
-  b=$(jq -s 'map(.rss_per_connection_kib) | add / length' "$work"/ab.baseline.*.idle)
-  c=$(jq -s 'map(.rss_per_connection_kib) | add / length' "$work"/ab.current.*.idle)
+  b=$(jq -s 'map(.rss_per_connection_kib) | add / length * 100 | round / 100' "$work"/ab.baseline.*.idle)
+  c=$(jq -s 'map(.rss_per_connection_kib) | add / length * 100 | round / 100' "$work"/ab.current.*.idle)
   echo "idle RSS per connection, current / baseline = $(ratio "$c" "$b") ($c vs $b KiB)"
 }
 

@@ -150,6 +150,24 @@ pub(crate) struct JwtConfig {
 }
 
 impl Config {
+    /// Valid but probably not meant: `serve` logs these and `config check` prints them.
+    pub(crate) fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.redis.is_some() && self.database.url.starts_with("sqlite:") {
+            warnings.push(
+                "a cluster broker (redis.url) with a SQLite lock store: every node would grant locks from its own file; set database.url to PostgreSQL"
+                    .to_owned(),
+            );
+        }
+        if self.redis.is_some() && self.jwt.secret.is_none() && self.jwt.public_keys.is_none() {
+            warnings.push(
+                "a cluster broker (redis.url) with a generated JWT secret: each node generates its own, so a token works on one node only; set jwt.secret or jwt.public_keys"
+                    .to_owned(),
+            );
+        }
+        warnings
+    }
+
     /// What this configuration runs, a line per part, without secrets (`config check`).
     pub(crate) fn summary(&self) -> String {
         let mut out = String::new();

@@ -208,6 +208,9 @@ fn check_config(file: &str, ignore_env: bool) -> ExitCode {
             };
             println!("{file}: valid{from}");
             print!("{}", config.summary());
+            for warning in config.warnings() {
+                println!("warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {

@@ -68,6 +68,9 @@ fn init_tracing(config: &Config) {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    for warning in config.warnings() {
+        warn!("{warning}");
+    }
     let auth = Arc::new(authenticator(&config)?);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         // Histograms as Prometheus histograms (aggregatable across nodes), not summaries.

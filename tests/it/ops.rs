@@ -404,6 +404,12 @@ fn config_check_reports_every_problem_without_starting() {
     assert!(output.status.success(), "{output:?}");
     assert!(stdout.contains("valid"), "{stdout}");
     assert!(stdout.contains("redis://127.0.0.1:1"), "{stdout}");
+    // Valid, but a cluster broker with per-node lock files and secrets is not what anyone means.
+    assert!(
+        stdout.contains("warning: a cluster broker (redis.url) with a SQLite lock store"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("with a generated JWT secret"), "{stdout}");
 
     // Every problem at once, from the file and the environment, and exit 64.
     let bad = dir.path().join("bad.toml");
