@@ -689,6 +689,25 @@ def check_k8s(root: Path, keys: set[str] | None, binary: Binary, report: Report)
         names = {k: None for k in {**(d.get("data") or {}), **(d.get("stringData") or {})}}
         check_keys(f"k8s {d['kind']} {d['metadata']['name']} ({f.name})", names, keys, binary, report)
 
+    # The Ingress is the public side: clients need /ws and /api; /metrics, /healthz and /readyz
+    # are for Prometheus and the kubelet inside the cluster.
+    for f, d in by_kind("Ingress"):
+        paths = [(p.get("path") or "/", p.get("pathType"))
+                 for rule in d["spec"].get("rules") or [] for p in (rule.get("http") or {}).get("paths") or []]
+
+        def covers(path: str, kind: str | None, target: str) -> bool:
+            if kind == "Exact":
+                return target == path
+            prefix = path.rstrip("/")
+            return target == path or target.startswith(prefix + "/")
+
+        name = d["metadata"]["name"]
+        for public in ("/ws", "/api/v1/publish"):
+            report.check(f"Ingress {name} routes {public}", any(covers(p, k, public) for p, k in paths), f"paths {paths}")
+        for internal in ("/metrics", "/healthz", "/readyz"):
+            report.check(f"Ingress {name} keeps {internal} inside the cluster",
+                         not any(covers(p, k, internal) for p, k in paths), f"paths {paths} expose it")
+
     deployments = by_kind("Deployment")
     if not report.check("deploy/k8s has a Deployment", bool(deployments), f"no kind: Deployment in {k8s}/*.yaml"):
         return

@@ -212,6 +212,14 @@ class Mutations(unittest.TestCase):
         self.edit("deploy/k8s/config.yaml", "  LOCKSTEP_S3_REGION:", "  LOCKSTEP_S3_REGON:")
         self.assert_fails("k8s ConfigMap lockstep")
 
+    def test_ingress_exposing_metrics(self) -> None:
+        self.edit("deploy/k8s/ingress.yaml", "          - path: /api\n", "          - path: /\n")
+        self.assert_fails("keeps /metrics inside", "keeps /healthz inside", "keeps /readyz inside")
+
+    def test_ingress_without_the_websocket(self) -> None:
+        self.edit("deploy/k8s/ingress.yaml", "          - path: /ws\n", "          - path: /wss\n")
+        self.assert_fails("routes /ws")
+
     def test_k8s_readme_without_the_external_services(self) -> None:
         (self.root / "deploy/k8s/README.md").unlink()
         self.assert_fails("explains the external services")
