@@ -221,14 +221,30 @@ impl Config {
     }
 }
 
-/// A URL without its password, for logs and summaries.
+/// A URL without its credentials, for logs and summaries: the user info, and any `password`
+/// query parameter (PostgreSQL URLs may carry the password there).
 pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+            format!("{}://***@{}", &base[..scheme], &base[at + 1..])
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
+    out
 }
 
 /// Everything wrong with a configuration.
@@ -737,6 +753,23 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/lockstep"),
+            "postgres://***@db:5432/lockstep"
+        );
+        assert_eq!(
+            redact("postgres://db/lockstep?sslmode=require&password=s3cret"),
+            "postgres://db/lockstep?sslmode=require&password=***"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redact("redis://:pw@10.0.0.5:6379"),
+            "redis://***@10.0.0.5:6379"
+        );
     }
 
     #[test]

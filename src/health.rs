@@ -28,16 +28,31 @@ pub(crate) struct HealthcheckArgs {
 /// When the node cannot be reached in time or does not answer 200.
 #[allow(clippy::print_stdout)] // The command's output.
 pub(crate) fn run(config: &Config, args: &HealthcheckArgs) -> anyhow::Result<()> {
-    let (host, addr) = match &args.url {
+    let (host, addrs) = match &args.url {
         Some(url) => parse_url(url)?,
         None => {
             let addr = loopback_for(config.listen);
-            (addr.to_string(), addr)
+            (addr.to_string(), vec![addr])
         }
     };
     let path = if args.ready { "/readyz" } else { "/healthz" };
-    let status =
-        get(&host, addr, path, args.timeout).with_context(|| format!("GET http://{host}{path}"))?;
+    // `localhost` may resolve to ::1 first while the node listens on 127.0.0.1: try each.
+    let mut last = None;
+    let mut status = None;
+    for addr in addrs {
+        match get(&host, addr, path, args.timeout) {
+            Ok(s) => {
+                status = Some(s);
+                break;
+            }
+            Err(err) => last = Some(err),
+        }
+    }
+    let status = match (status, last) {
+        (Some(status), _) => status,
+        (None, Some(err)) => return Err(err.context(format!("GET http://{host}{path}"))),
+        (None, None) => bail!("{host} has no address"),
+    };
     if status != 200 {
         bail!("GET http://{host}{path} answered {status}");
     }
@@ -55,8 +70,8 @@ fn loopback_for(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
-/// `http://host:port[/…]` → (`host:port`, a resolved address).
-fn parse_url(url: &str) -> anyhow::Result<(String, SocketAddr)> {
+/// `http://host:port[/…]` → (`host:port`, its resolved addresses).
+fn parse_url(url: &str) -> anyhow::Result<(String, Vec<SocketAddr>)> {
     let rest = url
         .strip_prefix("http://")
         .with_context(|| format!("'{url}' is not an http:// URL"))?;
@@ -71,12 +86,12 @@ fn parse_url(url: &str) -> anyhow::Result<(String, SocketAddr)> {
     } else {
         format!("{authority}:80")
     };
-    let addr = with_port
+    let addrs: Vec<SocketAddr> = with_port
         .to_socket_addrs()
         .with_context(|| format!("resolving {authority}"))?
-        .next()
-        .with_context(|| format!("{authority} has no address"))?;
-    Ok((authority.to_owned(), addr))
+        .collect();
+    anyhow::ensure!(!addrs.is_empty(), "{authority} has no address");
+    Ok((authority.to_owned(), addrs))
 }
 
 /// The status code of `GET path`.
@@ -128,13 +143,13 @@ mod tests {
 
     #[test]
     fn urls_name_host_and_port() {
-        let (host, addr) = parse_url("http://127.0.0.1:9000/whatever").unwrap();
+        let (host, addrs) = parse_url("http://127.0.0.1:9000/whatever").unwrap();
         assert_eq!(host, "127.0.0.1:9000");
-        assert_eq!(addr, "127.0.0.1:9000".parse().unwrap());
-        let (host, addr) = parse_url("http://[::1]:81").unwrap();
+        assert_eq!(addrs, vec!["127.0.0.1:9000".parse().unwrap()]);
+        let (host, addrs) = parse_url("http://[::1]:81").unwrap();
         assert_eq!(host, "[::1]:81");
-        assert_eq!(addr, "[::1]:81".parse().unwrap());
-        assert_eq!(parse_url("http://127.0.0.1").unwrap().1.port(), 80);
+        assert_eq!(addrs, vec!["[::1]:81".parse().unwrap()]);
+        assert_eq!(parse_url("http://127.0.0.1").unwrap().1[0].port(), 80);
         assert!(parse_url("https://example.com").is_err());
     }
 }

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 /// `lockstep migrate`: runs the lock store's migrations and exits.
 ///
@@ -51,19 +51,31 @@ pub(crate) fn run(config: Config) -> anyhow::Result<()> {
 }
 
 fn init_tracing(config: &Config) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // tungstenite's trace output prints whole WebSocket frames, and a STOMP CONNECT frame
-    // carries the client's token: capped whatever level is configured, so no log holds one.
-    let filter = NEVER_TRACE.iter().fold(filter, |f, d| {
-        f.add_directive(d.parse().expect("a valid directive"))
+    // carries the client's token: those events are dropped whatever level is configured, so no
+    // log holds one. A filter of its own, because a directive would also raise these targets to
+    // its level when the configured one is lower.
+    let never_trace = tracing_subscriber::filter::filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE
+            && NEVER_TRACE
+                .iter()
+                .any(|target| meta.target().starts_with(target)))
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(never_trace);
+    let stderr = std::io::stderr;
     match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(stderr))
+            .init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(stderr))
+            .init(),
     }
 }
 
@@ -88,6 +100,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new());
     // Cancelled after the hub has drained, so the broker outlives the sessions it serves.
     let broker_stop = CancellationToken::new();
+    // Histogram samples wait in the recorder until upkeep folds them into buckets; without a
+    // scrape (or on a node that serves no API, so no /metrics) they would pile up, so fold them
+    // on a timer, on every node.
+    let upkeep = metrics.clone();
+    let upkeep_stop = broker_stop.clone();
+    tokio::spawn(
+        async move {
+            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = upkeep_stop.cancelled() => return,
+                    _ = ticker.tick() => upkeep.run_upkeep(),
+                }
+            }
+        }
+        .instrument(tracing::info_span!("metrics_upkeep")),
+    );
     let node_id = ulid::Ulid::new().to_string();
     let broker: Arc<dyn Broker> = match &config.redis {
         Some(settings) => {
@@ -155,19 +184,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 migrated: migrated.clone(),
             }),
         ];
-        // Histogram samples wait in the recorder until upkeep folds them into buckets; without
-        // a scrape they would pile up, so fold them on a timer too.
-        let upkeep = metrics.clone();
-        let upkeep_stop = broker_stop.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    () = upkeep_stop.cancelled() => return,
-                    _ = ticker.tick() => upkeep.run_upkeep(),
-                }
-            }
-        });
         let gauges = hub.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             gauges.record_gauges();
@@ -250,9 +266,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Log targets held at `debug` at most: their `trace` output contains message payloads, which
-/// may hold tokens.
-const NEVER_TRACE: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
+/// Log targets whose `trace` events are never written: they contain message payloads, which may
+/// hold tokens. Matched as prefixes of the event's target (`tungstenite::protocol`, …).
+const NEVER_TRACE: &[&str] = &["tungstenite", "tokio_tungstenite"];
 
 /// Latency histogram buckets, in seconds: sub-millisecond broker round trips up to requests
 /// that hit the 30 s timeout.

@@ -229,10 +229,26 @@ pub fn app(state: ApiState) -> Router {
         // logged in its span and echoed in the response for support requests.
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeUlid))
+        .layer(middleware::from_fn(drop_odd_request_id))
         .with_state(state)
 }
 
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// A request id from the client or a proxy is kept only when it looks like one: it goes into
+/// every log line of the request, so a long or odd value is replaced by a fresh ULID.
+async fn drop_odd_request_id(mut req: Request, next: Next) -> Response {
+    let plausible = req.headers().get(REQUEST_ID).is_none_or(|v| {
+        (1..=64).contains(&v.len())
+            && v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    });
+    if !plausible {
+        req.headers_mut().remove(REQUEST_ID);
+    }
+    next.run(req).await
+}
 
 /// Request ids are ULIDs: unique across nodes and sortable by time.
 #[derive(Debug, Clone, Copy)]

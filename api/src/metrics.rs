@@ -1,8 +1,10 @@
 //! The API's Prometheus metrics: names, help texts, and the request-counting middleware.
 //!
 //! Lock state changes are counted from the events they publish after commit (every grant,
-//! release, expiry and takeover publishes exactly one event to the team topic), so the sum over
-//! all nodes is the cluster's count, whichever node announced an expiry or a dead node's events.
+//! release, expiry and takeover publishes one event to the team topic), so the sum over all
+//! nodes is the cluster's count, whichever node announced an expiry or a dead node's events.
+//! Events are at-least-once at two rare points (a node dies, or cannot delete the outbox row,
+//! after publishing), and so are these counts.
 
 use ::metrics::{Unit, describe_counter, describe_histogram};
 use axum::extract::{MatchedPath, Request};
@@ -47,17 +49,30 @@ pub fn describe() {
     describe_counter!(LOCK_TAKEOVERS, "Locks ended by an admin's forced takeover.");
     describe_counter!(
         LOCK_CONFLICTS,
-        "Lock requests refused because another user holds the item (409 lock_held)."
+        "Lock API requests (acquire, renew, release, batch acquire) refused because another user holds the item (409 lock_held)."
     );
     describe_counter!(
         LOCK_LOST,
-        "Requests with a token whose grant is over (410 lock_lost)."
+        "Lock API requests (renew, release) with a token whose grant is over (410 lock_lost)."
     );
     describe_counter!(PRESIGNED_URLS, "Presigned object URLs issued, by method.");
     describe_counter!(
         UPLOADS_COMMITTED,
         "Uploads confirmed by a commit (item.updated published)."
     );
+    // Unlabelled counters exist from the start, so rate() and absence alerts work before the
+    // first event.
+    for name in [
+        LOCK_GRANTS,
+        LOCK_RELEASES,
+        LOCK_EXPIRIES,
+        LOCK_TAKEOVERS,
+        LOCK_CONFLICTS,
+        LOCK_LOST,
+        UPLOADS_COMMITTED,
+    ] {
+        ::metrics::counter!(name).absolute(0);
+    }
 }
 
 /// Counts a lock event that went out, if it is a team-topic state change. The copy of an

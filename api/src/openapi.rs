@@ -6,7 +6,7 @@
 //! [`ErrorBody`](crate::error::ErrorBody)), and the bounds that are this node's configuration
 //! (TTLs, batch sizes), so a client generated from the document refuses what the node refuses.
 
-use crate::ApiState;
+use crate::{ApiError, ApiState};
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
@@ -55,19 +55,21 @@ impl Modify for BearerAuth {
 /// User, team and item ids (`protocol::topic::is_valid_id`).
 const ID_PATTERN: &str = r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$";
 
-pub(crate) async fn document(State(state): State<ApiState>) -> Json<Value> {
-    Json(build(&state))
+pub(crate) async fn document(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    build(&state).map(Json)
 }
 
 /// The document for this node's configuration.
-fn build(state: &ApiState) -> Value {
-    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
+fn build(state: &ApiState) -> Result<Value, ApiError> {
+    let mut doc = serde_json::to_value(ApiDoc::openapi())
+        .map_err(|err| ApiError::Internal(format!("serializing the OpenAPI document: {err}")))?;
     add_shared(&mut doc);
     let inner = &state.inner;
     set_max_items(&mut doc, "BatchRequest", "events", inner.config.max_batch);
     if let Some(locks) = &inner.locks {
         let config = locks.config();
-        let (min, max) = (config.min_ttl.as_millis(), config.max_ttl.as_millis());
+        let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let (min, max) = (millis(config.min_ttl), millis(config.max_ttl));
         for schema in ["AcquireRequest", "RenewRequest", "BatchAcquireRequest"] {
             if let Some(ttl) = property(&mut doc, schema, "ttl_ms") {
                 ttl["minimum"] = json!(min);
@@ -86,7 +88,7 @@ fn build(state: &ApiState) -> Value {
             storage.config().max_batch,
         );
     }
-    doc
+    Ok(doc)
 }
 
 fn property<'a>(doc: &'a mut Value, schema: &str, field: &str) -> Option<&'a mut Value> {

@@ -236,8 +236,8 @@ pub(crate) struct PresignRequest {
     content_type: Option<String>,
     /// Seconds; capped by the configured maximum and, for PUT, by the lock's expiry.
     #[serde(default, deserialize_with = "whole::opt")]
-    #[schema(minimum = 1, maximum = 604_800)]
-    expires_in: Option<u64>,
+    #[schema(minimum = 1)]
+    expires_in: Option<i64>,
     /// The lock's fencing token; required for PUT.
     #[serde(default, deserialize_with = "whole::opt")]
     token: Option<i64>,
@@ -268,8 +268,8 @@ pub(crate) struct BatchPresignRequest {
     #[schema(min_items = 1)]
     objects: Vec<BatchObject>,
     #[serde(default, deserialize_with = "whole::opt")]
-    #[schema(minimum = 1, maximum = 604_800)]
-    expires_in: Option<u64>,
+    #[schema(minimum = 1)]
+    expires_in: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -407,28 +407,24 @@ fn validate(object: &Object<'_>, method: Method, index: Option<usize>) -> Result
 
 /// The lifetime of a URL: requested (or default), capped by the maximum and, for a write, by
 /// the lock's remaining life (`lock_left_ms`).
-/// Longest `expires_in` a request may name: SigV4's own limit, 7 days. Anything up to it is
-/// accepted and capped at `s3.max_expires`; more is a mistake worth telling the client about.
-pub(crate) const MAX_EXPIRES_IN: u64 = 604_800;
-
 fn lifetime(
     config: &StorageConfig,
-    requested: Option<u64>,
+    requested: Option<i64>,
     lock_left_ms: Option<i64>,
 ) -> Result<Duration, ApiError> {
     // Whole seconds: SigV4's X-Amz-Expires is in seconds, and the reported expiry must be the
     // moment the URL really stops working.
     let seconds = requested
-        .map_or(config.default_expires, Duration::from_secs)
+        .map_or(config.default_expires, |r| {
+            Duration::from_secs(u64::try_from(r).unwrap_or(0))
+        })
         .min(config.max_expires)
         .as_secs();
     let mut expires = Duration::from_secs(seconds);
-    if requested.is_some_and(|r| r == 0 || r > MAX_EXPIRES_IN) {
+    if requested.is_some_and(|r| r < 1) {
         return Err(ApiError::invalid(
             "invalid_expires_in",
-            format!(
-                "expires_in must be between 1 and {MAX_EXPIRES_IN} seconds (longer requests are capped at the configured maximum)"
-            ),
+            "expires_in must be at least 1 second (longer requests than the configured maximum are capped)",
         ));
     }
     if let Some(left) = lock_left_ms {
@@ -762,8 +758,11 @@ mod tests {
             Duration::from_secs(30)
         );
         assert!(lifetime(&config, Some(0), None).is_err());
-        assert!(lifetime(&config, Some(MAX_EXPIRES_IN + 1), None).is_err());
-        assert!(lifetime(&config, Some(MAX_EXPIRES_IN), None).is_ok());
+        assert!(lifetime(&config, Some(-5), None).is_err());
+        assert_eq!(
+            lifetime(&config, Some(i64::MAX), None).unwrap(),
+            Duration::from_secs(3600)
+        );
         assert!(lifetime(&config, None, Some(500)).is_err());
     }
 }

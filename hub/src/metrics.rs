@@ -56,7 +56,7 @@ pub fn describe() {
     );
     describe_counter!(
         EVENTS_PUBLISHED,
-        "Events the broker confirmed, from STOMP SEND and the HTTP API."
+        "Events the broker confirmed: STOMP SEND, the HTTP API, and Lockstep's own lock and item events."
     );
     describe_counter!(
         PUBLISH_FAILURES,
@@ -84,14 +84,31 @@ pub fn describe() {
         REDIS_PROBE_FAILURES,
         "Pub/sub probes that did not come back, each forcing a resubscribe."
     );
+    // Unlabelled counters exist from the start, so rate() and absence alerts work before the
+    // first event.
+    for name in [
+        CONNECTIONS_OPENED,
+        DELIVERIES,
+        DELIVERIES_DROPPED,
+        EVENTS_PUBLISHED,
+        PUBLISH_FAILURES,
+        BROKER_LAGGED,
+        REDIS_RECONNECTS,
+        REDIS_PROBE_FAILURES,
+    ] {
+        ::metrics::counter!(name).absolute(0);
+    }
 }
 
 /// Handles the per-event and per-write paths use.
 #[derive(Debug, Clone)]
 pub(crate) struct HubMetrics {
+    /// `frames_out{command="MESSAGE"}`: added once per write batch, not per frame.
     pub(crate) messages_out: Counter,
+    /// Events the broker confirmed, and those it refused.
     pub(crate) published: Counter,
     pub(crate) publish_failures: Counter,
+    /// Publish to confirmation, one sample per event.
     pub(crate) publish_seconds: Histogram,
 }
 

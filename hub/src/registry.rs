@@ -44,7 +44,8 @@ pub struct Delivery {
 #[derive(Debug)]
 pub struct Registry {
     topics: DashMap<String, TopicEntry>,
-    /// Resolved once: fan-out counts every event.
+    /// Deliveries queued, and deliveries refused by a full queue (the subscriber is then
+    /// closed as slow). Resolved once: fan-out counts every event.
     deliveries: metrics::Counter,
     dropped: metrics::Counter,
 }

@@ -148,8 +148,8 @@ struct Session {
 pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
     let _task = hub.inner.tracker.token();
     let conn = hub.next_conn_id();
-    // At info, so that whatever a session logs at info or above carries its connection, peer
-    // and user.
+    // At info, the default level, so that whatever a session logs carries its connection, peer
+    // and user. (At warn or error the span is off, and costs no memory per connection.)
     let span = tracing::info_span!(
         "conn",
         conn.id = conn,

@@ -86,6 +86,8 @@ pub(crate) async fn handler(
 }
 
 async fn close_at_once(mut socket: WebSocket, disconnect: Disconnect) {
+    // Upgraded, so counted as opened too: opened − closed stays the number open.
+    metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
     crate::metrics::closed(Some(disconnect));
     let frame = CloseFrame {
         code: disconnect.code,

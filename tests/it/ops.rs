@@ -377,6 +377,43 @@ async fn logs_are_json_with_spans_and_never_hold_a_token() {
     );
 }
 
+/// The filter that keeps tungstenite's frame dumps out of the logs must not raise its level
+/// either: at the default level a WebSocket's whole life logs nothing from it (the first
+/// version, a `tungstenite=debug` directive, logged every close at the default level).
+#[tokio::test]
+async fn the_default_level_logs_nothing_of_the_websocket_library() {
+    let mut node = Lockstep::start_with(
+        Options::default()
+            .env("LOCKSTEP_LOG_LEVEL", "info")
+            .env("LOCKSTEP_LOG_FORMAT", "json"),
+    );
+    let mut ana = client(&node, "ana", &["t1"], "publish").await;
+    ana.subscribe("s", "/user/ana").await.unwrap();
+    ana.publish("/user/ana", "a.b", "{}", Some("r"))
+        .await
+        .unwrap();
+    envelope(&ana.expect_frame().await.unwrap(), "s", "/user/ana");
+    ana.close().await.unwrap();
+    let mut refused = StompClient::open(&node.ws(), &OpenOptions::default())
+        .await
+        .unwrap();
+    refused
+        .send(&protocol::Frame::new(Command::Connect).with_header("passcode", "not-a-token"))
+        .await
+        .unwrap();
+    refused.expect_close().await.unwrap();
+    node.terminate(Duration::from_secs(15)).unwrap();
+    let log = node.log();
+    let noisy: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("\"target\":\"tungstenite") || l.contains("\"target\":\"tokio_tungstenite")
+        })
+        .collect();
+    assert!(noisy.is_empty(), "{noisy:#?}");
+    assert!(!log.contains("not-a-token"), "{log}");
+}
+
 #[test]
 fn config_check_reports_every_problem_without_starting() {
     let dir = tempfile::tempdir().unwrap();
