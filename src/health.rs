@@ -37,22 +37,14 @@ pub(crate) fn run(config: &Config, args: &HealthcheckArgs) -> anyhow::Result<()>
     };
     let path = if args.ready { "/readyz" } else { "/healthz" };
     // `localhost` may resolve to ::1 first while the node listens on 127.0.0.1: try each.
-    let mut last = None;
-    let mut status = None;
+    let mut answer = Err(anyhow::anyhow!("{host} has no address"));
     for addr in addrs {
-        match get(&host, addr, path, args.timeout) {
-            Ok(s) => {
-                status = Some(s);
-                break;
-            }
-            Err(err) => last = Some(err),
+        answer = get(&host, addr, path, args.timeout);
+        if answer.is_ok() {
+            break;
         }
     }
-    let status = match (status, last) {
-        (Some(status), _) => status,
-        (None, Some(err)) => return Err(err.context(format!("GET http://{host}{path}"))),
-        (None, None) => bail!("{host} has no address"),
-    };
+    let status = answer.with_context(|| format!("GET http://{host}{path}"))?;
     if status != 200 {
         bail!("GET http://{host}{path} answered {status}");
     }

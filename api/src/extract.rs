@@ -198,23 +198,14 @@ pub(crate) mod whole {
         D: Deserializer<'de>,
         T: TryFrom<i64> + TryFrom<u64>,
     {
-        struct Opt<T>(std::marker::PhantomData<T>);
-        impl<'de, T: TryFrom<i64> + TryFrom<u64>> Visitor<'de> for Opt<T> {
-            type Value = Option<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an integer or null")
-            }
-            fn visit_none<E: Error>(self) -> Result<Option<T>, E> {
-                Ok(None)
-            }
-            fn visit_unit<E: Error>(self) -> Result<Option<T>, E> {
-                Ok(None)
-            }
-            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Option<T>, D2::Error> {
-                int(d).map(Some)
+        /// `int` as a type, so serde's own `Option` handling (`null`, absent) wraps it.
+        struct Int<T>(T);
+        impl<'de, T: TryFrom<i64> + TryFrom<u64>> serde::Deserialize<'de> for Int<T> {
+            fn deserialize<D2: Deserializer<'de>>(d: D2) -> Result<Self, D2::Error> {
+                int(d).map(Int)
             }
         }
-        d.deserialize_option(Opt(std::marker::PhantomData))
+        <Option<Int<T>> as serde::Deserialize>::deserialize(d).map(|o| o.map(|i| i.0))
     }
 
     #[cfg(test)]

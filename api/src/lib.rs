@@ -213,10 +213,7 @@ pub fn app(state: ApiState) -> Router {
             TraceLayer::new_for_http()
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG))
                 .make_span_with(|req: &Request| {
-                    let route = req
-                        .extensions()
-                        .get::<MatchedPath>()
-                        .map_or("unmatched", MatchedPath::as_str);
+                    let route = route(req);
                     let id = req
                         .headers()
                         .get(REQUEST_ID)
@@ -231,6 +228,14 @@ pub fn app(state: ApiState) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeUlid))
         .layer(middleware::from_fn(drop_odd_request_id))
         .with_state(state)
+}
+
+/// The route template a request matched (`/api/v1/teams/{team}/locks`), or `unmatched`: what
+/// logs and metrics name a request by, never its raw path.
+fn route(req: &Request) -> &str {
+    req.extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
 }
 
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");

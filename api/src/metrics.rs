@@ -7,7 +7,7 @@
 //! after publishing), and so are these counts.
 
 use ::metrics::{Unit, describe_counter, describe_histogram};
-use axum::extract::{MatchedPath, Request};
+use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 use std::time::Instant;
@@ -112,10 +112,7 @@ pub(crate) fn upload_committed() {
 pub(crate) async fn track(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_label(request.method());
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route = crate::route(&request).to_owned();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     ::metrics::counter!(HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status)

@@ -55,6 +55,11 @@ impl Modify for BearerAuth {
 /// User, team and item ids (`protocol::topic::is_valid_id`).
 const ID_PATTERN: &str = r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$";
 
+/// Object names within an item (`presign::valid_name`): `/`-separated segments, none `.` or
+/// `..`. (utoipa's `pattern` takes only literals, so the shared patterns live here, once.)
+const NAME_PATTERN: &str =
+    r"^(?!\.\.?(?:/|$))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)*$";
+
 pub(crate) async fn document(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     build(&state).map(Json)
 }
@@ -101,7 +106,7 @@ fn set_max_items(doc: &mut Value, schema: &str, field: &str, max: usize) {
     }
 }
 
-/// Adds what every operation has: path parameters, id patterns, error answers.
+/// Adds what every operation has: path parameters, id and name patterns, error answers.
 fn add_shared(doc: &mut Value) {
     if let Some(schemas) = doc
         .pointer_mut("/components/schemas")
@@ -116,13 +121,38 @@ fn add_shared(doc: &mut Value) {
                 "example": "t1",
             }),
         );
+        schemas.insert(
+            "ObjectName".to_owned(),
+            json!({
+                "type": "string",
+                "pattern": NAME_PATTERN,
+                "maxLength": 512,
+                "description": "An object name within the item: `[A-Za-z0-9._-]` segments separated by `/`, none '.' or '..'.",
+                "example": "frames/000123.pcd",
+            }),
+        );
     }
-    // Ids inside bodies.
+    // Ids and object names inside bodies.
     if let Some(items) = property(doc, "BatchAcquireRequest", "items") {
         items["items"] = json!({"$ref": "#/components/schemas/Id"});
     }
-    if let Some(item) = property(doc, "BatchReleaseItem", "item") {
-        *item = json!({"$ref": "#/components/schemas/Id"});
+    for (schema, field, shared) in [
+        ("BatchReleaseItem", "item", "Id"),
+        ("BatchObject", "item", "Id"),
+        ("PresignRequest", "name", "ObjectName"),
+        ("BatchObject", "name", "ObjectName"),
+        ("CommitRequest", "name", "ObjectName"),
+    ] {
+        if let Some(property) = property(doc, schema, field) {
+            // The field's own description and example stay beside the reference.
+            let mut shared = json!({"$ref": format!("#/components/schemas/{shared}")});
+            for key in ["description", "example"] {
+                if let Some(value) = property.get(key) {
+                    shared[key] = value.clone();
+                }
+            }
+            *property = shared;
+        }
     }
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;

@@ -225,11 +225,7 @@ impl Method {
 pub(crate) struct PresignRequest {
     method: Method,
     /// Object name within the item: `[A-Za-z0-9._-]` segments separated by `/`.
-    #[schema(
-        example = "frames/000123.pcd",
-        pattern = r"^(?!\.\.?(?:/|$))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)*$",
-        max_length = 512
-    )]
+    #[schema(example = "frames/000123.pcd")]
     name: String,
     /// Signed into PUT URLs: the upload must send exactly this `content-type`.
     #[schema(pattern = r"^[ -~]*/[ -~]*$", max_length = 255)]
@@ -246,13 +242,9 @@ pub(crate) struct PresignRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchObject {
-    #[schema(pattern = r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$", example = "doc-1")]
+    #[schema(example = "doc-1")]
     item: String,
-    #[schema(
-        example = "frames/000123.pcd",
-        pattern = r"^(?!\.\.?(?:/|$))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)*$",
-        max_length = 512
-    )]
+    #[schema(example = "frames/000123.pcd")]
     name: String,
     #[schema(pattern = r"^[ -~]*/[ -~]*$", max_length = 255)]
     content_type: Option<String>,
@@ -304,11 +296,7 @@ pub(crate) struct Presigned {
 pub(crate) struct CommitRequest {
     #[serde(deserialize_with = "whole::int")]
     token: i64,
-    #[schema(
-        example = "frames/000123.pcd",
-        pattern = r"^(?!\.\.?(?:/|$))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)*$",
-        max_length = 512
-    )]
+    #[schema(example = "frames/000123.pcd")]
     name: String,
 }
 

@@ -126,16 +126,16 @@ impl HubMetrics {
 /// Counts a frame a client sent. Unknown commands share one label, so a client cannot grow the
 /// number of series.
 pub(crate) fn frame_in(command: &Command) {
-    let label = match command {
-        Command::Unknown(_) => "other",
-        known => command_label(known),
-    };
-    ::metrics::counter!(FRAMES_IN, "command" => label).increment(1);
+    ::metrics::counter!(FRAMES_IN, "command" => command_label(command)).increment(1);
 }
 
 /// Counts a frame the server sent itself (not a fan-out `MESSAGE`).
 pub(crate) fn frame_out(command: &Command) {
     ::metrics::counter!(FRAMES_OUT, "command" => command_label(command)).increment(1);
+}
+
+fn command_label(command: &Command) -> &'static str {
+    command.known_name().unwrap_or("other")
 }
 
 /// Counts a connection's end: the close code the server sent, or `peer`.
@@ -145,27 +145,6 @@ pub(crate) fn closed(disconnect: Option<Disconnect>) {
         None => "peer",
     };
     ::metrics::counter!(CLOSES, "code" => code).increment(1);
-}
-
-fn command_label(command: &Command) -> &'static str {
-    match command {
-        Command::Connect => "CONNECT",
-        Command::Stomp => "STOMP",
-        Command::Send => "SEND",
-        Command::Subscribe => "SUBSCRIBE",
-        Command::Unsubscribe => "UNSUBSCRIBE",
-        Command::Ack => "ACK",
-        Command::Nack => "NACK",
-        Command::Begin => "BEGIN",
-        Command::Commit => "COMMIT",
-        Command::Abort => "ABORT",
-        Command::Disconnect => "DISCONNECT",
-        Command::Connected => "CONNECTED",
-        Command::Message => "MESSAGE",
-        Command::Receipt => "RECEIPT",
-        Command::Error => "ERROR",
-        Command::Unknown(_) => "other",
-    }
 }
 
 /// Close codes as static labels: the ones the hub sends, anything else as `other`.

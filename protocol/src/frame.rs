@@ -57,6 +57,15 @@ impl Command {
     /// The command as it appears on the wire.
     pub fn as_str(&self) -> &str {
         match self {
+            Command::Unknown(name) => name,
+            known => known.known_name().unwrap_or_default(),
+        }
+    }
+
+    /// The name of a command STOMP defines; `None` for [`Command::Unknown`]. `'static`, so it
+    /// can serve as a metric label.
+    pub fn known_name(&self) -> Option<&'static str> {
+        Some(match self {
             Command::Connect => "CONNECT",
             Command::Stomp => "STOMP",
             Command::Send => "SEND",
@@ -72,8 +81,8 @@ impl Command {
             Command::Message => "MESSAGE",
             Command::Receipt => "RECEIPT",
             Command::Error => "ERROR",
-            Command::Unknown(name) => name,
-        }
+            Command::Unknown(_) => return None,
+        })
     }
 
     /// STOMP 1.2: "CONNECT and CONNECTED frames do not escape the carriage return, line feed
