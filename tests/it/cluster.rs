@@ -225,12 +225,7 @@ async fn redis_restart_keeps_every_subscription() {
 
     let mut reconnects_before = Vec::new();
     for node in &nodes {
-        let text = reqwest::get(format!("{}/metrics", node.http()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = crate::ops::scrape(node).await;
         reconnects_before.push(crate::ops::sample(
             &text,
             "lockstep_redis_reconnects_total",
@@ -267,32 +262,16 @@ async fn redis_restart_keeps_every_subscription() {
 
     // The operator sees it: each node counted the reconnect, and the publishes refused during
     // the outage.
+    let mut failures = 0.0;
     for (node, before) in nodes.iter().zip(&reconnects_before) {
-        let text = reqwest::get(format!("{}/metrics", node.http()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = crate::ops::scrape(node).await;
         let reconnects = crate::ops::sample(&text, "lockstep_redis_reconnects_total", &[]);
         assert!(
             reconnects > *before,
             "reconnects {reconnects}, {before} before the outage:\n{text}"
         );
+        failures += crate::ops::sample(&text, "lockstep_publish_failures_total", &[]);
     }
-    let failures: f64 = {
-        let mut sum = 0.0;
-        for node in &nodes {
-            let text = reqwest::get(format!("{}/metrics", node.http()))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            sum += crate::ops::sample(&text, "lockstep_publish_failures_total", &[]);
-        }
-        sum
-    };
     let refused_count = outcomes.iter().filter(|o| o.1 == 503).count();
     #[allow(clippy::cast_precision_loss)]
     let refused_count = refused_count as f64;

@@ -24,18 +24,6 @@ struct Process {
     started: String,
 }
 
-/// nginx, as the script and the harness find it.
-fn nginx_bin() -> PathBuf {
-    let bin = std::env::var_os("NGINX_BIN").map_or_else(|| "/usr/sbin/nginx".into(), PathBuf::from);
-    assert!(
-        bin.is_file(),
-        "nginx is not installed at {} (set NGINX_BIN to use another path): run tests/run.sh, \
-         which installs Debian's nginx",
-        bin.display()
-    );
-    bin
-}
-
 /// A `deploy/local-cluster` state directory; stops the cluster on drop, so a test that fails
 /// half-way leaves no process behind.
 struct Cluster {
@@ -54,7 +42,7 @@ impl Cluster {
         let tools = vec![
             ("LOCKSTEP_BIN", lockstep_bin()),
             ("S3S_FS_BIN", tests::s3::s3s_fs_bin()),
-            ("NGINX_BIN", nginx_bin()),
+            ("NGINX_BIN", tests::nginx::nginx_bin()),
         ];
         Cluster {
             state: tempfile::tempdir().expect("temp dir"),
@@ -162,41 +150,16 @@ async fn get_status(url: &str) -> u16 {
 
 /// One API call through `base`; returns the status and the JSON body (`null` when empty).
 async fn call(base: &str, method: &str, path: &str, token: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .request(method.parse().expect("method"), format!("{base}{path}"))
-        .bearer_auth(token)
-        .json(body)
-        .timeout(Duration::from_secs(15))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {path} via {base}: {e}"));
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("response body");
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-/// Sends a presigned request with exactly the returned method, URL and headers.
-async fn send_presigned(presigned: &Value, body: Option<Vec<u8>>) -> (u16, Vec<u8>) {
-    let method = presigned["method"].as_str().expect("method");
-    let url = presigned["url"].as_str().expect("url");
-    let mut request = reqwest::Client::new()
-        .request(method.parse().expect("method"), url)
-        .timeout(Duration::from_secs(15));
-    for (name, value) in presigned["headers"].as_object().expect("headers") {
-        request = request.header(name, value.as_str().expect("header value"));
-    }
-    if let Some(body) = body {
-        request = request.body(body);
-    }
-    let response = request
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = response.status().as_u16();
-    (
-        status,
-        response.bytes().await.expect("storage body").to_vec(),
+    crate::locks::request(
+        &reqwest::Client::new(),
+        base,
+        method,
+        path,
+        token,
+        Some(body.clone()),
     )
+    .await
+    .unwrap_or_else(|e| panic!("{method} {path} via {base}: {e}"))
 }
 
 /// `lockstep token` signed with the cluster's shared secret, as the script's summary says.
@@ -371,12 +334,12 @@ async fn local_cluster_starts_serves_through_nginx_and_stops_everything() {
             .is_some_and(|u| u.starts_with(s3.as_str())),
         "the URL points at the cluster's s3s-fs {s3}: {put}"
     );
-    let (status, body) = send_presigned(&put, Some(bytes.clone())).await;
+    let stored = crate::presign::send(&put, Some(bytes.clone())).await;
     assert_eq!(
-        status,
+        stored.status,
         200,
         "PUT to storage: {}",
-        String::from_utf8_lossy(&body)
+        String::from_utf8_lossy(&stored.body)
     );
     // s3s-fs keeps object KEY of bucket `items` as a file under $STATE/s3/root/items.
     let stored = std::fs::read(state.join(format!("s3/root/items/t1/{item}/frame.bin")));
@@ -394,7 +357,8 @@ async fn local_cluster_starts_serves_through_nginx_and_stops_everything() {
     )
     .await;
     assert_eq!(status, 200, "presign GET: {get}");
-    let (status, read) = send_presigned(&get, None).await;
+    let fetched = crate::presign::send(&get, None).await;
+    let (status, read) = (fetched.status, fetched.body);
     assert_eq!((status, read.len()), (200, bytes.len()), "GET from storage");
     assert!(
         read == bytes,

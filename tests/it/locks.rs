@@ -50,7 +50,7 @@ pub(crate) async fn call(
 
 /// One request with a bounded wait; a transport error or timeout is returned, not a panic, so
 /// load tests can count requests whose outcome is unknown.
-async fn request(
+pub(crate) async fn request(
     client: &reqwest::Client,
     base: &str,
     method: &str,

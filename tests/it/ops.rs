@@ -35,7 +35,7 @@ pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-async fn scrape(node: &Lockstep) -> String {
+pub(crate) async fn scrape(node: &Lockstep) -> String {
     let response = reqwest::get(format!("{}/metrics", node.http()))
         .await
         .expect("scrape");

@@ -113,12 +113,12 @@ async fn signed(node: &Lockstep, token: &str, item: &str, body: Value) -> Value 
 /// The storage server's answer: status, S3 error code (from the XML error body), headers and
 /// body.
 #[derive(Debug)]
-struct Stored {
-    status: u16,
+pub(crate) struct Stored {
+    pub(crate) status: u16,
     error: Option<String>,
     etag: Option<String>,
     content_type: Option<String>,
-    body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
 }
 
 async fn answer(request: reqwest::RequestBuilder) -> Stored {
@@ -149,7 +149,7 @@ async fn answer(request: reqwest::RequestBuilder) -> Stored {
 
 /// Sends a presigned request as a client must: the returned method and URL with exactly the
 /// returned headers; `body` for a PUT.
-async fn send(presigned: &Value, body: Option<Vec<u8>>) -> Stored {
+pub(crate) async fn send(presigned: &Value, body: Option<Vec<u8>>) -> Stored {
     let method = presigned["method"].as_str().expect("method");
     let url = presigned["url"].as_str().expect("url");
     let mut request = reqwest::Client::new().request(method.parse().expect("method"), url);

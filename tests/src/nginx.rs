@@ -25,7 +25,12 @@ pub struct CorsProxy {
     dir: tempfile::TempDir,
 }
 
-fn nginx_bin() -> PathBuf {
+/// nginx: `NGINX_BIN`, or Debian's.
+///
+/// # Panics
+///
+/// When it is not installed, with what to do.
+pub fn nginx_bin() -> PathBuf {
     let bin = std::env::var_os("NGINX_BIN").map_or_else(|| "/usr/sbin/nginx".into(), PathBuf::from);
     assert!(
         bin.is_file(),
