@@ -10,7 +10,25 @@ root=$(pwd)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/lockstep-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-log() { printf '\n==> %s\n' "$*"; }
+# Every phase prints its wall time when the next begins, and the run ends with a table of them,
+# so a phase that grows shows in CI's output.
+phase_name=""
+phase_start=0
+run_start=$(date +%s)
+phases=()
+phase_end() {
+  if [ -n "$phase_name" ]; then
+    local took=$(( $(date +%s) - phase_start ))
+    phases+=("$(printf '%6ss  %s' "$took" "$phase_name")")
+    printf '    (%s: %ss)\n' "$phase_name" "$took"
+  fi
+}
+log() {
+  phase_end
+  phase_name="$*"
+  phase_start=$(date +%s)
+  printf '\n==> %s\n' "$*"
+}
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -80,8 +98,11 @@ log "cargo fmt --check"
 cargo fmt --all --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-log "cargo build (the binaries the end-to-end tests run)"
-cargo build --workspace --bins --locked
+# One build of every target, binaries included: the binaries the end-to-end tests run are built
+# with the same features as the tests (dev-dependencies enable tokio's test-util), so the test
+# step below compiles nothing twice.
+log "cargo build (every target: the binaries the end-to-end tests run, and the tests)"
+cargo build --workspace --all-targets --locked
 log "cargo test"
 cargo test --workspace --locked
 log "cargo doc"
@@ -93,4 +114,8 @@ log "deploy/: Dockerfile, compose and k8s checks, and proof that each check can 
 shellcheck deploy/local-cluster
 python3 tests/deploy/check_deploy.py "$CARGO_TARGET_DIR/debug/lockstep"
 LOCKSTEP_BIN="$CARGO_TARGET_DIR/debug/lockstep" python3 -m unittest discover -s tests/deploy -p 'test_*.py'
-log "all tests passed"
+phase_end
+printf '\n==> phase times\n'
+printf '%s\n' "${phases[@]}"
+printf '%6ss  total\n' "$(( $(date +%s) - run_start ))"
+printf '\n==> all tests passed\n'
