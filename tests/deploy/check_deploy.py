@@ -14,11 +14,20 @@ the repository (tests/deploy/test_check_deploy.py mutates copies to show every c
   HEALTHCHECK whose command exists in the image, and runs `lockstep serve`.
 - deploy/compose.yaml: exactly three Lockstep nodes, every LOCKSTEP_* variable a real key, a
   stop grace above the shutdown grace, and the nginx configuration it mounts lists every node
-  in its upstream and passes WebSocket upgrades (Upgrade, Connection, HTTP/1.1).
+  in its upstream and passes WebSocket upgrades (Upgrade, Connection, HTTP/1.1). Like the
+  Ingress, that gateway passes only /ws, /api/… and /console… to the nodes (locations matched as
+  nginx picks them); /metrics, /healthz, /readyz and any other path never reach a node.
+- nginx logs: every nginx configuration shipped or written (compose's, deploy/local-cluster's,
+  the test harness's in tests/src/nginx.rs) logs requests with a format of its own that has no
+  query string or credential ($request, $request_uri, $args, $arg_*, $http_cookie…; browsers
+  send their token as ?access_token=), never with nginx's default `combined`, and logs errors
+  only at crit and above (nginx quotes the request line in every per-request error message).
 - deploy/k8s: each Deployment has readiness on /readyz, liveness on /healthz, a preStop,
   resource requests, terminationGracePeriodSeconds above shutdown grace + preStop, only real
   LOCKSTEP_* keys (its own env, the ConfigMap and the Secret), and the README names the
-  external services.
+  external services. An ingress-nginx Ingress comes with the controller ConfigMap whose
+  log-format-upstream and error-log-level keep tokens out of the logs, as the README's Helm
+  values do.
 
 Prints one line per check and exits 1 when any failed.
 """
@@ -557,6 +566,23 @@ def nginx_blocks(text: str, keyword: str) -> dict[str, str]:
     return out
 
 
+def compose_nginx_mounts(path: Path, services: dict) -> list[tuple[str, Path]]:
+    """(service, file) for every nginx configuration a compose service mounts."""
+    confs: list[tuple[str, Path]] = []
+    for name, svc in services.items():
+        for vol in (svc or {}).get("volumes", []) if isinstance(svc, dict) else []:
+            if isinstance(vol, dict):
+                source, target = str(vol.get("source", "")), str(vol.get("target", ""))
+            else:
+                bits = str(vol).split(":")
+                if len(bits) < 2:
+                    continue
+                source, target = bits[0], bits[1]
+            if target == "/etc/nginx/nginx.conf" or (target.startswith("/etc/nginx/conf.d/") and target.endswith(".conf")):
+                confs.append((name, (path.parent / source).resolve()))
+    return confs
+
+
 def check_compose(root: Path, keys: set[str] | None, binary: Binary, image_listen: str | None, report: Report) -> None:
     path = root / "deploy" / "compose.yaml"
     if not report.check("deploy/compose.yaml exists", path.is_file(), f"missing: {path}"):
@@ -603,18 +629,7 @@ def check_compose(root: Path, keys: set[str] | None, binary: Binary, image_liste
                      "Docker kills the container mid-drain; raise stop_grace_period")
 
     # The nginx configuration mounted into a service.
-    confs: list[tuple[str, Path]] = []
-    for name, svc in services.items():
-        for vol in (svc or {}).get("volumes", []) if isinstance(svc, dict) else []:
-            if isinstance(vol, dict):
-                source, target = str(vol.get("source", "")), str(vol.get("target", ""))
-            else:
-                bits = str(vol).split(":")
-                if len(bits) < 2:
-                    continue
-                source, target = bits[0], bits[1]
-            if target == "/etc/nginx/nginx.conf" or (target.startswith("/etc/nginx/conf.d/") and target.endswith(".conf")):
-                confs.append((name, (path.parent / source).resolve()))
+    confs = compose_nginx_mounts(path, services)
     if not report.check("compose.yaml mounts an nginx configuration in front of the nodes", bool(confs),
                         "no service mounts a file at /etc/nginx/nginx.conf or /etc/nginx/conf.d/*.conf"):
         return
@@ -662,6 +677,317 @@ def check_compose(root: Path, keys: set[str] | None, binary: Binary, image_liste
         versions = [v.strip() for d, v in directives if d == "proxy_http_version"]
         report.check(f"{rel}: proxies with HTTP/1.1 (WebSocket upgrades need it)", "1.1" in versions,
                      f"proxy_http_version is {versions or 'unset (1.0)'}")
+        node_hosts = {str(h) for name, svc in nodes.items() for h in (name, svc.get("hostname"), svc.get("container_name")) if h}
+        check_gateway_routes(rel, conf.read_text(), node_hosts, report)
+
+
+# --- nginx logs ------------------------------------------------------------------------------
+
+# Browsers send their token as /ws?access_token=…, so no shipped nginx may log the query
+# string: not the request line ($request), the raw URI ($request_uri), the arguments ($args,
+# $query_string, $arg_*), nor headers that carry credentials or another page's URL.
+FORBIDDEN_LOG_VARIABLES = {
+    "request", "request_uri", "args", "query_string", "request_body", "http_authorization",
+    "http_cookie", "http_referer", "sent_http_set_cookie", "upstream_http_set_cookie",
+}
+FORBIDDEN_LOG_PREFIXES = ("arg_", "cookie_")
+# Every message nginx's error log has about a request quotes its request line, query string
+# included, and nothing turns that off: only levels above the per-request `error` may be logged.
+ERROR_LOG_LEVELS = ["debug", "info", "notice", "warn", "error", "crit", "alert", "emerg"]
+LOWEST_ERROR_LOG_LEVEL = "crit"
+
+
+def forbidden_log_variables(fmt: str) -> list[str]:
+    """The variables of a log format that may hold a token (`$request`, `${args}`, `$arg_x`…)."""
+    names = {n.lower() for n in re.findall(r"\$\{?([A-Za-z0-9_]+)", fmt)}
+    return sorted(f"${n}" for n in names if n in FORBIDDEN_LOG_VARIABLES or n.startswith(FORBIDDEN_LOG_PREFIXES))
+
+
+@dataclass
+class NginxDirective:
+    blocks: tuple[str, ...]  # the enclosing blocks, outermost first: () for the main context
+    name: str
+    args: list[str]  # unquoted
+    # The enclosing block directives themselves (`server`, `location ~ …`), outermost first.
+    parents: tuple[NginxDirective, ...] = field(default=(), repr=False, compare=False)
+
+
+_NGINX_TOKEN = re.compile(
+    r"""(?P<space>\s+)|(?P<comment>\#[^\n]*)|"(?P<dq>(?:[^"\\]|\\.)*)"|'(?P<sq>(?:[^'\\]|\\.)*)'"""
+    r"""|(?P<punct>[{};])|(?P<word>(?:\$\{[^}\s]*\}|[^\s{};"'])+)""",
+    re.S,
+)
+
+
+def nginx_directives(text: str) -> list[NginxDirective]:
+    """Every directive of an nginx configuration, block directives (`http {`) included."""
+    out: list[NginxDirective] = []
+    blocks: list[str] = []
+    parents: list[NginxDirective] = []
+    words: list[str] = []
+    pos = 0
+    while pos < len(text):
+        m = _NGINX_TOKEN.match(text, pos)
+        if m is None:
+            raise ValueError(f"cannot read nginx configuration at {text[pos:pos + 40]!r}")
+        pos = m.end()
+        if m.group("space") is not None or m.group("comment") is not None:
+            continue
+        punct = m.group("punct")
+        if punct is None:
+            for g in ("dq", "sq", "word"):
+                if m.group(g) is not None:
+                    words.append(m.group(g))
+                    break
+            continue
+        if punct == "}":
+            if words or not blocks:
+                raise ValueError("unbalanced `}` or a directive without `;`")
+            blocks.pop()
+            parents.pop()
+        elif words:
+            out.append(NginxDirective(tuple(blocks), words[0], words[1:], tuple(parents)))
+            if punct == "{":
+                blocks.append(words[0])
+                parents.append(out[-1])
+        else:
+            raise ValueError(f"`{punct}` without a directive")
+        words = []
+    if blocks or words:
+        raise ValueError("unterminated block or directive at the end")
+    return out
+
+
+# --- nginx routing ---------------------------------------------------------------------------
+
+# What the compose gateway may pass to the nodes (the Ingress's /ws and /api, and the console
+# the nodes will serve at /console), and what it must answer itself: metrics and probes are
+# for the compose network, as they are for the cluster behind the Ingress.
+GATEWAY_PUBLIC = ("/ws", "/api/v1/publish", "/api/v1/openapi.json", "/console", "/console/teams/t1")
+GATEWAY_INTERNAL = ("/metrics", "/healthz", "/readyz")
+GATEWAY_OTHER = ("/", "/wss", "/ws/x", "/apis/v1", "/consoles", "/favicon.ico")
+
+
+def nginx_in(d: NginxDirective, block: NginxDirective, directly: bool = False) -> bool:
+    """Whether `d` is inside `block` (that very directive: two `server {` compare equal)."""
+    return any(p is block for p in (d.parents[-1:] if directly else d.parents))
+
+
+def nginx_location(d: NginxDirective) -> tuple[str, str]:
+    """(modifier, pattern) of a `location` directive: `=`, `^~`, `~`, `~*`, `@` or ''."""
+    args = d.args
+    if len(args) >= 2 and args[0] in ("=", "^~", "~", "~*"):
+        return args[0], args[1]
+    arg = args[0] if args else ""
+    for mod in ("=", "^~", "~*", "~", "@"):  # also written without a space: `location =/ws`
+        if arg.startswith(mod) and len(arg) > len(mod):
+            return mod, arg[len(mod):]
+    return "", arg
+
+
+def nginx_regex(pattern: str, caseless: bool) -> re.Pattern[str]:
+    """A location's PCRE as a Python regex (`(?<name>` is `(?P<name>` there)."""
+    return re.compile(re.sub(r"\(\?<(?=[A-Za-z_])", "(?P<", pattern), re.I if caseless else 0)
+
+
+def nginx_route(directives: list[NginxDirective], server: NginxDirective, uri: str) -> NginxDirective | None:
+    """The location of `server` that serves the (normalized) `uri`, as nginx picks it: an exact
+    match; else the longest prefix if it is `^~`; else the first regex in file order that
+    matches; else the longest prefix. None when no location matches or the server answers every
+    request itself (`return` in the server block). Nested locations and server-level rewrites
+    are refused (ValueError): this check does not follow them."""
+    inside = [d for d in directives if nginx_in(d, server, directly=True)]
+    if any(d.name == "rewrite" for d in inside):
+        raise ValueError("a rewrite in the server block (not followed by this check)")
+    if any(d.name == "return" for d in inside):
+        return None
+    locations = [d for d in inside if d.name == "location"]
+    if any(d.name == "location" and any(nginx_in(d, loc) for loc in locations) for d in directives):
+        raise ValueError("nested locations (not followed by this check)")
+    prefix: tuple[int, NginxDirective] | None = None
+    for loc in locations:
+        mod, pattern = nginx_location(loc)
+        if mod == "=" and uri == pattern:
+            return loc
+        if mod in ("", "^~") and uri.startswith(pattern) and (prefix is None or len(pattern) > prefix[0]):
+            prefix = (len(pattern), loc)
+    if prefix is not None and nginx_location(prefix[1])[0] == "^~":
+        return prefix[1]
+    for loc in locations:
+        mod, pattern = nginx_location(loc)
+        if mod in ("~", "~*"):
+            try:
+                regex = nginx_regex(pattern, mod == "~*")
+            except re.error as err:
+                raise ValueError(f"location {mod} {pattern}: {err}") from err
+            if regex.search(uri):
+                return loc
+    return prefix[1] if prefix else None
+
+
+def nginx_proxies_to(directives: list[NginxDirective], block: NginxDirective) -> list[str]:
+    """The hosts (`lockstep`, `lockstep-1:8080`, `$backend`) a block's proxy_pass directives
+    name, those in its `if` and `limit_except` blocks included."""
+    hosts = []
+    for d in directives:
+        if d.name == "proxy_pass" and nginx_in(d, block) and d.args:
+            m = re.match(r"^(?:https?://)?([^/]+)", d.args[0])
+            hosts.append(m.group(1) if m else d.args[0])
+    return hosts
+
+
+def check_gateway_routes(what: str, text: str, node_hosts: set[str], report: Report) -> None:
+    """Only the public paths of the nodes reach them through the gateway (`what` names it):
+    every server block routes GATEWAY_PUBLIC to the nodes and no GATEWAY_INTERNAL or
+    GATEWAY_OTHER path. A location reaches the nodes when it proxies to an upstream that lists
+    a node, to a node itself, or to a variable (which could be either)."""
+    try:
+        directives = nginx_directives(text)
+    except ValueError as err:
+        report.fail(f"{what}: nginx configuration can be read", str(err))
+        return
+    upstreams = {d.args[0]: [s.args[0].rsplit(":", 1)[0] for s in directives
+                             if s.name == "server" and nginx_in(s, d, directly=True) and s.args]
+                 for d in directives if d.name == "upstream" and d.args}
+    to_nodes = {name for name, hosts in upstreams.items() if set(hosts) & node_hosts}
+
+    def reaches_nodes(loc: NginxDirective | None) -> bool:
+        hosts = nginx_proxies_to(directives, loc) if loc is not None else []
+        return any("$" in h or h in to_nodes or h.rsplit(":", 1)[0] in node_hosts for h in hosts)
+
+    def shown(loc: NginxDirective | None) -> str:
+        return "no location" if loc is None else "location " + " ".join(loc.args)
+
+    servers = [d for d in directives if d.name == "server" and d.blocks == ("http",)]
+    if not report.check(f"{what}: gateway has a server block", bool(servers), "no server { } in http { }"):
+        return
+    for i, server in enumerate(servers):
+        label = what + (f" (server {i + 1})" if len(servers) > 1 else "")
+        try:
+            routes = {uri: nginx_route(directives, server, uri)
+                      for uri in GATEWAY_PUBLIC + GATEWAY_INTERNAL + GATEWAY_OTHER}
+        except ValueError as err:
+            report.fail(f"{label}: gateway routes can be followed", str(err))
+            continue
+        for uri in GATEWAY_PUBLIC:
+            report.check(f"{label}: gateway routes {uri} to the nodes", reaches_nodes(routes[uri]),
+                         f"{uri} goes to {shown(routes[uri])}, which does not proxy to the nodes")
+        for uri in GATEWAY_INTERNAL:
+            report.check(f"{label}: gateway keeps {uri} on the compose network", not reaches_nodes(routes[uri]),
+                         f"{uri} goes to {shown(routes[uri])}, which proxies it to the nodes: "
+                         "Prometheus scrapes the nodes on the compose network, not through the gateway")
+        leaks = [f"{uri} ({shown(routes[uri])})" for uri in GATEWAY_OTHER if reaches_nodes(routes[uri])]
+        report.check(f"{label}: gateway answers other paths itself ({', '.join(GATEWAY_OTHER)})", not leaks,
+                     "proxied to the nodes: " + ", ".join(leaks) + "; only /ws, /api/… and /console… are public")
+
+
+def shell_heredocs(script: str) -> list[str]:
+    """The bodies of a shell script's heredocs as the shell writes them, up to its expansions.
+    With an unquoted delimiter, `\\$` is a `$`, and a shell expansion (`$dir`) is written as
+    `<dir>`, or dropped where it begins a line (there it expands to whole lines: directives)."""
+    bodies = []
+    for m in re.finditer(r"<<-?\s*(['\"]?)(\w+)\1[^\n]*\n(.*?)\n[ \t]*\2\n", script, re.S):
+        bodies.append(m.group(3) if m.group(1) else _expand_heredoc(m.group(3)))
+    return bodies
+
+
+def _expand_heredoc(body: str) -> str:
+    def expand(e: re.Match[str]) -> str:
+        if e.group(1):
+            return e.group(1)[1]
+        starts_line = e.start() == 0 or body[e.start() - 1] == "\n"
+        return "" if starts_line else f"<{e.group(2) or e.group(3)}>"
+
+    return re.sub(r"(\\[$`\\])|\$(?:\{(\w+)[^}]*\}|(\w+))", expand, body)
+
+
+def rust_format_strings(source: str) -> list[str]:
+    """A Rust file's raw string literals, `{{`/`}}` unescaped and `{name}` arguments written as
+    `<name>` (so that the braces nginx reads are the configuration's own)."""
+    out = []
+    for m in re.finditer(r'\br(#*)"(.*?)"\1', source, re.S):
+        body = m.group(2)
+        if "{{" in body:
+            body = body.replace("{{", "\0").replace("}}", "\1")
+            body = re.sub(r"\{(\w*)(?::[^}]*)?\}", r"<\1>", body).replace("\0", "{").replace("\1", "}")
+        out.append(body)
+    return out
+
+
+def shipped_nginx_configs(root: Path, report: Report) -> list[tuple[str, str]]:
+    """(what, text) for every nginx configuration the project ships or writes: the files compose
+    mounts and any other under deploy/, the one deploy/local-cluster writes, and the test
+    harness's (tests/src/nginx.rs)."""
+    configs: dict[str, str] = {}
+    compose = root / "deploy" / "compose.yaml"
+    files = set((root / "deploy").rglob("*.conf"))
+    if compose.is_file():
+        services = (yaml.safe_load(compose.read_text()) or {}).get("services") or {}
+        files |= {conf for _, conf in compose_nginx_mounts(compose, services) if conf.is_file()}
+    for f in sorted(files):
+        text = f.read_text()
+        if re.search(r"\b(http|events|server|location)\s*\{", text):
+            configs[os.path.relpath(f, root)] = text
+    for rel, extract in (("deploy/local-cluster", shell_heredocs), ("tests/src/nginx.rs", rust_format_strings)):
+        path = root / rel
+        found = [s for s in (extract(path.read_text()) if path.is_file() else []) if re.search(r"\bhttp\s*\{", s)]
+        if report.check(f"{rel} writes an nginx configuration whose logs are checked", bool(found),
+                        f"no nginx configuration (an `http {{` block) found in {path}; update check_deploy.py"):
+            for i, text in enumerate(found):
+                configs[rel + (f" (configuration {i + 1})" if len(found) > 1 else "")] = text
+    return list(configs.items())
+
+
+def check_nginx_logs(root: Path, report: Report) -> None:
+    for what, text in shipped_nginx_configs(root, report):
+        try:
+            directives = nginx_directives(text)
+        except ValueError as err:
+            report.fail(f"{what}: nginx configuration can be read", str(err))
+            continue
+        formats = {d.args[0]: " ".join(a for a in d.args[1:] if not a.startswith("escape="))
+                   for d in directives if d.name == "log_format" and d.args}
+        for name, fmt in formats.items():
+            bad = forbidden_log_variables(fmt)
+            report.check(f"{what}: log_format {name} logs no query string or credential", not bad,
+                         f"it logs {', '.join(bad)}; log $request_method $uri $server_protocol instead")
+        for d in directives:
+            if d.name != "access_log" or d.args[:1] == ["off"]:
+                continue
+            fmt = d.args[1] if len(d.args) > 1 and "=" not in d.args[1] else None
+            report.check(
+                f"{what}: access_log {d.args[0] if d.args else ''} names a format of its own ({fmt or 'combined'})",
+                fmt is not None and fmt in formats,
+                "without a format name access_log logs `combined`, whose $request has the query string"
+                if fmt is None or fmt == "combined" else f"no log_format {fmt} in this configuration",
+            )
+        # An http block without access_log (in it, or in each of its servers) logs `combined`.
+        if any(d.name == "http" and not d.blocks for d in directives):
+            server_logs: dict[int, bool] = {}
+            current = None
+            for i, d in enumerate(directives):
+                if d.name == "server" and d.blocks == ("http",):
+                    current = i
+                    server_logs[i] = False
+                elif d.name == "access_log" and d.blocks == ("http", "server") and current is not None:
+                    server_logs[current] = True
+            at_http = any(d.name == "access_log" and d.blocks == ("http",) for d in directives)
+            report.check(
+                f"{what}: the http block sets access_log",
+                at_http or (bool(server_logs) and all(server_logs.values())),
+                "without access_log in http (or in every server) nginx logs `combined`, query strings included",
+            )
+        errors = [d for d in directives if d.name == "error_log"]
+        levels = [(d.args[1] if len(d.args) > 1 else "error") for d in errors]
+        low = [lv for lv in levels if lv not in ERROR_LOG_LEVELS or
+               ERROR_LOG_LEVELS.index(lv) < ERROR_LOG_LEVELS.index(LOWEST_ERROR_LOG_LEVEL)]
+        report.check(
+            f"{what}: error_log at {LOWEST_ERROR_LOG_LEVEL} or above ({', '.join(levels) or 'unset'})",
+            any(not d.blocks for d in errors) and not low,
+            "error log messages about a request quote its request line, query string included; "
+            f"set error_log … {LOWEST_ERROR_LOG_LEVEL} in the main context"
+            + (f" (found {', '.join(low)})" if low else " (without one nginx logs at `error`)"),
+        )
 
 
 # --- Kubernetes ------------------------------------------------------------------------------
@@ -673,6 +999,53 @@ def prestop_seconds(prestop: dict) -> float | None:
     command = (prestop.get("exec") or {}).get("command") or []
     m = re.search(r"\bsleep\s+(\d+(?:\.\d+)?)", " ".join(str(c) for c in command))
     return float(m.group(1)) if m else None
+
+
+def check_ingress_nginx_logs(k8s: Path, docs: list[tuple[Path, dict]], report: Report) -> None:
+    """An Ingress served by ingress-nginx is logged with the controller's `log-format-upstream`,
+    whose default has $request: a ConfigMap key, not an annotation. deploy/k8s ships that
+    ConfigMap (applied to the controller, not with the kustomization), and the README's Helm
+    values for it say the same."""
+    ingresses = [d for _, d in docs if d.get("kind") == "Ingress" and (
+        (d.get("spec") or {}).get("ingressClassName") == "nginx"
+        or any(str(k).startswith("nginx.ingress.kubernetes.io/") for k in (d["metadata"].get("annotations") or {})))]
+    if not ingresses:
+        return
+    names = ", ".join(d["metadata"]["name"] for d in ingresses)
+    maps = [(f, d) for f, d in docs if d.get("kind") == "ConfigMap" and "log-format-upstream" in (d.get("data") or {})]
+    if not report.check(
+        f"deploy/k8s has the ingress-nginx ConfigMap with log-format-upstream (for Ingress {names})",
+        bool(maps),
+        "ingress-nginx's default log format has $request, the request line with ?access_token=…; "
+        "ship a controller ConfigMap that sets log-format-upstream without it",
+    ):
+        return
+    for f, d in maps:
+        data = {str(k): str(v) for k, v in (d.get("data") or {}).items()}
+        what = f"ingress-nginx ConfigMap {d['metadata']['name']} ({f.name})"
+        bad = forbidden_log_variables(data["log-format-upstream"])
+        report.check(f"{what}: log-format-upstream logs no query string or credential", not bad,
+                     f"it logs {', '.join(bad)}; log $request_method $uri $server_protocol instead")
+        level = data.get("error-log-level", "notice")
+        report.check(
+            f"{what}: error-log-level {level} is {LOWEST_ERROR_LOG_LEVEL} or above",
+            level in ERROR_LOG_LEVELS and ERROR_LOG_LEVELS.index(level) >= ERROR_LOG_LEVELS.index(LOWEST_ERROR_LOG_LEVEL),
+            "error log messages about a request quote its request line, query string included "
+            "(the controller's default level is notice)",
+        )
+    readme = k8s / "README.md"
+    for block in re.findall(r"```ya?ml\n(.*?)```", readme.read_text() if readme.exists() else "", re.S):
+        try:
+            values = yaml.safe_load(block)
+        except yaml.YAMLError:
+            continue
+        config = ((values.get("controller") or {}).get("config") if isinstance(values, dict) else None) or {}
+        if isinstance(config, dict) and "log-format-upstream" in config:
+            f, d = maps[0]
+            want = {str(k): str(v) for k, v in (d.get("data") or {}).items()}
+            got = {str(k): str(v) for k, v in config.items()}
+            report.check(f"deploy/k8s/README.md's Helm values (controller.config) are {f.name}'s data", got == want,
+                         f"README: {got}\n{f.name}: {want}")
 
 
 def check_k8s(root: Path, keys: set[str] | None, binary: Binary, report: Report) -> None:
@@ -707,6 +1080,8 @@ def check_k8s(root: Path, keys: set[str] | None, binary: Binary, report: Report)
         for internal in ("/metrics", "/healthz", "/readyz"):
             report.check(f"Ingress {name} keeps {internal} inside the cluster",
                          not any(covers(p, k, internal) for p, k in paths), f"paths {paths} expose it")
+
+    check_ingress_nginx_logs(k8s, docs, report)
 
     deployments = by_kind("Deployment")
     if not report.check("deploy/k8s has a Deployment", bool(deployments), f"no kind: Deployment in {k8s}/*.yaml"):
@@ -783,6 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
             report.fail("`lockstep config` lists the configuration keys", str(err))
     listen = check_dockerfile(root, binary, report)
     check_compose(root, keys, binary, listen, report)
+    check_nginx_logs(root, report)
     check_k8s(root, keys, binary, report)
     print()
     if report.failed:

@@ -179,6 +179,100 @@ class Mutations(unittest.TestCase):
         self.edit("deploy/compose.yaml", "      - ./compose-nginx.conf:/etc/nginx/nginx.conf:ro\n", "      - ./compose-nginx.conf:/tmp/nginx.conf:ro\n")
         self.assert_fails("mounts an nginx configuration")
 
+    # The compose gateway: only /ws, /api/… and /console… are public, as behind the Ingress.
+
+    def test_compose_gateway_proxies_everything(self) -> None:
+        self.edit("deploy/compose-nginx.conf", "        location / {\n            return 404;\n",
+                  "        location / {\n            proxy_pass http://lockstep;\n")
+        self.assert_fails("compose-nginx.conf: gateway keeps /metrics on the compose network",
+                          "compose-nginx.conf: gateway keeps /healthz on the compose network",
+                          "compose-nginx.conf: gateway keeps /readyz on the compose network",
+                          "compose-nginx.conf: gateway answers other paths itself")
+
+    def test_compose_gateway_proxies_metrics(self) -> None:
+        self.edit("deploy/compose-nginx.conf", "        location / {\n",
+                  "        location /metrics {\n            proxy_pass http://lockstep;\n        }\n\n"
+                  "        location / {\n")
+        self.assert_fails("compose-nginx.conf: gateway keeps /metrics on the compose network")
+
+    def test_compose_gateway_proxies_a_probe_through_a_node(self) -> None:
+        self.edit("deploy/compose-nginx.conf", "        location / {\n",
+                  "        location = /readyz {\n            proxy_pass http://lockstep-2:8080;\n        }\n\n"
+                  "        location / {\n")
+        self.assert_fails("compose-nginx.conf: gateway keeps /readyz on the compose network")
+
+    def test_compose_gateway_without_the_api(self) -> None:
+        self.edit("deploy/compose-nginx.conf", "location ~ ^/(ws$|api/|", "location ~ ^/(ws$|apis/|")
+        self.assert_fails("compose-nginx.conf: gateway routes /api/v1/publish to the nodes",
+                          "compose-nginx.conf: gateway routes /api/v1/openapi.json to the nodes",
+                          "compose-nginx.conf: gateway answers other paths itself")
+
+    # nginx logs: browsers send their token as /ws?access_token=…
+
+    def test_compose_nginx_logs_the_request_line(self) -> None:
+        self.edit("deploy/compose-nginx.conf", '"$request_method $uri $server_protocol"', '"$request"')
+        self.assert_fails("deploy/compose-nginx.conf: log_format lockstep logs no query string")
+
+    def test_compose_nginx_logs_an_argument(self) -> None:
+        self.edit("deploy/compose-nginx.conf", '"$http_user_agent"', '"$http_user_agent" ${arg_access_token}')
+        self.assert_fails("deploy/compose-nginx.conf: log_format lockstep logs no query string")
+
+    def test_compose_nginx_access_log_in_the_default_format(self) -> None:
+        self.edit("deploy/compose-nginx.conf", "access_log /dev/stdout lockstep;", "access_log /dev/stdout;")
+        self.assert_fails("deploy/compose-nginx.conf: access_log /dev/stdout names a format of its own (combined)")
+
+    def test_compose_nginx_access_log_combined(self) -> None:
+        self.edit("deploy/compose-nginx.conf", "access_log /dev/stdout lockstep;", "access_log /dev/stdout combined;")
+        self.assert_fails("deploy/compose-nginx.conf: access_log /dev/stdout names a format of its own (combined)")
+
+    def test_compose_nginx_without_access_log(self) -> None:
+        self.edit("deploy/compose-nginx.conf", "    access_log /dev/stdout lockstep;\n", "")
+        self.assert_fails("deploy/compose-nginx.conf: the http block sets access_log")
+
+    def test_compose_nginx_error_log_at_the_default_level(self) -> None:
+        self.edit("deploy/compose-nginx.conf", "error_log /dev/stderr crit;", "error_log /dev/stderr;")
+        self.assert_fails("deploy/compose-nginx.conf: error_log at crit or above (error)")
+
+    def test_compose_nginx_without_error_log(self) -> None:
+        self.edit("deploy/compose-nginx.conf", "error_log /dev/stderr crit;\n", "")
+        self.assert_fails("deploy/compose-nginx.conf: error_log at crit or above (unset)")
+
+    def test_local_cluster_nginx_logs_the_query_string(self) -> None:
+        self.edit("deploy/local-cluster", r'"\$request_method \$uri \$server_protocol"', r'"\$request_method \$request_uri \$server_protocol"')
+        self.assert_fails("deploy/local-cluster: log_format lockstep logs no query string")
+
+    def test_local_cluster_nginx_access_log_in_the_default_format(self) -> None:
+        self.edit("deploy/local-cluster", "access_log $dir/access.log lockstep;", "access_log $dir/access.log;")
+        self.assert_fails("deploy/local-cluster: access_log <dir>/access.log names a format of its own (combined)")
+
+    def test_local_cluster_nginx_error_log_at_notice(self) -> None:
+        self.edit("deploy/local-cluster", "error_log $dir/error.log crit;", "error_log $dir/error.log notice;")
+        self.assert_fails("deploy/local-cluster: error_log at crit or above (notice)")
+
+    def test_test_harness_nginx_logs_the_request_line(self) -> None:
+        self.edit("tests/src/nginx.rs", '"$request_method $uri $server_protocol"', '"$request"')
+        self.assert_fails("tests/src/nginx.rs: log_format lockstep logs no query string")
+
+    def test_test_harness_nginx_error_log_at_info(self) -> None:
+        self.edit("tests/src/nginx.rs", "error_log {d}/error.log crit;", "error_log {d}/error.log info;")
+        self.assert_fails("tests/src/nginx.rs: error_log at crit or above (info)")
+
+    def test_ingress_nginx_logs_the_request_line(self) -> None:
+        self.edit("deploy/k8s/ingress-nginx-logging.yaml", '"$request_method $uri $server_protocol"', '"$request"')
+        self.assert_fails("log-format-upstream logs no query string", "README.md's Helm values")
+
+    def test_ingress_nginx_error_log_at_the_default_level(self) -> None:
+        self.edit("deploy/k8s/ingress-nginx-logging.yaml", "  error-log-level: crit\n", "")
+        self.assert_fails("error-log-level notice is crit or above", "README.md's Helm values")
+
+    def test_ingress_nginx_without_its_configmap(self) -> None:
+        (self.root / "deploy/k8s/ingress-nginx-logging.yaml").unlink()
+        self.assert_fails("deploy/k8s has the ingress-nginx ConfigMap with log-format-upstream")
+
+    def test_k8s_readme_helm_values_differ(self) -> None:
+        self.edit("deploy/k8s/README.md", "    error-log-level: crit\n```", "    error-log-level: error\n```")
+        self.assert_fails("README.md's Helm values")
+
     # Kubernetes.
 
     def test_readiness_on_healthz(self) -> None:

@@ -11,6 +11,11 @@
 //! temporary files in its own directory, on a free loopback port, killed by PID on drop. It
 //! needs nginx at `/usr/sbin/nginx` (Debian's package; the test command installs it) or
 //! `$NGINX_BIN`.
+//!
+//! It logs as the shipped configurations do (`deploy/compose-nginx.conf`), since a presigned
+//! URL's query string is a credential: the access log has the path alone (`$uri`), and the error
+//! log, whose per-request messages quote the whole request line, only `crit` and above.
+//! `tests/deploy/check_deploy.py` checks this template with the others.
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -61,10 +66,13 @@ impl CorsProxy {
 master_process off;
 worker_processes 1;
 pid {d}/nginx.pid;
-error_log {d}/error.log info;
+error_log {d}/error.log crit;
 events {{ worker_connections 512; }}
 http {{
-    access_log {d}/access.log;
+    log_format lockstep '$remote_addr [$time_local] "$request_method $uri $server_protocol" '
+                        '$status $body_bytes_sent $request_time upstream=$upstream_addr '
+                        '"$http_user_agent"';
+    access_log {d}/access.log lockstep;
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
@@ -77,7 +85,7 @@ http {{
             if ($request_method = OPTIONS) {{
                 add_header Access-Control-Allow-Origin "{origin}" always;
                 add_header Access-Control-Allow-Methods "GET, PUT, HEAD" always;
-                add_header Access-Control-Allow-Headers "content-type" always;
+                add_header Access-Control-Allow-Headers "content-type, x-amz-meta-lockstep-token" always;
                 add_header Access-Control-Max-Age 600 always;
                 add_header Vary Origin always;
                 return 204;
