@@ -55,26 +55,35 @@ keys! {
     "jwt.issuer", "", "Required `iss` claim. Empty: not checked.";
     "jwt.audience", "", "Required `aud` claim. Empty: not checked.";
     "jwt.leeway", "0s", "Clock skew tolerated on `exp` and `nbf`.";
+    "jwt.reload_interval", "30s", "How often `jwt.public_keys` is checked for changes (a JWKS rotation needs no restart); 0s: read once at start.";
+    "session_secret", "", "Signs session ids (the `session` header of CONNECTED), so the lock API accepts only a session a node issued to the caller. Every node of a cluster needs the same one. Empty: derived from jwt.secret, or from the secret generated into the data directory.";
     "hub.enabled", "true", "Serve `GET /ws` on this node.";
-    "hub.max_connections", "100000", "Most WebSocket connections on this node; more are closed with 4009.";
+    "hub.max_connections", "100000", "Most authenticated WebSocket connections on this node; a CONNECT beyond it is refused and closed with 4009.";
+    "hub.max_pending_connections", "1024", "Most WebSocket connections waiting to send CONNECT; past it the oldest waiting one is closed (4001), so silent upgrades cannot crowd out real clients.";
+    "hub.connect_frame_bytes", "16384", "Largest frame a connection may send before its CONNECT is accepted.";
     "hub.max_subscriptions", "64", "Most subscriptions on one connection.";
     "hub.outbound_queue", "1024", "Frames queued per connection before it is closed as a slow consumer (4008).";
+    "hub.outbound_queue_bytes", "1048576", "Bytes queued per connection before it is closed as a slow consumer (4008); a single event larger than this still goes out to an idle connection.";
+    "hub.max_event_bytes", "61440", "Largest event `data` (JSON bytes) anyone may publish, over STOMP or the HTTP API (413 `event_too_large`).";
     "hub.max_frame_bytes", "65536", "Largest STOMP frame a client may send.";
     "hub.max_body_bytes", "61440", "Largest STOMP frame body a client may send.";
     "hub.max_headers", "32", "Most headers in one STOMP frame.";
     "hub.max_header_bytes", "4096", "Longest STOMP header line.";
     "hub.heartbeat_send_ms", "10000", "Heart-beat interval the server offers to send (0: none).";
     "hub.heartbeat_recv_ms", "10000", "Heart-beat interval the server asks clients for (0: none). Two missed intervals close the connection.";
-    "hub.connect_timeout", "10s", "Time a new WebSocket has to send CONNECT.";
+    "hub.connect_timeout", "5s", "Time a new WebSocket has to send CONNECT.";
     "hub.write_timeout", "10s", "Time one write to a client may take before it is closed as a slow consumer.";
+    "hub.idle_timeout", "60s", "Longest a connection may stay silent (no frame, heart-beat or WebSocket pong) before it is closed as dead (4003). Caps the heart-beat interval a client asks for; a silent client is pinged at half of it.";
     "hub.subscribe_timeout", "10s", "Time a SUBSCRIBE with a receipt waits for the cluster broker.";
-    "hub.publish_rate", "100", "STOMP SEND frames per second per connection; faster senders are slowed down.";
+    "hub.publish_rate", "100", "STOMP SEND frames per second per token, shared by all its connections on the node (0: unlimited); faster senders are slowed down, never cut off.";
     "hub.publish_burst", "200", "Burst of SEND frames allowed above the rate.";
+    "hub.max_claimed_rate", "10000", "Highest `publish_rate` a token may claim for itself (a service token's own SEND rate).";
     "hub.read_buffer_bytes", "4096", "WebSocket read buffer per connection (allocated for every connection).";
     "redis.url", "", "Cluster broker: `redis://host:port` (standalone) or `redis-cluster://host:port,host:port` (Redis Cluster, sharded pub/sub). Empty: the in-process broker (a single node).";
     "redis.channel_prefix", "lockstep:", "Prefix of the Redis channel names, so several deployments can share one Redis.";
     "redis.probe_interval", "2s", "How often each node checks its pub/sub connection with a probe message; a probe that does not come back forces a reconnect.";
     "redis.command_timeout", "2s", "Longest a publish or subscribe waits for Redis before failing.";
+    "redis.publish_queue_bytes", "67108864", "Bytes of events a node may have waiting to go to Redis; past it publishes fail at once (503) instead of piling up.";
     "database.url", "", "Lock store: `postgres://user@host/db` (a cluster's nodes share it) or `sqlite://path`. Empty: SQLite in the data directory (a single node).";
     "database.max_connections", "16", "Connections to PostgreSQL per node.";
     "locks.default_ttl", "60s", "Lock lifetime when a request names none.";
@@ -95,11 +104,13 @@ keys! {
     "s3.default_expires", "5m", "Lifetime of a presigned URL when the request names none.";
     "s3.max_expires", "1h", "Longest lifetime of any presigned URL (write URLs also end with their lock).";
     "s3.max_batch", "500", "Most objects in one batch presign request.";
+    "s3.content_types", "application/octet-stream,application/json,application/x-ndjson,application/zip,application/gzip,application/x-protobuf,text/plain,text/csv,image/png,image/jpeg,image/webp,image/tiff,image/bmp,image/gif,video/mp4,video/webm,audio/mpeg,audio/wav,audio/ogg,audio/flac,model/gltf-binary", "Content types a write URL may sign (`type/subtype`, `type/*`, or `*`); a write without one signs `application/octet-stream`. The default leaves out types a browser would run (HTML, SVG, XML, JavaScript).";
     "api.enabled", "true", "Serve the HTTP API on this node.";
     "api.max_body_bytes", "1048576", "Largest API request body.";
     "api.max_batch", "100", "Most events in one `POST /api/v1/publish/batch`.";
-    "api.publish_rate", "1000", "Events per second per token through the API (0: unlimited).";
+    "api.publish_rate", "1000", "Events per second per token through the API (0: unlimited): publishes, and the events of lock requests and commits.";
     "api.publish_burst", "2000", "Burst of events allowed above the rate.";
+    "api.max_claimed_rate", "10000", "Highest `publish_rate` a token may claim for itself through the API.";
     "api.request_timeout", "30s", "Longest an API request may take; then 503.";
 }
 
@@ -147,6 +158,9 @@ pub(crate) struct JwtConfig {
     pub(crate) issuer: Option<String>,
     pub(crate) audience: Option<String>,
     pub(crate) leeway: Duration,
+    pub(crate) reload_interval: Duration,
+    /// Signs session ids; `None`: derived from the HS256 secret.
+    pub(crate) session_secret: Option<String>,
 }
 
 impl Config {
@@ -156,6 +170,16 @@ impl Config {
         if self.redis.is_some() && self.database.url.starts_with("sqlite:") {
             warnings.push(
                 "a cluster broker (redis.url) with a SQLite lock store: every node would grant locks from its own file; set database.url to PostgreSQL"
+                    .to_owned(),
+            );
+        }
+        if self.redis.is_some()
+            && self.jwt.secret.is_none()
+            && self.jwt.public_keys.is_some()
+            && self.jwt.session_secret.is_none()
+        {
+            warnings.push(
+                "a cluster broker (redis.url) with public keys and no session_secret: each node would sign session ids with a secret of its own, so a lock request naming a session of another node is refused; set session_secret (the same on every node)"
                     .to_owned(),
             );
         }
@@ -391,23 +415,34 @@ impl Sources {
                 recv_ms: p.get("hub.heartbeat_recv_ms"),
             },
             max_connections: p.positive("hub.max_connections"),
+            max_pending_connections: p.positive("hub.max_pending_connections"),
+            connect_frame_bytes: p.positive("hub.connect_frame_bytes"),
             max_subscriptions: p.positive("hub.max_subscriptions"),
             outbound_queue: p.positive("hub.outbound_queue"),
+            outbound_queue_bytes: p.positive("hub.outbound_queue_bytes"),
+            max_event_bytes: p.positive("hub.max_event_bytes"),
             connect_timeout: p.duration("hub.connect_timeout"),
             write_timeout: p.duration("hub.write_timeout"),
+            idle_timeout: p.duration("hub.idle_timeout"),
             subscribe_timeout: p.duration("hub.subscribe_timeout"),
             publish_rate: p.get("hub.publish_rate"),
             publish_burst: p.get("hub.publish_burst"),
+            max_claimed_rate: p.positive_u32("hub.max_claimed_rate"),
             origins: origins.clone(),
             read_buffer_bytes: p.positive("hub.read_buffer_bytes"),
-            // Set by `serve`, which makes the node's id.
-            node_id: String::new(),
+            // Both set by `serve`, which makes the node's id and knows the secrets.
+            ..HubConfig::default()
         };
+        if hub.idle_timeout < Duration::from_secs(1) {
+            p.error("hub.idle_timeout", "must be at least 1s");
+        }
         let api = ApiConfig {
             max_body_bytes: p.positive("api.max_body_bytes"),
             max_batch: p.positive("api.max_batch"),
+            max_event_bytes: hub.max_event_bytes,
             publish_rate: p.get("api.publish_rate"),
             publish_burst: p.get("api.publish_burst"),
+            max_claimed_rate: p.positive_u32("api.max_claimed_rate"),
             request_timeout: p.duration("api.request_timeout"),
             cors: match &origins {
                 OriginPolicy::SameOrigin => Cors::SameOrigin,
@@ -442,6 +477,8 @@ impl Sources {
                 issuer: p.optional("jwt.issuer"),
                 audience: p.optional("jwt.audience"),
                 leeway: p.duration("jwt.leeway"),
+                reload_interval: p.duration("jwt.reload_interval"),
+                session_secret: p.optional("session_secret"),
             },
             hub_enabled: p.get("hub.enabled"),
             hub,
@@ -516,6 +553,17 @@ impl Sources {
             && secret.len() < 32
         {
             p.error("jwt.secret", "must be at least 32 bytes long");
+        }
+        if let Some(secret) = &config.jwt.session_secret
+            && secret.len() < 32
+        {
+            p.error("session_secret", "must be at least 32 bytes long");
+        }
+        if config.hub.outbound_queue_bytes < config.hub.max_event_bytes {
+            p.errors.push(
+                "hub.outbound_queue_bytes must be at least hub.max_event_bytes: a queue must hold one whole event"
+                    .to_owned(),
+            );
         }
         if p.errors.is_empty() {
             Ok(config)
@@ -599,6 +647,17 @@ impl Parser<'_> {
         }
     }
 
+    fn positive_u32(&mut self, name: &str) -> u32 {
+        match self.parse::<u32>(name) {
+            Some(0) => {
+                self.error(name, "must be greater than 0");
+                1
+            }
+            Some(value) => value,
+            None => 1,
+        }
+    }
+
     fn duration(&mut self, name: &str) -> Duration {
         let raw = self.raw(name);
         match humantime::parse_duration(raw.trim()) {
@@ -644,6 +703,7 @@ impl Parser<'_> {
             default_expires: self.duration("s3.default_expires"),
             max_expires,
             max_batch: self.positive("s3.max_batch"),
+            content_types: self.content_types(),
         };
         (!config.bucket.is_empty()).then_some(config)
     }
@@ -658,7 +718,33 @@ impl Parser<'_> {
             channel_prefix: self.raw("redis.channel_prefix"),
             probe_interval: self.duration("redis.probe_interval"),
             command_timeout: self.duration("redis.command_timeout"),
+            publish_queue_bytes: self.positive("redis.publish_queue_bytes"),
         })
+    }
+
+    fn content_types(&mut self) -> Vec<String> {
+        let raw = self.raw("s3.content_types");
+        let list: Vec<String> = raw
+            .split(',')
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for ct in &list {
+            if ct != "*"
+                && !ct
+                    .split_once('/')
+                    .is_some_and(|(t, s)| !t.is_empty() && !s.is_empty())
+            {
+                self.error(
+                    "s3.content_types",
+                    &format!("'{ct}' is not a content type like image/png, image/* or *"),
+                );
+            }
+        }
+        if list.is_empty() {
+            self.error("s3.content_types", "must name at least one content type");
+        }
+        list
     }
 
     fn origins(&mut self) -> OriginPolicy {

@@ -1,4 +1,5 @@
-//! The generated HS256 secret of the embedded default.
+//! Secrets generated into the data directory: the HS256 secret of the embedded default, and
+//! the session-id key of a node that verifies tokens with public keys only.
 
 use anyhow::Context as _;
 use std::fs;
@@ -8,18 +9,30 @@ use std::path::Path;
 
 const FILE: &str = "jwt-secret";
 
+/// The session-id key file, for a node with no HS256 secret to derive it from.
+pub(crate) const SESSION_FILE: &str = "session-secret";
+
 /// Reads `data_dir/jwt-secret`, creating it (mode 0600, 48 random bytes, hex) on first use.
 ///
 /// # Errors
 ///
 /// When the data directory or the file cannot be created or read.
 pub(crate) fn load_or_create(data_dir: &Path) -> anyhow::Result<String> {
-    let path = data_dir.join(FILE);
+    load_or_create_file(data_dir, FILE)
+}
+
+/// Reads `data_dir/{file}`, creating it (mode 0600, 48 random bytes, hex) on first use.
+///
+/// # Errors
+///
+/// When the data directory or the file cannot be created or read.
+pub(crate) fn load_or_create_file(data_dir: &Path, file: &str) -> anyhow::Result<String> {
+    let path = data_dir.join(file);
     match fs::read_to_string(&path) {
         Ok(secret) => {
             let mode = fs::metadata(&path)?.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the JWT secret file is readable by others; chmod 600 it");
+                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "a secret file is readable by others; chmod 600 it");
             }
             let secret = secret.trim().to_owned();
             anyhow::ensure!(
@@ -43,11 +56,11 @@ pub(crate) fn load_or_create(data_dir: &Path) -> anyhow::Result<String> {
             {
                 Ok(mut file) => {
                     file.write_all(secret.as_bytes())?;
-                    tracing::info!(path = %path.display(), "generated a JWT secret");
+                    tracing::info!(path = %path.display(), "generated a secret");
                     Ok(secret)
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-                    load_or_create(data_dir)
+                    load_or_create_file(data_dir, file)
                 }
                 Err(err) => Err(err).with_context(|| format!("writing {}", path.display())),
             }

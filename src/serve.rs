@@ -2,15 +2,15 @@
 
 use crate::config::{Config, LogFormat, redact};
 use anyhow::Context as _;
-use api::locks::Locks;
 use api::locks::store::LockStore;
-use api::{ApiState, EventPublisher, PublishFailure, ReadinessCheck};
+use api::locks::{LockNode, Locks};
+use api::{ApiState, EventPublisher, NodeSessions, PublishFailure, ReadinessCheck};
 use axum::Router;
 use axum::serve::ListenerExt as _;
 use futures_util::future::BoxFuture;
 use hub::{Broker, Hub, MemoryBroker, PublishError, Registry};
 use protocol::auth::AuthConfig;
-use protocol::{Authenticator, EventType, Topic};
+use protocol::{Authenticator, Disconnect, EventType, SessionKey, Topic};
 use serde_json::value::RawValue;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -83,7 +83,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     for warning in config.warnings() {
         warn!("{warning}");
     }
-    let auth = Arc::new(authenticator(&config)?);
+    let (auth, hs256_secret) = authenticator(&config)?;
+    let auth = Arc::new(auth);
+    let session_key = session_key(&config, hs256_secret.as_deref())?;
+    if let Some(path) = &config.jwt.public_keys
+        && !config.jwt.reload_interval.is_zero()
+    {
+        tokio::spawn(reload_public_keys(
+            auth.clone(),
+            path.clone(),
+            config.jwt.reload_interval,
+        ));
+    }
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         // Histograms as Prometheus histograms (aggregatable across nodes), not summaries.
         .set_buckets(LATENCY_BUCKETS)
@@ -135,6 +146,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let sessions = Arc::new(LockSessions::default());
     let mut hub_config = config.hub.clone();
     hub_config.node_id.clone_from(&node_id);
+    hub_config.session_key = session_key.clone();
     let hub = Hub::new(
         hub_config,
         auth.clone(),
@@ -165,10 +177,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let locks = Locks::start(
         store.clone(),
         config.locks.clone(),
-        &node_id,
+        LockNode {
+            id: node_id.clone(),
+            sessions: session_key,
+            open: Arc::new(HubSessions(hub.clone())),
+        },
         publisher.clone(),
         &broker_stop,
     );
+    if config.database.url.starts_with("sqlite:") {
+        // A local file: the node registers at once, so its sessions can take locks from the
+        // first moment it says it is listening.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), locks.wait_registered())
+            .await
+            .is_err()
+        {
+            warn!(
+                "the node could not register in the SQLite lock store yet; session-bound locks wait for it"
+            );
+        }
+    }
     let _ = sessions.0.set(locks.clone());
     let locks_for_shutdown = locks.clone();
 
@@ -182,6 +210,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Arc::new(StoreCheck {
                 store: store.clone(),
                 migrated: migrated.clone(),
+                locks: locks.clone(),
             }),
         ];
         let gauges = hub.clone();
@@ -323,7 +352,59 @@ pub(crate) fn preflight(config: &Config) -> Result<(), Vec<String>> {
     }
 }
 
-fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
+/// The key session ids are signed with: `session_secret`, else one derived from the HS256
+/// secret (every node of a cluster shares it), else one generated into the data directory (a
+/// node that verifies with public keys only; a cluster of those needs `session_secret`).
+fn session_key(config: &Config, hs256_secret: Option<&str>) -> anyhow::Result<SessionKey> {
+    Ok(match (&config.jwt.session_secret, hs256_secret) {
+        (Some(secret), _) => SessionKey::new(secret.as_bytes()),
+        (None, Some(secret)) => SessionKey::derived_from(secret.as_bytes()),
+        (None, None) => SessionKey::new(
+            crate::secret::load_or_create_file(&config.data_dir, crate::secret::SESSION_FILE)?
+                .as_bytes(),
+        ),
+    })
+}
+
+/// Re-reads the public key file whenever it changes (checked every `every`), so a JWKS
+/// rotation takes effect without a restart. A file that fails to parse leaves the keys in use.
+async fn reload_public_keys(
+    auth: Arc<Authenticator>,
+    path: std::path::PathBuf,
+    every: std::time::Duration,
+) {
+    let stamp = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match auth.reload_public_keys(&text) {
+                Ok(keys) => info!(path = %path.display(), keys, "reloaded the public keys"),
+                Err(err) => {
+                    warn!(path = %path.display(), %err, "the public key file changed but does not parse; keeping the keys in use");
+                }
+            },
+            Err(err) => {
+                warn!(path = %path.display(), %err, "cannot read the public key file; keeping the keys in use");
+            }
+        }
+    }
+}
+
+/// The verifier, and the HS256 secret it uses (configured or generated), if any.
+fn authenticator(config: &Config) -> anyhow::Result<(Authenticator, Option<String>)> {
     let jwt = &config.jwt;
     let public_keys = match &jwt.public_keys {
         Some(path) => Some(
@@ -338,13 +419,13 @@ fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
         (None, None) => Some(crate::secret::load_or_create(&config.data_dir)?),
     };
     let auth = AuthConfig {
-        hs256_secret: secret.map(String::into_bytes),
+        hs256_secret: secret.clone().map(String::into_bytes),
         public_keys,
         issuer: jwt.issuer.clone(),
         audience: jwt.audience.clone(),
         leeway_secs: jwt.leeway.as_secs(),
     };
-    Ok(Authenticator::new(&auth)?)
+    Ok((Authenticator::new(&auth)?, secret))
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl-C).
@@ -382,6 +463,9 @@ impl EventPublisher for HubPublisher {
                 .map_err(|err| match err {
                     PublishError::Broker(e) => PublishFailure::Unavailable(e.to_string()),
                     PublishError::ShuttingDown => PublishFailure::ShuttingDown,
+                    PublishError::TooLarge { size, limit } => {
+                        PublishFailure::TooLarge { size, limit }
+                    }
                 })
         })
     }
@@ -411,6 +495,20 @@ async fn migrate_until_done(
     }
 }
 
+/// The lock service's view of the hub's sessions.
+#[derive(Debug)]
+struct HubSessions(Hub);
+
+impl NodeSessions for HubSessions {
+    fn is_open(&self, session: &str) -> bool {
+        self.0.is_session_open(session)
+    }
+
+    fn node_expired(&self) {
+        self.0.close_all(Disconnect::NODE_EXPIRED);
+    }
+}
+
 /// Hands closed sessions to the lock service once it exists.
 #[derive(Debug, Default)]
 struct LockSessions(std::sync::OnceLock<Arc<Locks>>);
@@ -427,6 +525,8 @@ impl hub::SessionObserver for LockSessions {
 struct StoreCheck {
     store: LockStore,
     migrated: Arc<std::sync::atomic::AtomicBool>,
+    /// Ready once the node registered in the store (its sessions can take locks).
+    locks: Arc<Locks>,
 }
 
 impl ReadinessCheck for StoreCheck {
@@ -437,6 +537,7 @@ impl ReadinessCheck for StoreCheck {
     fn is_ready(&self) -> BoxFuture<'_, bool> {
         Box::pin(async move {
             self.migrated.load(std::sync::atomic::Ordering::SeqCst)
+                && self.locks.is_registered()
                 && tokio::time::timeout(std::time::Duration::from_secs(2), self.store.ping())
                     .await
                     .unwrap_or(false)

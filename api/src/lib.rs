@@ -62,6 +62,18 @@ pub enum PublishFailure {
     Unavailable(String),
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("event data is {size} bytes; at most {limit} are allowed")]
+    TooLarge { size: usize, limit: usize },
+}
+
+/// The WebSocket sessions this node hosts, as the lock service needs them. The binary
+/// implements it over the hub.
+pub trait NodeSessions: Send + Sync + std::fmt::Debug + 'static {
+    /// Whether the session with this id is open on this node.
+    fn is_open(&self, session: &str) -> bool;
+    /// The cluster took this node for dead (it stalled) and is releasing the locks of its
+    /// sessions: close them all, so their clients reconnect and lock again.
+    fn node_expired(&self);
 }
 
 /// A dependency `/readyz` reports on.
@@ -87,9 +99,15 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Most events in one `POST /publish/batch`.
     pub max_batch: usize,
-    /// Events per second per token (0: unlimited), and the burst above it.
+    /// Largest event `data` (JSON bytes); the hub's bound, checked here too so that a batch
+    /// is refused whole before any of it is published.
+    pub max_event_bytes: usize,
+    /// Events per second per token (0: unlimited), and the burst above it. Every endpoint
+    /// that publishes draws on it: publish, locks (their events) and commit.
     pub publish_rate: u32,
     pub publish_burst: u32,
+    /// The highest rate a token's `publish_rate` claim may ask for.
+    pub max_claimed_rate: u32,
     /// Longest a request may take before it is answered 503.
     pub request_timeout: Duration,
     pub cors: Cors,
@@ -100,8 +118,10 @@ impl Default for ApiConfig {
         ApiConfig {
             max_body_bytes: 1024 * 1024,
             max_batch: 100,
+            max_event_bytes: 60 * 1024,
             publish_rate: 1000,
             publish_burst: 2000,
+            max_claimed_rate: 10_000,
             request_timeout: Duration::from_secs(30),
             cors: Cors::SameOrigin,
         }
@@ -154,7 +174,11 @@ impl ApiState {
         metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
         backends: Backends,
     ) -> ApiState {
-        let limiter = ratelimit::KeyedLimiter::new(config.publish_rate, config.publish_burst);
+        let limiter = ratelimit::KeyedLimiter::new(
+            config.publish_rate,
+            config.publish_burst,
+            config.max_claimed_rate,
+        );
         ApiState {
             inner: Arc::new(Inner {
                 config,

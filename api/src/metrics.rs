@@ -22,6 +22,7 @@ pub const LOCK_CONFLICTS: &str = "lockstep_lock_conflicts_total";
 pub const LOCK_LOST: &str = "lockstep_lock_lost_total";
 pub const PRESIGNED_URLS: &str = "lockstep_presigned_urls_total";
 pub const UPLOADS_COMMITTED: &str = "lockstep_uploads_committed_total";
+pub const RATE_LIMITED: &str = "lockstep_http_rate_limited_total";
 
 /// Registers help texts and units. Call once, after the recorder is installed.
 pub fn describe() {
@@ -60,6 +61,10 @@ pub fn describe() {
         UPLOADS_COMMITTED,
         "Uploads confirmed by a commit (item.updated published)."
     );
+    describe_counter!(
+        RATE_LIMITED,
+        "API requests refused because the token's event budget was spent (429, or 413 for a batch above the burst)."
+    );
     // Unlabelled counters exist from the start, so rate() and absence alerts work before the
     // first event.
     for name in [
@@ -70,6 +75,7 @@ pub fn describe() {
         LOCK_CONFLICTS,
         LOCK_LOST,
         UPLOADS_COMMITTED,
+        RATE_LIMITED,
     ] {
         ::metrics::counter!(name).absolute(0);
     }
@@ -101,6 +107,10 @@ pub(crate) fn lock_lost() {
 
 pub(crate) fn presigned(method: &'static str, urls: usize) {
     ::metrics::counter!(PRESIGNED_URLS, "method" => method).increment(urls as u64);
+}
+
+pub(crate) fn rate_limited() {
+    ::metrics::counter!(RATE_LIMITED).increment(1);
 }
 
 pub(crate) fn upload_committed() {

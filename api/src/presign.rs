@@ -6,6 +6,14 @@
 //! `{prefix}/{team}/{item}/{name}` with a validated `name`, so no caller can reach another
 //! team's objects. A write URL is issued only to the item's current lock holder presenting the
 //! current fencing token, and never outlives the lock.
+//!
+//! Writes are fenced: a write URL signs the fencing token into the object's metadata
+//! (`x-amz-meta-lockstep-token`), so the object records which grant wrote it, and `commit`
+//! refuses an object written under any other token. A URL outlives an early end of its lock
+//! (release, takeover, a closed session) until its own expiry, and storage cannot be told to
+//! revoke it; fencing makes such a stale write visible instead of silently winning. A write
+//! URL also always signs a content type from an allow-list, so an uploader cannot make the
+//! storage serve, say, `text/html` from the bucket.
 
 use crate::ApiState;
 use crate::error::ApiError;
@@ -47,6 +55,39 @@ pub struct StorageConfig {
     pub max_expires: Duration,
     /// Most objects in one batch.
     pub max_batch: usize,
+    /// Content types a write URL may sign (`type/subtype`, `type/*`, or `*` for any).
+    pub content_types: Vec<String>,
+}
+
+/// What a write URL signs when the request names no content type.
+pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// The object metadata key (`x-amz-meta-…`) that records the fencing token of the write.
+const TOKEN_METADATA: &str = "lockstep-token";
+
+/// The default allow-list of write content types: data, media and archives that browsers
+/// download or display inertly; none that a browser would run as a page or script (HTML, SVG,
+/// XML, JavaScript).
+pub const DEFAULT_CONTENT_TYPES: &str = "application/octet-stream,application/json,application/x-ndjson,application/zip,application/gzip,application/x-protobuf,text/plain,text/csv,image/png,image/jpeg,image/webp,image/tiff,image/bmp,image/gif,video/mp4,video/webm,audio/mpeg,audio/wav,audio/ogg,audio/flac,model/gltf-binary";
+
+impl StorageConfig {
+    /// Whether a write URL may sign `content_type`.
+    pub fn allows(&self, content_type: &str) -> bool {
+        // Parameters (`; charset=…`) do not change what the type is.
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        self.content_types.iter().any(|allowed| {
+            allowed == "*"
+                || *allowed == essence
+                || allowed
+                    .strip_suffix("/*")
+                    .is_some_and(|kind| essence.split_once('/').is_some_and(|(k, _)| k == kind))
+        })
+    }
 }
 
 /// The presigner: one S3 client, built at start.
@@ -105,11 +146,13 @@ impl Storage {
         }
     }
 
+    /// Signs a request. A write signs `content_type` and the fencing `token` into the object's
+    /// metadata, both of which the upload must then send exactly.
     async fn presign(
         &self,
         method: Method,
         key: &str,
-        content_type: Option<&str>,
+        write: Option<(&str, i64)>,
         start: SystemTime,
         expires: Duration,
     ) -> Result<PresignedRequest, ApiError> {
@@ -135,15 +178,16 @@ impl Storage {
                 .await
                 .map_err(|e| failed(&aws_sdk_s3::error::DisplayErrorContext(&e))),
             Method::Put => {
-                let mut put = self
-                    .client
+                let (content_type, token) = write.ok_or_else(|| {
+                    ApiError::Internal("a write URL without its content type and token".into())
+                })?;
+                self.client
                     .put_object()
                     .bucket(&self.config.bucket)
-                    .key(key);
-                if let Some(ct) = content_type {
-                    put = put.content_type(ct);
-                }
-                put.presigned(presigning)
+                    .key(key)
+                    .content_type(content_type)
+                    .metadata(TOKEN_METADATA, token.to_string())
+                    .presigned(presigning)
                     .await
                     .map_err(|e| failed(&aws_sdk_s3::error::DisplayErrorContext(&e)))
             }
@@ -171,8 +215,9 @@ impl Storage {
             .to_owned())
     }
 
-    /// Whether the object exists (`HEAD`).
-    async fn exists(&self, key: &str) -> Result<Option<(i64, Option<String>)>, ApiError> {
+    /// The object's size, ETag and the fencing token it was written under (`HEAD`); `None`
+    /// when it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<Head>, ApiError> {
         match self
             .client
             .head_object()
@@ -181,10 +226,14 @@ impl Storage {
             .send()
             .await
         {
-            Ok(head) => Ok(Some((
-                head.content_length().unwrap_or(0),
-                head.e_tag().map(str::to_owned),
-            ))),
+            Ok(head) => Ok(Some(Head {
+                size: head.content_length().unwrap_or(0),
+                etag: head.e_tag().map(str::to_owned),
+                token: head
+                    .metadata()
+                    .and_then(|m| m.get(TOKEN_METADATA))
+                    .and_then(|t| t.parse().ok()),
+            })),
             Err(err)
                 if err.as_service_error().is_some_and(
                     aws_sdk_s3::operation::head_object::HeadObjectError::is_not_found,
@@ -201,6 +250,15 @@ impl Storage {
             }
         }
     }
+}
+
+/// What `HEAD` tells of an object.
+#[derive(Debug)]
+struct Head {
+    size: i64,
+    etag: Option<String>,
+    /// The fencing token in its metadata, if it was written through a write URL.
+    token: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
@@ -227,7 +285,8 @@ pub(crate) struct PresignRequest {
     /// Object name within the item: `[A-Za-z0-9._-]` segments separated by `/`.
     #[schema(example = "frames/000123.pcd")]
     name: String,
-    /// Signed into PUT URLs: the upload must send exactly this `content-type`.
+    /// Signed into PUT URLs: the upload must send exactly this `content-type`. Default
+    /// `application/octet-stream`; only types on the node's allow-list are signed.
     #[schema(pattern = r"^[ -~]*/[ -~]*$", max_length = 255)]
     content_type: Option<String>,
     /// Seconds; capped by the configured maximum and, for PUT, by the lock's expiry.
@@ -355,7 +414,20 @@ struct Object<'a> {
     token: Option<i64>,
 }
 
-fn validate(object: &Object<'_>, method: Method, index: Option<usize>) -> Result<(), ApiError> {
+impl Object<'_> {
+    /// What a write URL signs: the content type (or the default) and the fencing token.
+    fn write(&self) -> Option<(&str, i64)> {
+        self.token
+            .map(|token| (self.content_type.unwrap_or(DEFAULT_CONTENT_TYPE), token))
+    }
+}
+
+fn validate(
+    config: &StorageConfig,
+    object: &Object<'_>,
+    method: Method,
+    index: Option<usize>,
+) -> Result<(), ApiError> {
     let at = |message: String, code: &'static str| {
         let prefix = index.map(|i| format!("objects[{i}]: ")).unwrap_or_default();
         ApiError::Invalid {
@@ -383,6 +455,17 @@ fn validate(object: &Object<'_>, method: Method, index: Option<usize>) -> Result
             format!("invalid content_type '{ct}'"),
             "invalid_content_type",
         ));
+    }
+    if method == Method::Put {
+        let ct = object.content_type.unwrap_or(DEFAULT_CONTENT_TYPE);
+        if !config.allows(ct) {
+            return Err(at(
+                format!(
+                    "content_type '{ct}' is not on this node's list of types write URLs may sign (s3.content_types)"
+                ),
+                "content_type_not_allowed",
+            ));
+        }
     }
     if method == Method::Put && object.token.is_none() {
         return Err(at(
@@ -541,7 +624,7 @@ pub(crate) async fn presign(
         content_type: request.content_type.as_deref(),
         token: request.token,
     };
-    validate(&object, request.method, None)?;
+    validate(&storage.config, &object, request.method, None)?;
     let lock_left = match (request.method, request.token) {
         (Method::Put, Some(token)) => {
             let (live, now) = live_locks(&state, &team).await?;
@@ -554,7 +637,7 @@ pub(crate) async fn presign(
     let start = signing_start();
     let key = storage.key(&team, &item, &request.name);
     let signed = storage
-        .presign(request.method, &key, object.content_type, start, expires)
+        .presign(request.method, &key, object.write(), start, expires)
         .await?;
     crate::metrics::presigned(request.method.as_str(), 1);
     Ok(Json(view(&signed, start, expires)))
@@ -597,7 +680,7 @@ pub(crate) async fn presign_batch(
         })
         .collect();
     for (i, object) in objects.iter().enumerate() {
-        validate(object, request.method, Some(i))?;
+        validate(&storage.config, object, request.method, Some(i))?;
     }
     // For writes, one read of the team's live locks checks every object.
     let mut lock_left: Option<i64> = None;
@@ -630,7 +713,7 @@ pub(crate) async fn presign_batch(
     for object in &objects {
         let key = storage.key(&team, object.item, object.name);
         let signed = storage
-            .presign(request.method, &key, object.content_type, start, expires)
+            .presign(request.method, &key, object.write(), start, expires)
             .await?;
         urls.push(view(&signed, start, expires));
     }
@@ -651,6 +734,7 @@ pub(crate) async fn commit(
     authorize(&caller, &team)?;
     let storage = storage(&state)?;
     validate(
+        &storage.config,
         &Object {
             item: &item,
             name: &request.name,
@@ -662,8 +746,10 @@ pub(crate) async fn commit(
     )?;
     let (live, _) = live_locks(&state, &team).await?;
     check_lock(&live, &caller, &item, request.token)?;
+    // The announcement draws on the caller's event budget like a publish.
+    state.inner.limiter.check(&caller, 1)?;
     let key = storage.key(&team, &item, &request.name);
-    let Some((size, etag)) = storage.exists(&key).await? else {
+    let Some(Head { size, etag, token }) = storage.head(&key).await? else {
         return Err(ApiError::NotFound {
             code: "object_not_found",
             message: format!(
@@ -672,6 +758,24 @@ pub(crate) async fn commit(
             ),
         });
     };
+    if token != Some(request.token) {
+        // Written under an earlier grant's URL after this one's upload (or not through a write
+        // URL at all): announcing it would present stale bytes as this holder's.
+        return Err(ApiError::Conflict {
+            code: "stale_write",
+            message: format!(
+                "object '{}' on item {item} was last written {}, not with token {}; upload it again with a URL for the current lock",
+                request.name,
+                token.map_or_else(
+                    || "without a fencing token".to_owned(),
+                    |t| format!("under token {t}")
+                ),
+                request.token
+            ),
+            details: Some(json!({"written_token": token})),
+            gone: false,
+        });
+    }
     let data = json!({"team": team, "item": item, "name": request.name, "holder": caller.sub, "token": request.token, "size": size, "etag": etag});
     let topic = Topic::team(&team).map_err(|e| ApiError::Internal(e.to_string()))?;
     let event_type =
@@ -752,5 +856,40 @@ mod tests {
             Duration::from_secs(3600)
         );
         assert!(lifetime(&config, None, Some(500)).is_err());
+    }
+
+    #[test]
+    fn content_type_allow_list() {
+        let config = StorageConfig {
+            content_types: DEFAULT_CONTENT_TYPES
+                .split(',')
+                .map(str::to_owned)
+                .chain(["model/*".to_owned()])
+                .collect(),
+            ..StorageConfig::default()
+        };
+        for ok in [
+            "application/octet-stream",
+            "Application/JSON; charset=utf-8",
+            "image/png",
+            "model/obj",
+        ] {
+            assert!(config.allows(ok), "{ok}");
+        }
+        for refused in [
+            "text/html",
+            "image/svg+xml",
+            "application/xhtml+xml",
+            "text/javascript",
+            "modelx/obj",
+            "",
+        ] {
+            assert!(!config.allows(refused), "{refused}");
+        }
+        let any = StorageConfig {
+            content_types: vec!["*".into()],
+            ..StorageConfig::default()
+        };
+        assert!(any.allows("text/html"));
     }
 }

@@ -63,8 +63,8 @@ pub(crate) async fn publish(
     Caller(caller): Caller,
     ApiJson(request): ApiJson<PublishRequest>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
-    let (topic, event_type) = validate(&caller, &request).map_err(|e| e.at(None))?;
-    state.inner.limiter.check(&caller.sub, 1)?;
+    let (topic, event_type) = validate(&state, &caller, &request).map_err(|e| e.at(None))?;
+    state.inner.limiter.check(&caller, 1)?;
     let id = state
         .inner
         .publisher
@@ -100,13 +100,13 @@ pub(crate) async fn publish_batch(
         .events
         .iter()
         .enumerate()
-        .map(|(i, e)| validate(&caller, e).map_err(|err| err.at(Some(i))))
+        .map(|(i, e)| validate(&state, &caller, e).map_err(|err| err.at(Some(i))))
         .collect::<Result<Vec<_>, _>>()?;
     #[allow(clippy::cast_possible_truncation)] // bounded by max_batch
     state
         .inner
         .limiter
-        .check(&caller.sub, request.events.len() as u32)?;
+        .check(&caller, request.events.len() as u32)?;
     let mut ids = Vec::with_capacity(validated.len());
     for ((topic, event_type), event) in validated.iter().zip(&request.events) {
         let id = state
@@ -124,6 +124,7 @@ pub(crate) async fn publish_batch(
 enum Refusal {
     Invalid(&'static str, String),
     Forbidden(String),
+    TooLarge(String),
 }
 
 impl Refusal {
@@ -140,11 +141,26 @@ impl Refusal {
                 message: format!("{prefix}{message}"),
                 details,
             },
+            Refusal::TooLarge(message) => ApiError::TooLarge {
+                code: "event_too_large",
+                message: format!("{prefix}{message}"),
+            },
         }
     }
 }
 
-fn validate(caller: &Principal, request: &PublishRequest) -> Result<(Topic, EventType), Refusal> {
+fn validate(
+    state: &ApiState,
+    caller: &Principal,
+    request: &PublishRequest,
+) -> Result<(Topic, EventType), Refusal> {
+    let limit = state.inner.config.max_event_bytes;
+    let size = request.data.get().len();
+    if size > limit {
+        return Err(Refusal::TooLarge(format!(
+            "event data is {size} bytes; at most {limit} are allowed"
+        )));
+    }
     let topic = Topic::parse(&request.topic)
         .map_err(|e| Refusal::Invalid("invalid_topic", e.to_string()))?;
     let event_type = EventType::parse(&request.event_type)
@@ -156,6 +172,19 @@ fn validate(caller: &Principal, request: &PublishRequest) -> Result<(Topic, Even
 }
 
 fn unavailable(failure: &PublishFailure, published: &[String]) -> ApiError {
+    if let PublishFailure::TooLarge { .. } = failure {
+        return ApiError::TooLarge {
+            code: "event_too_large",
+            message: if published.is_empty() {
+                failure.to_string()
+            } else {
+                format!(
+                    "{failure}; the first {} events were published",
+                    published.len()
+                )
+            },
+        };
+    }
     let message = if published.is_empty() {
         failure.to_string()
     } else {
@@ -167,6 +196,7 @@ fn unavailable(failure: &PublishFailure, published: &[String]) -> ApiError {
     let code = match failure {
         PublishFailure::Unavailable(_) => "broker_unavailable",
         PublishFailure::ShuttingDown => "shutting_down",
+        PublishFailure::TooLarge { .. } => "event_too_large",
     };
     tracing::warn!(%failure, published = published.len(), "publish failed");
     ApiError::Unavailable { code, message }

@@ -1,54 +1,51 @@
-//! Per-token publish rate limits for the HTTP API.
+//! Per-token event budgets for the HTTP API: every endpoint that publishes events (publish,
+//! locks, commit) draws on the caller's budget, so no endpoint is a way around it.
 
 use crate::error::ApiError;
-use dashmap::DashMap;
-use protocol::rate::TokenBucket;
+use protocol::Principal;
+use protocol::rate::{KeyedBuckets, Limit};
 use std::time::Instant;
 
-/// Buckets keyed by the caller's `sub`. Entries idle for a minute are pruned once the map
-/// grows past `MAX_KEYS`, so memory stays bounded by active callers.
+/// Budgets keyed by the caller's `sub`, shared by all its requests on this node.
 #[derive(Debug)]
 pub(crate) struct KeyedLimiter {
-    rate: u32,
-    burst: u32,
+    default: Limit,
+    /// The highest rate a token's `publish_rate` claim may ask for.
+    max_claimed: u32,
     started: Instant,
-    buckets: DashMap<String, TokenBucket>,
+    buckets: KeyedBuckets,
 }
 
+/// Callers remembered at most (idle ones are pruned past it), and how long one stays idle.
 const MAX_KEYS: usize = 10_000;
 const IDLE_SECS: f64 = 60.0;
 
 impl KeyedLimiter {
-    pub(crate) fn new(rate: u32, burst: u32) -> KeyedLimiter {
+    pub(crate) fn new(rate: u32, burst: u32, max_claimed: u32) -> KeyedLimiter {
         KeyedLimiter {
-            rate,
-            burst,
+            default: Limit { rate, burst },
+            max_claimed,
             started: Instant::now(),
-            buckets: DashMap::new(),
+            buckets: KeyedBuckets::new(MAX_KEYS, IDLE_SECS),
         }
     }
 
-    /// Takes `n` events from `key`'s budget.
-    pub(crate) fn check(&self, key: &str, n: u32) -> Result<(), ApiError> {
-        if self.rate == 0 {
+    /// Takes `n` events from the caller's budget; a 429 with `Retry-After` when it is spent.
+    pub(crate) fn check(&self, caller: &Principal, n: u32) -> Result<(), ApiError> {
+        if self.default.rate == 0 {
             return Ok(());
         }
+        let limit = Limit::for_caller(self.default, caller.publish_rate, self.max_claimed);
         let now = self.started.elapsed().as_secs_f64();
-        if self.buckets.len() > MAX_KEYS {
-            self.buckets.retain(|_, b| now - b.last_used() < IDLE_SECS);
-        }
-        let result = self
-            .buckets
-            .entry(key.to_owned())
-            .or_insert_with(|| TokenBucket::new(self.rate, self.burst, now))
-            .take_n(n, now);
+        let result = self.buckets.take(&caller.sub, n, limit, now);
         result.map_err(|wait| {
+            crate::metrics::rate_limited();
             if wait.is_infinite() {
                 ApiError::TooLarge {
                     code: "batch_too_large",
                     message: format!(
                         "a batch of {n} events exceeds the burst of {} per token",
-                        self.burst
+                        limit.burst
                     ),
                 }
             } else {

@@ -1,7 +1,7 @@
 //! The hub's settings. Every bound of DESIGN §9 that concerns WebSocket sessions is a field
 //! here; the binary fills them from configuration.
 
-use protocol::{HeartBeat, Limits};
+use protocol::{HeartBeat, Limits, SessionKey};
 use std::time::Duration;
 
 /// Which `Origin`s may open a WebSocket.
@@ -23,32 +23,50 @@ pub struct HubConfig {
     /// What the server offers in `CONNECTED`'s `heart-beat`: it can send every `send_ms` and
     /// wants to hear from the client every `recv_ms`.
     pub heart_beat: HeartBeat,
-    /// Most WebSocket connections on this node.
+    /// Most authenticated WebSocket connections on this node (a slot is taken at `CONNECT`).
     pub max_connections: usize,
+    /// Most connections waiting for `CONNECT`; past it, the oldest waiting one is closed.
+    pub max_pending_connections: usize,
+    /// Largest frame a client may send before `CONNECT` succeeded (a `CONNECT` carries a
+    /// token, nothing bigger is needed yet).
+    pub connect_frame_bytes: usize,
     /// Most subscriptions on one connection.
     pub max_subscriptions: usize,
-    /// Capacity, in frames, of a connection's outbound queue; a client that lets it fill up is
-    /// closed with 4008.
+    /// Capacity, in frames and in bytes, of a connection's outbound queue; a client that lets
+    /// it fill up is closed with 4008.
     pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
+    /// Largest event `data` (JSON bytes) anyone may publish, over STOMP or HTTP.
+    pub max_event_bytes: usize,
     /// How long a new connection may take to send `CONNECT`.
     pub connect_timeout: Duration,
     /// How long one write to a client may take before it counts as a slow consumer, and how
     /// long the closing handshake may take.
     pub write_timeout: Duration,
+    /// Longest a connection may stay silent (no frame, heart-beat or pong) before it counts as
+    /// dead. It caps the heart-beat interval a client asks for, and covers clients that send
+    /// no heart-beats at all: the server pings them at half of it.
+    pub idle_timeout: Duration,
     /// How long a `SUBSCRIBE` waits for the cluster broker to confirm before failing.
     pub subscribe_timeout: Duration,
-    /// `SEND` frames per second per connection, and the burst allowed above it.
+    /// `SEND` frames per second per token (shared by all its connections on this node; 0:
+    /// unlimited), the burst allowed above it, and the highest rate a token's `publish_rate`
+    /// claim may ask for.
     pub publish_rate: u32,
     pub publish_burst: u32,
+    pub max_claimed_rate: u32,
     /// Who may open WebSockets from a browser.
     pub origins: OriginPolicy,
     /// Size of a connection's WebSocket read buffer. tokio-tungstenite allocates it eagerly for
     /// every connection (128 KiB by default), so it dominates idle memory; frames larger than it
     /// still work, they just take several reads.
     pub read_buffer_bytes: usize,
-    /// This node's id. Session ids start with it (`{node_id}.{ulid}`), so that when the node
-    /// dies the other nodes can tell which sessions died with it. Empty: plain ULIDs.
+    /// This node's id, a ULID. Session ids start with it (`{node_id}.{ulid}.{mac}`), so that
+    /// when the node dies the other nodes can tell which sessions died with it.
     pub node_id: String,
+    /// Signs session ids, so the lock API can check one was issued to its caller. Every node
+    /// of a cluster must use the same key.
+    pub session_key: SessionKey,
 }
 
 impl Default for HubConfig {
@@ -60,16 +78,23 @@ impl Default for HubConfig {
                 recv_ms: 10_000,
             },
             max_connections: 100_000,
+            max_pending_connections: 1024,
+            connect_frame_bytes: 16 * 1024,
             max_subscriptions: 64,
             outbound_queue: 1024,
-            connect_timeout: Duration::from_secs(10),
+            outbound_queue_bytes: 1024 * 1024,
+            max_event_bytes: 60 * 1024,
+            connect_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             subscribe_timeout: Duration::from_secs(10),
             publish_rate: 100,
             publish_burst: 200,
+            max_claimed_rate: 10_000,
             origins: OriginPolicy::SameOrigin,
             read_buffer_bytes: 4096,
-            node_id: String::new(),
+            node_id: ulid::Ulid::new().to_string(),
+            session_key: SessionKey::new(&rand::random::<[u8; 32]>()),
         }
     }
 }

@@ -8,9 +8,12 @@
 //!
 //! # Layout
 //!
-//! - `upgrade`: the `/ws` handler: Origin check, connection limit, subprotocol, buffer sizes.
+//! - `upgrade`: the `/ws` handler: Origin check, subprotocol, buffer sizes.
 //! - `session`: the per-connection state machine.
-//! - `outbox`: a connection's bounded outbound queue.
+//! - `connections`: the node's table of connections (by id and session), the pool of
+//!   connections waiting for `CONNECT`, and a way to ask a session to close.
+//! - `send_queue`: `SendQueue`, a connection's bounded outbound queue (not to be
+//!   confused with the lock service's event outbox in `api`).
 //! - [`registry`]: topic → local subscribers, and encode-once fan-out.
 //! - `subscriptions`: keeps broker subscriptions in step with the registry.
 //! - [`broker`]: the [`Broker`] trait and [`MemoryBroker`].
@@ -20,10 +23,11 @@
 
 pub mod broker;
 pub mod config;
+mod connections;
 pub mod metrics;
-mod outbox;
 pub mod redis;
 pub mod registry;
+mod send_queue;
 mod session;
 mod subscriptions;
 mod upgrade;
@@ -34,10 +38,12 @@ pub use registry::Registry;
 
 use axum::Router;
 use axum::routing::get;
+use connections::Connections;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
+use protocol::rate::KeyedBuckets;
 use protocol::server::MessageTemplate;
-use protocol::{Authenticator, EventType, Topic, envelope};
+use protocol::{Authenticator, Disconnect, EventType, Topic, envelope};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,8 +72,14 @@ struct Inner {
     registry: Arc<Registry>,
     broker: Arc<dyn Broker>,
     subscriptions: Arc<Subscriptions>,
-    /// One permit per open WebSocket; `max_connections` in all.
-    connections: Arc<Semaphore>,
+    /// One permit per authenticated WebSocket (taken at `CONNECT`); `max_connections` in all.
+    slots: Arc<Semaphore>,
+    /// Every connection of this node, authenticated or waiting for `CONNECT`.
+    connections: Connections,
+    /// `SEND` budgets per token, shared by all of a token's connections on this node.
+    budgets: KeyedBuckets,
+    /// The clock the budgets count on.
+    started: std::time::Instant,
     /// Cancelled on shutdown: sessions close with 4010.
     shutdown: CancellationToken,
     /// Tracks session tasks so shutdown can wait for their closing handshakes.
@@ -95,6 +107,8 @@ pub enum PublishError {
     Broker(#[from] BrokerError),
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("event data is {size} bytes; at most {limit} are allowed")]
+    TooLarge { size: usize, limit: usize },
 }
 
 impl Hub {
@@ -115,7 +129,11 @@ impl Hub {
         );
         Hub {
             inner: Arc::new(Inner {
-                connections: Arc::new(Semaphore::new(config.max_connections)),
+                slots: Arc::new(Semaphore::new(config.max_connections)),
+                connections: Connections::new(config.max_pending_connections),
+                // Past 10,000 tokens, those idle for a minute are forgotten.
+                budgets: KeyedBuckets::new(10_000, 60.0),
+                started: std::time::Instant::now(),
                 config,
                 auth,
                 registry,
@@ -142,6 +160,15 @@ impl Hub {
     ) -> BoxFuture<'static, Result<String, PublishError>> {
         if self.inner.shutdown.is_cancelled() {
             return Box::pin(std::future::ready(Err(PublishError::ShuttingDown)));
+        }
+        // One bound for every way in (STOMP SEND, the HTTP API, the lock service), so an event
+        // that one path accepts can be delivered by every node to every client.
+        let limit = self.inner.config.max_event_bytes;
+        if data.get().len() > limit {
+            return Box::pin(std::future::ready(Err(PublishError::TooLarge {
+                size: data.get().len(),
+                limit,
+            })));
         }
         let id = self.new_id();
         let ts = envelope::format_ts(SystemTime::now());
@@ -181,9 +208,20 @@ impl Hub {
             && self.inner.subscriptions.in_step()
     }
 
-    /// Number of open WebSocket sessions on this node.
+    /// Number of authenticated WebSocket sessions on this node.
     pub fn connection_count(&self) -> usize {
-        self.inner.config.max_connections - self.inner.connections.available_permits()
+        self.inner.config.max_connections - self.inner.slots.available_permits()
+    }
+
+    /// Whether the session with this id (the `session` header of its `CONNECTED`) is open on
+    /// this node.
+    pub fn is_session_open(&self, session: &str) -> bool {
+        self.inner.connections.is_open(session)
+    }
+
+    /// Closes every session of this node with `disconnect` (the node keeps running).
+    pub fn close_all(&self, disconnect: Disconnect) {
+        self.inner.connections.close_all(disconnect);
     }
 
     /// Sets the gauges that are read off the hub's state (connections, subscriptions, topics);
@@ -192,6 +230,8 @@ impl Hub {
         #[allow(clippy::cast_precision_loss)] // Counts far below 2^52.
         {
             ::metrics::gauge!(metrics::CONNECTIONS).set(self.connection_count() as f64);
+            ::metrics::gauge!(metrics::PENDING_CONNECTIONS)
+                .set(self.inner.connections.pending() as f64);
             let registry = &self.inner.registry;
             ::metrics::gauge!(metrics::SUBSCRIPTIONS).set(registry.subscription_count() as f64);
             ::metrics::gauge!(metrics::TOPICS).set(registry.topic_count() as f64);
@@ -206,6 +246,21 @@ impl Hub {
         tokio::time::timeout(grace, self.inner.tracker.wait())
             .await
             .is_ok()
+    }
+
+    /// The token's `SEND` budget: `Err(wait)` in seconds when spent.
+    fn take_budget(&self, principal: &protocol::Principal) -> Result<(), f64> {
+        let config = &self.inner.config;
+        let limit = protocol::rate::Limit::for_caller(
+            protocol::rate::Limit {
+                rate: config.publish_rate,
+                burst: config.publish_burst,
+            },
+            principal.publish_rate,
+            config.max_claimed_rate,
+        );
+        let now = self.inner.started.elapsed().as_secs_f64();
+        self.inner.budgets.take(&principal.sub, 1, limit, now)
     }
 
     /// A new ULID, monotonic on this node.

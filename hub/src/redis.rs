@@ -22,7 +22,7 @@ use futures_util::future::{BoxFuture, try_join_all};
 use protocol::MessageTemplate;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -40,6 +40,9 @@ pub struct RedisSettings {
     pub probe_interval: Duration,
     /// Longest a publish or subscribe may wait for Redis.
     pub command_timeout: Duration,
+    /// Most bytes of events waiting to be sent to Redis; past it, publishes answer
+    /// "overloaded" at once.
+    pub publish_queue_bytes: usize,
 }
 
 impl Default for RedisSettings {
@@ -49,6 +52,7 @@ impl Default for RedisSettings {
             channel_prefix: "lockstep:".to_owned(),
             probe_interval: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
+            publish_queue_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -100,7 +104,8 @@ pub fn parse_url(url: &str) -> Result<Config, String> {
     Config::from_url(url).map_err(|e| e.to_string())
 }
 
-/// Events waiting to be published, at most. A full queue answers "overloaded" at once.
+/// Events waiting to be published, at most (and at most `publish_queue_bytes` of them). A full
+/// queue answers "overloaded" at once.
 const PUBLISH_QUEUE: usize = 65_536;
 /// Most events sent to Redis in one pipeline.
 const PUBLISH_BATCH: usize = 512;
@@ -122,6 +127,9 @@ pub struct RedisBroker {
     /// Feeds the publishing task, which pipelines whatever accumulated while the previous
     /// pipeline was in flight: one round trip carries many events, in call order.
     jobs: mpsc::Sender<PublishJob>,
+    /// Bytes of the events in `jobs`, bounded by `queue_budget`.
+    queued_bytes: Arc<AtomicUsize>,
+    queue_budget: usize,
     subscriber: Client,
     cluster: bool,
     prefix: String,
@@ -207,9 +215,12 @@ impl RedisBroker {
             epoch: watch::Sender::new(0),
         });
         let (jobs, queue) = mpsc::channel(PUBLISH_QUEUE);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let broker = Arc::new(RedisBroker {
             publisher,
             jobs,
+            queued_bytes: queued_bytes.clone(),
+            queue_budget: settings.publish_queue_bytes,
             subscriber,
             cluster,
             prefix: settings.channel_prefix.clone(),
@@ -218,6 +229,7 @@ impl RedisBroker {
         tokio::spawn(publish_batches(
             broker.publisher.clone(),
             queue,
+            queued_bytes,
             settings.command_timeout,
             shutdown.clone(),
         ));
@@ -449,6 +461,7 @@ async fn supervise_publisher(
 async fn publish_batches(
     publisher: Arc<PublisherSlot>,
     mut queue: mpsc::Receiver<PublishJob>,
+    queued_bytes: Arc<AtomicUsize>,
     timeout: Duration,
     shutdown: CancellationToken,
 ) {
@@ -476,6 +489,8 @@ async fn publish_batches(
                 Err(_) => break,
             }
         }
+        let taken: usize = batch.iter().map(|job| job.tail.len()).sum();
+        queued_bytes.fetch_sub(taken, Ordering::AcqRel);
         let Some(client) = publisher.current() else {
             for job in batch.drain(..) {
                 let _ = job.done.send(Err(BrokerError::Unavailable(
@@ -524,13 +539,23 @@ impl Broker for RedisBroker {
                 "not connected to Redis".to_owned(),
             ))));
         }
+        let size = message.tail().len();
+        // Reserve the bytes first: concurrent publishers cannot overshoot the budget together.
+        if self.queued_bytes.fetch_add(size, Ordering::AcqRel) + size > self.queue_budget {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            return Box::pin(std::future::ready(Err(BrokerError::Overloaded)));
+        }
         let (done, outcome) = oneshot::channel();
         let job = PublishJob {
             channel: self.channel(topic),
             tail: message.tail().clone(),
             done,
         };
-        match self.jobs.try_send(job) {
+        let result = self.jobs.try_send(job);
+        if result.is_err() {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+        }
+        match result {
             Ok(()) => Box::pin(async move {
                 outcome.await.unwrap_or_else(|_| {
                     Err(BrokerError::Unavailable("the publisher stopped".to_owned()))

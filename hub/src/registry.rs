@@ -4,7 +4,7 @@
 //! The registry knows nothing about brokers or Redis: the broker hands it events with
 //! [`Registry::deliver`], and the subscription manager asks it which topics have subscribers.
 
-use crate::outbox::{Outbox, Pushed};
+use crate::send_queue::{Pushed, SendQueue};
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use protocol::MessageTemplate;
@@ -20,7 +20,9 @@ pub(crate) struct Subscriber {
     pub(crate) sub_id: Arc<str>,
     /// `MESSAGE\nsubscription:{id}\n`, encoded once when the subscription was made.
     pub(crate) prefix: Arc<str>,
-    pub(crate) outbox: Outbox,
+    /// A STOMP 1.0 session: headers go out without escape sequences.
+    pub(crate) unescaped: bool,
+    pub(crate) queue: SendQueue,
 }
 
 #[derive(Debug, Default)]
@@ -155,19 +157,30 @@ impl Registry {
         let Some(entry) = self.topics.get(topic) else {
             return delivery;
         };
-        let mut cache: Vec<(&Arc<str>, Utf8Bytes)> = Vec::new();
+        let mut cache: Vec<(&Arc<str>, bool, Utf8Bytes)> = Vec::new();
+        // Asked only when a STOMP 1.0 subscriber shows up.
+        let mut has_escapes = None;
         for sub in &entry.subscribers {
-            let frame = match cache.iter().find(|(p, _)| ***p == *sub.prefix) {
-                Some((_, frame)) => frame.clone(),
+            let unescaped =
+                sub.unescaped && *has_escapes.get_or_insert_with(|| message.has_escapes());
+            let cached = cache
+                .iter()
+                .find(|(p, u, _)| ***p == *sub.prefix && *u == unescaped);
+            let frame = match cached {
+                Some((_, _, frame)) => frame.clone(),
                 None => {
-                    let frame = Utf8Bytes::from(message.frame_for(&sub.prefix));
+                    let frame = Utf8Bytes::from(if unescaped {
+                        message.frame_for_unescaped(&sub.prefix)
+                    } else {
+                        message.frame_for(&sub.prefix)
+                    });
                     if cache.len() < FRAME_CACHE {
-                        cache.push((&sub.prefix, frame.clone()));
+                        cache.push((&sub.prefix, unescaped, frame.clone()));
                     }
                     frame
                 }
             };
-            match sub.outbox.push(frame) {
+            match sub.queue.push(frame) {
                 Pushed::Queued => delivery.queued += 1,
                 Pushed::Full => delivery.slow += 1,
                 // The session is ending and will remove its subscriptions.
@@ -186,15 +199,16 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn subscriber(conn: ConnId, id: &str, capacity: usize) -> (Subscriber, Outbox) {
-        let outbox = Outbox::new(capacity);
+    fn subscriber(conn: ConnId, id: &str, capacity: usize) -> (Subscriber, SendQueue) {
+        let queue = SendQueue::new(capacity, 1 << 20);
         let sub = Subscriber {
             conn,
             sub_id: id.into(),
             prefix: protocol::server::subscription_prefix(id).into(),
-            outbox: outbox.clone(),
+            unescaped: false,
+            queue: queue.clone(),
         };
-        (sub, outbox)
+        (sub, queue)
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! A connection's bounded outbound queue.
 //!
 //! Fan-out pushes frames here for every subscriber of a topic, so a push must be cheap and must
-//! never wait. Compared with a general-purpose channel this queue does three things for that
+//! never wait. Compared with a general-purpose channel this queue does four things for that
 //! job: it wakes the session only when the queue goes from empty to non-empty (a burst of
 //! events is one wake-up, then one write); it carries the slow-consumer mark itself (a full
-//! queue is exactly when no "close" item would fit); and it allocates nothing while idle.
+//! queue is exactly when no "close" item would fit); it is bounded in bytes as well as in
+//! frames (a frame count alone lets a few stalled subscribers of large events pin gigabytes);
+//! and it allocates nothing while idle.
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
@@ -14,22 +16,32 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-/// The pushing side and the session side share one `Outbox`; cloning is cheap.
+/// The pushing side and the session side share one `SendQueue`; cloning is cheap.
 #[derive(Debug, Clone)]
-pub(crate) struct Outbox {
+pub(crate) struct SendQueue {
     shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
 struct Shared {
     /// A `parking_lot` mutex: held for a push or a pop, never across an `.await`.
-    queue: Mutex<VecDeque<Utf8Bytes>>,
+    queue: Mutex<Queue>,
+    /// Most frames, and most bytes, queued at once. A frame is always taken into an empty
+    /// queue, whatever its size, so one event larger than the byte bound still goes out.
     capacity: usize,
+    capacity_bytes: usize,
     /// Set when a push found the queue full; the session then closes with 4008.
     slow: AtomicBool,
     /// Set when the session ended; pushes are dropped.
     closed: AtomicBool,
     waker: AtomicWaker,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Utf8Bytes>,
+    /// Bytes of the queued frames.
+    bytes: usize,
 }
 
 /// What a push did.
@@ -49,12 +61,13 @@ pub(crate) enum Ready {
     Slow,
 }
 
-impl Outbox {
-    pub(crate) fn new(capacity: usize) -> Outbox {
-        Outbox {
+impl SendQueue {
+    pub(crate) fn new(capacity: usize, capacity_bytes: usize) -> SendQueue {
+        SendQueue {
             shared: Arc::new(Shared {
-                queue: Mutex::new(VecDeque::new()),
+                queue: Mutex::new(Queue::default()),
                 capacity,
+                capacity_bytes,
                 slow: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 waker: AtomicWaker::new(),
@@ -70,14 +83,18 @@ impl Outbox {
         }
         let was_empty = {
             let mut queue = shared.queue.lock();
-            if queue.len() >= shared.capacity {
+            let was_empty = queue.frames.is_empty();
+            if !was_empty
+                && (queue.frames.len() >= shared.capacity
+                    || queue.bytes + frame.len() > shared.capacity_bytes)
+            {
                 drop(queue);
                 shared.slow.store(true, Ordering::Release);
                 shared.waker.wake();
                 return Pushed::Full;
             }
-            let was_empty = queue.is_empty();
-            queue.push_back(frame);
+            queue.bytes += frame.len();
+            queue.frames.push_back(frame);
             was_empty
         };
         if was_empty {
@@ -99,7 +116,7 @@ impl Outbox {
     fn ready(&self) -> Option<Ready> {
         if self.shared.slow.load(Ordering::Acquire) {
             Some(Ready::Slow)
-        } else if self.shared.queue.lock().is_empty() {
+        } else if self.shared.queue.lock().frames.is_empty() {
             None
         } else {
             Some(Ready::Frames)
@@ -127,9 +144,12 @@ impl Outbox {
     /// connections stay small.
     pub(crate) fn pop(&self) -> Option<Utf8Bytes> {
         let mut queue = self.shared.queue.lock();
-        let frame = queue.pop_front();
-        if queue.is_empty() && queue.capacity() > 64 {
-            *queue = VecDeque::new();
+        let frame = queue.frames.pop_front();
+        if let Some(frame) = &frame {
+            queue.bytes -= frame.len();
+        }
+        if queue.frames.is_empty() && queue.frames.capacity() > 64 {
+            queue.frames = VecDeque::new();
         }
         frame
     }
@@ -137,7 +157,7 @@ impl Outbox {
     /// The session ended: refuse further pushes and free what is queued.
     pub(crate) fn close(&self) {
         self.shared.closed.store(true, Ordering::Relaxed);
-        *self.shared.queue.lock() = VecDeque::new();
+        *self.shared.queue.lock() = Queue::default();
     }
 }
 
@@ -155,26 +175,42 @@ mod tests {
     }
 
     #[test]
+    fn bounded_in_bytes_too() {
+        let queue = SendQueue::new(100, 10);
+        // An empty queue takes any frame, so one large event still goes out.
+        assert_eq!(queue.push(Utf8Bytes::from("x".repeat(50))), Pushed::Queued);
+        assert_eq!(queue.push(Utf8Bytes::from_static("y")), Pushed::Full);
+        assert!(queue.is_slow());
+        let queue = SendQueue::new(100, 10);
+        assert_eq!(queue.push(Utf8Bytes::from("x".repeat(6))), Pushed::Queued);
+        assert_eq!(queue.push(Utf8Bytes::from("x".repeat(4))), Pushed::Queued);
+        assert_eq!(queue.pop().map(|f| f.len()), Some(6));
+        // Popping gives the bytes back.
+        assert_eq!(queue.push(Utf8Bytes::from("x".repeat(6))), Pushed::Queued);
+        assert!(!queue.is_slow());
+    }
+
+    #[test]
     fn wakes_once_per_burst_and_marks_slow_when_full() {
-        let outbox = Outbox::new(3);
+        let queue = SendQueue::new(3, 1 << 20);
         let counter = Arc::new(Counter(AtomicUsize::new(0)));
         let waker = Waker::from(counter.clone());
         let mut cx = Context::from_waker(&waker);
-        assert_eq!(outbox.poll_ready(&mut cx), Poll::Pending);
+        assert_eq!(queue.poll_ready(&mut cx), Poll::Pending);
         for _ in 0..3 {
-            assert_eq!(outbox.push(Utf8Bytes::from_static("x")), Pushed::Queued);
+            assert_eq!(queue.push(Utf8Bytes::from_static("x")), Pushed::Queued);
         }
         assert_eq!(
             counter.0.load(Ordering::SeqCst),
             1,
             "a burst is one wake-up"
         );
-        assert_eq!(outbox.poll_ready(&mut cx), Poll::Ready(Ready::Frames));
-        assert_eq!(outbox.push(Utf8Bytes::from_static("x")), Pushed::Full);
-        assert_eq!(outbox.poll_ready(&mut cx), Poll::Ready(Ready::Slow));
-        assert!(outbox.pop().is_some());
-        outbox.close();
-        assert_eq!(outbox.push(Utf8Bytes::from_static("x")), Pushed::Closed);
-        assert!(outbox.pop().is_none());
+        assert_eq!(queue.poll_ready(&mut cx), Poll::Ready(Ready::Frames));
+        assert_eq!(queue.push(Utf8Bytes::from_static("x")), Pushed::Full);
+        assert_eq!(queue.poll_ready(&mut cx), Poll::Ready(Ready::Slow));
+        assert!(queue.pop().is_some());
+        queue.close();
+        assert_eq!(queue.push(Utf8Bytes::from_static("x")), Pushed::Closed);
+        assert!(queue.pop().is_none());
     }
 }

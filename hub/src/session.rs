@@ -2,14 +2,22 @@
 //!
 //! A session is a single task that `select!`s over everything that can happen to it: a message
 //! from the client, frames queued for it by fan-out, its one timer (connect deadline,
-//! heart-beats, token expiry), a slow-consumer mark, and node shutdown. One task rather than a
-//! reader and a writer keeps an idle connection to one small future.
+//! heart-beats, pings, token expiry), a held-back `SEND`, a slow-consumer mark, a close asked by
+//! the node, and node shutdown. One task rather than a reader and a writer keeps an idle
+//! connection to one small future.
+//!
+//! The `select!` is not biased: reading and writing both make progress however busy the other
+//! side is. A client that floods `SEND`s still gets its own messages, receipts and heart-beats,
+//! and a subscriber under a flood of events is still read (its heart-beats keep it alive). A
+//! `SEND` over the token's publish rate is not slept on inside frame handling either: it is held
+//! with the time it may go, reading stops until then, and writing goes on.
 //!
 //! Every way a session ends is an [`Ending`]; [`run`] turns it into the right `ERROR` frame and
 //! close code, then removes the session's subscriptions.
 
-use crate::outbox::{Outbox, Ready};
+use crate::connections::{self, ConnHandle};
 use crate::registry::{ConnId, Subscriber};
+use crate::send_queue::{Ready, SendQueue};
 use crate::{Hub, PublishError};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::BytesMut;
@@ -17,8 +25,7 @@ use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use protocol::client::{ClientCommand, ClientFrame, Connect};
-use protocol::rate::TokenBucket;
-use protocol::{Decoder, Disconnect, EventType, Frame, Principal, Topic, server};
+use protocol::{Decoder, Disconnect, EventType, Frame, Limits, Principal, Topic, server};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -28,6 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, field};
+use tungstenite::Bytes;
 
 /// Most queued frames written per wake-up before flushing. Bounds the WebSocket write buffer.
 const MAX_BATCH: usize = 256;
@@ -52,8 +60,6 @@ pub(crate) struct SessionContext {
     /// A token from the upgrade request (`Authorization` or `access_token`), used when
     /// `CONNECT` carries none.
     pub(crate) upgrade_token: Option<String>,
-    /// This connection's slot under `max_connections`, held until the session is dropped.
-    pub(crate) _permit: OwnedSemaphorePermit,
 }
 
 /// How a session ends.
@@ -101,47 +107,61 @@ impl Ending {
     }
 }
 
-/// Closing because the peer's heart-beats stopped.
-pub(crate) const HEARTBEAT_TIMEOUT: Disconnect = Disconnect {
-    code: 4003,
-    reason: "heart-beat timeout",
-};
-/// Closing because the cluster broker is unavailable (RFC 6455 "try again later").
-pub(crate) const UNAVAILABLE: Disconnect = Disconnect {
-    code: 1013,
-    reason: "broker unavailable",
-};
-
 /// State that exists once `CONNECT` succeeded.
 #[derive(Debug)]
 struct Connected {
     principal: Principal,
     session_id: String,
+    /// The negotiated STOMP version; 1.0 gets no header escaping.
+    version: &'static str,
     /// Interval at which we send heart-beats, if any.
     send_every: Option<Duration>,
-    /// Interval at which the client promised heart-beats, if any.
-    recv_every: Option<Duration>,
-    /// When the token expires, on the monotonic clock.
+    /// Longest silence from the client before it counts as dead: twice its promised
+    /// heart-beat interval, or `idle_timeout` when it promised none or one so rare that twice
+    /// it would exceed `idle_timeout`.
+    idle_limit: Duration,
+    /// Whether the server pings a silent client (at half of `idle_limit`), because no STOMP
+    /// heart-beats within the limit were promised. A client that did promise them is held to
+    /// them: a WebSocket pong does not stand in for a missed heart-beat.
+    ping: bool,
+    /// When the token expires, on the monotonic clock (to the millisecond).
     expires: Instant,
+    /// This connection's slot under `max_connections`, held until the session ends.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A `SEND` held back by the token's publish budget, and when it may go.
+#[derive(Debug)]
+struct HeldSend {
+    topic: Topic,
+    event_type: EventType,
+    data: Box<RawValue>,
+    receipt: Option<String>,
+    until: Instant,
 }
 
 struct Session {
     hub: Hub,
     conn: ConnId,
+    /// This connection in the node's table; the node asks the session to close through it.
+    handle: Arc<ConnHandle>,
     ws: WebSocket,
     context: SessionContext,
     decoder: Decoder,
     inbuf: BytesMut,
-    outbox: Outbox,
+    queue: SendQueue,
     /// Subscription id → topic.
     subscriptions: HashMap<Arc<str>, Topic>,
     connected: Option<Box<Connected>>,
     /// Publishes in flight, oldest first; their receipts go out in this order.
     pending: VecDeque<PendingPublish>,
-    rate: TokenBucket,
+    /// A `SEND` waiting for the publish budget; reading stops while it waits.
+    held: Option<HeldSend>,
     started: Instant,
     last_read: Instant,
     last_write: Instant,
+    /// A ping went out and nothing was read since.
+    pinged: bool,
 }
 
 /// Runs a session to its end.
@@ -161,21 +181,24 @@ pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
     }
     let now = Instant::now();
     let config = &hub.inner.config;
+    let handle = hub.inner.connections.admit(conn);
     let session = Session {
         conn,
-        decoder: Decoder::new(config.limits),
-        rate: TokenBucket::new(config.publish_rate, config.publish_burst, 0.0),
+        handle,
+        decoder: Decoder::new(connect_limits(config.limits, config.connect_frame_bytes)),
         hub: hub.clone(),
         ws,
         context,
         inbuf: BytesMut::new(),
-        outbox: Outbox::new(config.outbound_queue),
+        queue: SendQueue::new(config.outbound_queue, config.outbound_queue_bytes),
         subscriptions: HashMap::new(),
         connected: None,
         pending: VecDeque::new(),
+        held: None,
         started: now,
         last_read: now,
         last_write: now,
+        pinged: false,
     };
     metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
     session.serve_and_close().instrument(span).await;
@@ -201,15 +224,26 @@ impl Session {
         let shutdown = self.hub.inner.shutdown.clone();
         let shutting_down = shutdown.cancelled();
         tokio::pin!(shutting_down);
+        let handle = self.handle.clone();
+        let asked_to_close = handle.closed();
+        tokio::pin!(asked_to_close);
         loop {
+            // Not biased: every ready branch gets its turn (see the module docs).
             tokio::select! {
-                biased;
                 () = &mut shutting_down => return Ending::close(Disconnect::SHUTTING_DOWN),
+                disconnect = &mut asked_to_close => return self.asked_to_close(disconnect),
                 () = &mut timer => {
                     match self.on_timer() {
-                        Ok(Some(next)) => timer.as_mut().reset(next),
-                        Ok(None) => {
-                            if let Err(ending) = self.write_batch(Some(Utf8Bytes::from_static("\n"))).await {
+                        Ok(Timer::Next(next)) => timer.as_mut().reset(next),
+                        Ok(Timer::HeartBeat) => {
+                            if let Err(ending) = self.write_batch(Some(Message::Text(Utf8Bytes::from_static("\n")))).await {
+                                return ending;
+                            }
+                            timer.as_mut().reset(self.next_deadline());
+                        }
+                        Ok(Timer::Ping) => {
+                            self.pinged = true;
+                            if let Err(ending) = self.write_batch(Some(Message::Ping(Bytes::new()))).await {
                                 return ending;
                             }
                             timer.as_mut().reset(self.next_deadline());
@@ -223,13 +257,19 @@ impl Session {
                         return ending;
                     }
                 }
-                message = self.ws.next(), if self.pending.len() < MAX_PENDING_PUBLISHES => {
+                () = held_until(self.held.as_ref()), if self.held.is_some() => {
+                    if let Err(ending) = self.release_held().await {
+                        return ending;
+                    }
+                }
+                message = self.ws.next(), if self.can_read() => {
                     let message = match message {
                         Some(Ok(message)) => message,
                         Some(Err(err)) => return self.transport_error(err),
                         None => return Ending::Gone,
                     };
                     self.last_read = Instant::now();
+                    self.pinged = false;
                     let was_connected = self.connected.is_some();
                     if let Err(ending) = self.on_message(message).await {
                         return ending;
@@ -238,7 +278,7 @@ impl Session {
                         timer.as_mut().reset(self.next_deadline());
                     }
                 }
-                ready = std::future::poll_fn(|cx| self.outbox.poll_ready(cx)) => match ready {
+                ready = std::future::poll_fn(|cx| self.queue.poll_ready(cx)) => match ready {
                     Ready::Frames => {
                         if let Err(ending) = self.write_batch(None).await {
                             return ending;
@@ -248,6 +288,25 @@ impl Session {
                 },
             }
         }
+    }
+
+    /// Whether the socket may be read: not while a `SEND` waits for the publish budget, nor
+    /// while too many publishes wait for the broker (backpressure, not buffering).
+    fn can_read(&self) -> bool {
+        self.held.is_none() && self.pending.len() < MAX_PENDING_PUBLISHES
+    }
+
+    /// The node asked this session to close.
+    fn asked_to_close(&self, disconnect: Disconnect) -> Ending {
+        if self.connected.is_none() && disconnect == connections::EVICTED {
+            return Ending::error(
+                disconnect,
+                "connect timeout",
+                "too many connections are waiting to send CONNECT; send it right after the WebSocket opens",
+                None,
+            );
+        }
+        Ending::close(disconnect)
     }
 
     /// A read error. Oversized messages get a protocol error; anything else means the
@@ -268,24 +327,24 @@ impl Session {
     }
 
     /// The earliest moment something must happen without any input: a heart-beat is due, the
-    /// peer's heart-beat is overdue, or the token expires.
+    /// peer has been silent long enough for a ping or for being taken for dead, or the token
+    /// expires.
     fn next_deadline(&self) -> Instant {
         let Some(c) = &self.connected else {
             return self.started + self.hub.inner.config.connect_timeout;
         };
-        let mut next = c.expires;
+        let mut next = c.expires.min(self.last_read + c.idle_limit);
+        if c.ping && !self.pinged {
+            next = next.min(self.last_read + c.idle_limit / 2);
+        }
         if let Some(every) = c.send_every {
             next = next.min(self.last_write + every);
-        }
-        if let Some(every) = c.recv_every {
-            next = next.min(self.last_read + every * HEARTBEAT_MISSES);
         }
         next
     }
 
-    /// The timer fired. Returns the next deadline, `None` when a heart-beat must be sent now, or
-    /// the ending when the session must stop.
-    fn on_timer(&self) -> Result<Option<Instant>, Ending> {
+    /// The timer fired: says what is due now, or the ending when the session must stop.
+    fn on_timer(&self) -> Result<Timer, Ending> {
         let now = Instant::now();
         let Some(c) = &self.connected else {
             return Err(Ending::error(
@@ -298,41 +357,42 @@ impl Session {
         if now >= c.expires {
             return Err(token_expired());
         }
-        if let Some(every) = c.recv_every
-            && now >= self.last_read + every * HEARTBEAT_MISSES
-        {
-            debug!(?every, "peer missed its heart-beats");
-            return Err(Ending::close(HEARTBEAT_TIMEOUT));
+        if now >= self.last_read + c.idle_limit {
+            debug!(idle = ?c.idle_limit, "peer went silent: missed heart-beats and pings");
+            return Err(Ending::close(Disconnect::HEARTBEAT_TIMEOUT));
         }
         if let Some(every) = c.send_every
             && now >= self.last_write + every
         {
-            return Ok(None);
+            return Ok(Timer::HeartBeat);
         }
-        Ok(Some(self.next_deadline()))
+        if c.ping && !self.pinged && now >= self.last_read + c.idle_limit / 2 {
+            // Silent for half the limit: a ping makes any live WebSocket peer answer (browsers
+            // do it by themselves), so clients without heart-beats are checked too.
+            return Ok(Timer::Ping);
+        }
+        Ok(Timer::Next(self.next_deadline()))
     }
 
-    /// Writes `first` (a frame of the session's own) and whatever fan-out queued, then flushes
-    /// once: one write per wake-up however many frames arrived meanwhile.
-    async fn write_batch(&mut self, first: Option<Utf8Bytes>) -> Result<(), Ending> {
+    /// Writes `first` (a message of the session's own) and whatever fan-out queued, then
+    /// flushes once: one write per wake-up however many frames arrived meanwhile.
+    async fn write_batch(&mut self, first: Option<Message>) -> Result<(), Ending> {
         // The delivery path enforces the token's lifetime, not just the timer.
         if let Some(c) = &self.connected
             && Instant::now() >= c.expires
         {
             return Err(token_expired());
         }
-        let Session {
-            ws, outbox, hub, ..
-        } = self;
+        let Session { ws, queue, hub, .. } = self;
         let write = async {
             let mut written = 0;
-            if let Some(frame) = first {
-                ws.feed(Message::Text(frame)).await?;
+            if let Some(message) = first {
+                ws.feed(message).await?;
                 written += 1;
             }
             let mut messages = 0;
             while written < MAX_BATCH {
-                let Some(frame) = outbox.pop() else { break };
+                let Some(frame) = queue.pop() else { break };
                 ws.feed(Message::Text(frame)).await?;
                 written += 1;
                 messages += 1;
@@ -347,7 +407,7 @@ impl Session {
             Some(result) => result,
             None => tokio::select! {
                 result = &mut write => result,
-                () = std::future::poll_fn(|cx| outbox.poll_slow(cx)) => {
+                () = std::future::poll_fn(|cx| queue.poll_slow(cx)) => {
                     return Err(Ending::close(Disconnect::SLOW_CONSUMER));
                 }
                 () = hub.inner.shutdown.cancelled() => return Err(Ending::close(Disconnect::SHUTTING_DOWN)),
@@ -371,8 +431,14 @@ impl Session {
     /// Sends a server frame directly (receipts, `CONNECTED`), bypassing the queue.
     async fn send_frame(&mut self, frame: &Frame) -> Result<(), Ending> {
         crate::metrics::frame_out(&frame.command);
-        self.write_batch(Some(Utf8Bytes::from(server::to_text(frame))))
+        let text = server::to_text_for(frame, self.version());
+        self.write_batch(Some(Message::Text(Utf8Bytes::from(text))))
             .await
+    }
+
+    /// The negotiated STOMP version (1.2 until `CONNECT` says otherwise).
+    fn version(&self) -> &'static str {
+        self.connected.as_ref().map_or("1.2", |c| c.version)
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), Ending> {
@@ -383,7 +449,13 @@ impl Session {
             Message::Ping(_) | Message::Pong(_) => return Ok(()),
             Message::Close(_) => return Err(Ending::Gone),
         }
-        loop {
+        self.decode_input().await
+    }
+
+    /// Handles the complete frames buffered so far, until the buffer holds none or a `SEND`
+    /// has to wait for the publish budget (the rest stays buffered for after it).
+    async fn decode_input(&mut self) -> Result<(), Ending> {
+        while self.held.is_none() {
             match self.decoder.decode(&mut self.inbuf) {
                 Ok(Some(frame)) => self.on_frame(frame).await?,
                 Ok(None) => break,
@@ -406,6 +478,21 @@ impl Session {
         // An idle connection should not keep a large buffer from one big frame.
         if self.inbuf.is_empty() && self.inbuf.capacity() > 8 * 1024 {
             self.inbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// The held `SEND`'s time came: publish it if the budget allows now (else hold it again),
+    /// then go on with the buffered input.
+    async fn release_held(&mut self) -> Result<(), Ending> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        // The client's heart-beats waited unread behind the held frame: it was not silent.
+        self.last_read = Instant::now();
+        self.publish_send(held)?;
+        if self.held.is_none() {
+            self.decode_input().await?;
         }
         Ok(())
     }
@@ -456,15 +543,13 @@ impl Session {
                 body,
             } => {
                 // Its receipt waits for the broker's confirmation.
-                return self
-                    .on_send(
-                        &destination,
-                        event_type.as_deref(),
-                        content_type.as_deref(),
-                        &body,
-                        receipt,
-                    )
-                    .await;
+                return self.on_send(
+                    &destination,
+                    event_type.as_deref(),
+                    content_type.as_deref(),
+                    &body,
+                    receipt,
+                );
             }
             // Subscriptions are ack:auto, so acknowledgements have nothing to do.
             ClientCommand::Ack { .. } | ClientCommand::Nack { .. } => {}
@@ -513,29 +598,52 @@ impl Session {
                 None,
             ));
         };
-        let now_unix = unix_now();
-        let principal = self.hub.inner.auth.verify(token, now_unix).map_err(|err| {
-            debug!(%err, "token refused");
-            Ending::error(
-                Disconnect::UNAUTHORIZED,
-                "unauthorized",
-                err.to_string(),
-                None,
-            )
-        })?;
-        tracing::Span::current().record("user.id", field::display(&principal.sub));
-        let (send_ms, recv_ms) = self
+        let now_ms = unix_now_ms();
+        let principal = self
             .hub
             .inner
-            .config
-            .heart_beat
-            .negotiate(connect.heart_beat);
-        let expires = Instant::now() + Duration::from_secs(principal.exp.saturating_sub(now_unix));
-        let session_id = match self.hub.inner.config.node_id.as_str() {
-            "" => self.hub.new_id(),
-            node => format!("{node}.{}", self.hub.new_id()),
+            .auth
+            .verify(token, now_ms / 1000)
+            .map_err(|err| {
+                debug!(%err, "token refused");
+                Ending::error(
+                    Disconnect::UNAUTHORIZED,
+                    "unauthorized",
+                    err.to_string(),
+                    None,
+                )
+            })?;
+        tracing::Span::current().record("user.id", field::display(&principal.sub));
+        let hub = &self.hub.inner;
+        let Ok(permit) = hub.slots.clone().try_acquire_owned() else {
+            return Err(Ending::error(
+                Disconnect::TOO_MANY_CONNECTIONS,
+                "too many connections",
+                "this node is at its connection limit; try again or another node",
+                None,
+            ));
         };
-        let offered = self.hub.inner.config.heart_beat;
+        let config = &hub.config;
+        let (send_ms, recv_ms) = config.heart_beat.negotiate(connect.heart_beat);
+        let promised = recv_ms
+            .map(|ms| Duration::from_millis(ms.into()) * HEARTBEAT_MISSES)
+            .filter(|limit| *limit <= config.idle_timeout);
+        let (idle_limit, ping) = match promised {
+            Some(limit) => (limit, false),
+            None => (config.idle_timeout, true),
+        };
+        // Milliseconds, so a token is not honoured up to a second past its `exp`; saturating,
+        // so no claim can overflow the clock.
+        let left =
+            Duration::from_millis((principal.exp.saturating_mul(1000)).saturating_sub(now_ms));
+        let expires = Instant::now()
+            .checked_add(left)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+        let session_id =
+            config
+                .session_key
+                .issue(&config.node_id, &self.hub.new_id(), &principal.sub);
+        let offered = config.heart_beat;
         // Tell the client what we will actually do in each direction.
         let heart_beat = protocol::HeartBeat {
             send_ms: if connect.heart_beat.recv_ms == 0 {
@@ -550,12 +658,23 @@ impl Session {
             },
         };
         let connected = server::connected(version, &session_id, heart_beat);
+        hub.connections.authenticated(
+            &self.handle,
+            connections::Connected {
+                session: session_id.as_str().into(),
+            },
+        );
+        // Authenticated: frames up to the configured limits from now on.
+        self.decoder.set_limits(config.limits);
         self.connected = Some(Box::new(Connected {
             principal,
             session_id,
+            version,
             send_every: send_ms.map(|ms| Duration::from_millis(ms.into())),
-            recv_every: recv_ms.map(|ms| Duration::from_millis(ms.into())),
+            idle_limit,
+            ping,
             expires,
+            _permit: permit,
         }));
         self.send_frame(&connected).await
     }
@@ -601,11 +720,18 @@ impl Session {
             ));
         }
         let sub_id: Arc<str> = id.into();
+        let unescaped = self.version() == "1.0";
+        let prefix = if unescaped {
+            server::subscription_prefix_unescaped(&sub_id)
+        } else {
+            server::subscription_prefix(&sub_id)
+        };
         let subscriber = Subscriber {
             conn: self.conn,
             sub_id: sub_id.clone(),
-            prefix: server::subscription_prefix(&sub_id).into(),
-            outbox: self.outbox.clone(),
+            prefix: prefix.into(),
+            unescaped,
+            queue: self.queue.clone(),
         };
         let hub = &self.hub.inner;
         // Watch the manager's epoch before looking, so a confirmation cannot slip between.
@@ -629,7 +755,7 @@ impl Session {
         match tokio::time::timeout(hub.config.subscribe_timeout, confirmed).await {
             Ok(true) => Ok(()),
             _ => Err(Ending::error(
-                UNAVAILABLE,
+                Disconnect::UNAVAILABLE,
                 "broker unavailable",
                 format!(
                     "the subscription to {destination} could not be confirmed; reconnect later"
@@ -649,7 +775,7 @@ impl Session {
         }
     }
 
-    async fn on_send(
+    fn on_send(
         &mut self,
         destination: &str,
         event_type: Option<&str>,
@@ -687,23 +813,35 @@ impl Session {
                 format!("content-type '{ct}' is not application/json"),
             ));
         }
-        let data: &RawValue = serde_json::from_slice(body).map_err(|e| {
+        let data: Box<RawValue> = serde_json::from_slice(body).map_err(|e| {
             protocol_error(
                 "invalid JSON body",
                 format!("the SEND body must be JSON: {e}"),
             )
         })?;
-        self.throttle().await?;
-        let mut confirmed = self.hub.publish(&topic, &event_type, data);
-        let receipt = receipt.map(str::to_owned);
-        // The in-process broker confirms at once; skip the queue then (it is empty, or the
-        // receipts would go out of order).
-        if self.pending.is_empty()
-            && let Some(result) = (&mut confirmed).now_or_never()
-        {
-            return self.publish_done(receipt, result).await;
+        let held = HeldSend {
+            topic,
+            event_type,
+            data,
+            receipt: receipt.map(str::to_owned),
+            until: Instant::now(),
+        };
+        self.publish_send(held)
+    }
+
+    /// Publishes a validated `SEND` if the token's budget allows, or holds it until it will.
+    /// Never waits: a held `SEND` stops reading, not writing.
+    fn publish_send(&mut self, mut send: HeldSend) -> Result<(), Ending> {
+        let principal = &self.connected.as_ref().expect("connected").principal;
+        if let Err(wait) = self.hub.take_budget(principal) {
+            metrics::counter!(crate::metrics::SEND_THROTTLED).increment(1);
+            // A wait no budget can meet (a rate that cannot refill) is capped, not infinite.
+            send.until = Instant::now() + Duration::from_secs_f64(wait.clamp(0.001, 60.0));
+            self.held = Some(send);
+            return Ok(());
         }
-        self.pending.push_back((receipt, confirmed));
+        let confirmed = self.hub.publish(&send.topic, &send.event_type, &send.data);
+        self.pending.push_back((send.receipt, confirmed));
         Ok(())
     }
 
@@ -718,28 +856,19 @@ impl Session {
                 Some(id) => self.send_frame(&server::receipt(&id)).await,
                 None => Ok(()),
             },
+            Err(err @ PublishError::TooLarge { .. }) => Err(Ending::error(
+                Disconnect::PROTOCOL_ERROR,
+                "event too large",
+                err.to_string(),
+                receipt.as_deref(),
+            )),
             Err(err) => Err(Ending::error(
-                UNAVAILABLE,
+                Disconnect::UNAVAILABLE,
                 "broker unavailable",
                 err.to_string(),
                 receipt.as_deref(),
             )),
         }
-    }
-
-    /// Applies the per-connection publish rate: a client over its rate is slowed down (its
-    /// frames wait), not disconnected, so nothing it sent is lost.
-    async fn throttle(&mut self) -> Result<(), Ending> {
-        let now = self.started.elapsed().as_secs_f64();
-        if let Err(wait) = self.rate.take(now) {
-            let wait = Duration::from_secs_f64(wait.min(60.0));
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = self.hub.inner.shutdown.cancelled() => return Err(Ending::close(Disconnect::SHUTTING_DOWN)),
-            }
-            let _ = self.rate.take(self.started.elapsed().as_secs_f64());
-        }
-        Ok(())
     }
 
     /// Says goodbye: the `ERROR` frame if any, the close frame, then reads until the client
@@ -754,12 +883,13 @@ impl Session {
             .config
             .write_timeout
             .min(Duration::from_secs(5));
+        let version = self.version();
         let ws = &mut self.ws;
         let goodbye = async {
             if let Some(e) = error {
                 let frame = server::error(e.message, e.receipt.as_deref(), &e.details);
                 crate::metrics::frame_out(&frame.command);
-                ws.feed(Message::Text(server::to_text(&frame).into()))
+                ws.feed(Message::Text(server::to_text_for(&frame, version).into()))
                     .await?;
             }
             let close = CloseFrame {
@@ -776,8 +906,9 @@ impl Session {
     }
 
     fn cleanup(&mut self) {
-        self.outbox.close();
+        self.queue.close();
         let hub = &self.hub.inner;
+        hub.connections.remove(&self.handle);
         for (id, topic) in self.subscriptions.drain() {
             if hub.registry.remove(topic.as_str(), self.conn, &id) {
                 hub.subscriptions.mark(topic.as_str());
@@ -818,8 +949,36 @@ fn unknown_command(command: &str, receipt: Option<&str>) -> Ending {
     )
 }
 
-fn unix_now() -> u64 {
+/// What the session timer found due.
+#[derive(Debug)]
+enum Timer {
+    /// Nothing yet; look again then.
+    Next(Instant),
+    /// Send a heart-beat.
+    HeartBeat,
+    /// Ping a silent peer.
+    Ping,
+}
+
+/// Resolves when the held `SEND` may go.
+async fn held_until(held: Option<&HeldSend>) {
+    match held {
+        Some(held) => sleep_until(held.until).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The decoder limits before `CONNECT`: frames of at most `connect_frame_bytes`.
+fn connect_limits(limits: Limits, connect_frame_bytes: usize) -> Limits {
+    Limits {
+        max_frame_bytes: limits.max_frame_bytes.min(connect_frame_bytes),
+        max_body_bytes: limits.max_body_bytes.min(connect_frame_bytes),
+        ..limits
+    }
+}
+
+fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -1,14 +1,15 @@
 //! `GET /ws`: the checks made before a connection becomes a WebSocket.
+//!
+//! A client that offers no STOMP subprotocol is still accepted (DESIGN §2).
 
 use crate::Hub;
 use crate::config::OriginPolicy;
 use crate::session::{self, SessionContext};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 use http::{HeaderMap, StatusCode, header};
-use protocol::Disconnect;
 use serde::Deserialize;
 use std::net::SocketAddr;
 
@@ -71,29 +72,16 @@ pub(crate) async fn handler(
         // per-frame limits.
         .max_message_size(config.limits.max_frame_bytes * 4)
         .max_frame_size(config.limits.max_frame_bytes * 4);
-    let Ok(permit) = hub.inner.connections.clone().try_acquire_owned() else {
-        // Browsers cannot read an HTTP status from a failed upgrade, so say it with a close code.
-        return ws.on_upgrade(|socket| close_at_once(socket, Disconnect::TOO_MANY_CONNECTIONS));
-    };
+    // No slot is taken yet: a connection counts against `max_connections` once its CONNECT
+    // is accepted, and until then it waits in the node's small pool of pending connections
+    // (see `connections`), where a flood of silent upgrades evicts only its own kind.
     ws.on_upgrade(move |socket| {
         let context = SessionContext {
             peer,
             upgrade_token,
-            _permit: permit,
         };
         session::run(socket, hub, context)
     })
-}
-
-async fn close_at_once(mut socket: WebSocket, disconnect: Disconnect) {
-    // Upgraded, so counted as opened too: opened − closed stays the number open.
-    metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
-    crate::metrics::closed(Some(disconnect));
-    let frame = CloseFrame {
-        code: disconnect.code,
-        reason: disconnect.reason.into(),
-    };
-    let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {

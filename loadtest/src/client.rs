@@ -384,6 +384,11 @@ impl StompClient {
     pub fn into_inner(self) -> WebSocketStream<TcpStream> {
         self.ws
     }
+
+    /// The raw WebSocket, for tests that read messages exactly as they came.
+    pub fn ws_mut(&mut self) -> &mut WebSocketStream<TcpStream> {
+        &mut self.ws
+    }
 }
 
 /// A short description of a frame for error messages.

@@ -58,7 +58,13 @@ struct Claims {
     scope: String,
     exp: Option<u64>,
     nbf: Option<u64>,
+    /// A service token's own publish rate (events per second), bounded by configuration.
+    publish_rate: Option<u32>,
 }
+
+/// The latest `exp` accepted: the end of the year 9999. Anything later is not a real expiry
+/// (and would overflow the clocks it is added to).
+pub const MAX_EXP: u64 = 253_402_300_799;
 
 /// A verified caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,8 +73,11 @@ pub struct Principal {
     pub teams: HashSet<String>,
     pub admin_of: HashSet<String>,
     pub scopes: HashSet<Scope>,
-    /// `exp`, seconds since the Unix epoch.
+    /// `exp`, seconds since the Unix epoch (leeway included), at most [`MAX_EXP`].
     pub exp: u64,
+    /// The token's `publish_rate` claim: events per second this caller may publish, where the
+    /// configuration allows tokens to ask for their own rate. `None`: the configured default.
+    pub publish_rate: Option<u32>,
 }
 
 /// Why a token was refused. The messages are safe to show a client.
@@ -217,10 +226,14 @@ impl std::fmt::Debug for PublicKey {
     }
 }
 
-/// Verifies tokens. Built once at start; cheap to share.
+/// Verifies tokens. Built once at start; cheap to share. Its public keys can be replaced
+/// while it is in use ([`Authenticator::reload_public_keys`]), so a JWKS rotation needs no
+/// restart.
 pub struct Authenticator {
     hs256: Option<DecodingKey>,
-    public: Vec<PublicKey>,
+    /// Read on every verification, written on a reload. `std`'s lock: never held across an
+    /// `.await` (this crate has none), and writers are rare.
+    public: std::sync::RwLock<Vec<PublicKey>>,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
@@ -231,7 +244,7 @@ impl std::fmt::Debug for Authenticator {
         // Never print key material.
         f.debug_struct("Authenticator")
             .field("hs256", &self.hs256.is_some())
-            .field("public_keys", &self.public.len())
+            .field("public_keys", &self.public_keys())
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .finish_non_exhaustive()
@@ -252,11 +265,31 @@ impl Authenticator {
         }
         Ok(Authenticator {
             hs256: config.hs256_secret.as_deref().map(DecodingKey::from_secret),
-            public,
+            public: std::sync::RwLock::new(public),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             leeway: config.leeway_secs,
         })
+    }
+
+    /// Number of public keys in use.
+    pub fn public_keys(&self) -> usize {
+        self.public.read().map_or(0, |keys| keys.len())
+    }
+
+    /// Replaces the public keys with those in `text` (a PEM key or a JWKS document). On error
+    /// the keys in use stay.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError`] when `text` holds no usable key.
+    pub fn reload_public_keys(&self, text: &str) -> Result<usize, KeyError> {
+        let keys = parse_public_keys(text)?;
+        let n = keys.len();
+        if let Ok(mut public) = self.public.write() {
+            *public = keys;
+        }
+        Ok(n)
     }
 
     /// Verifies `token` at time `now` (seconds since the Unix epoch).
@@ -275,25 +308,29 @@ impl Authenticator {
             }
             _ => AuthError::Malformed,
         })?;
-        let key = match header.alg {
-            Algorithm::HS256 => self.hs256.as_ref(),
-            Algorithm::RS256 | Algorithm::ES256 => self
-                .public
+        let public = self.public.read().map_err(|_| AuthError::UnknownKey)?;
+        // HS256 only ever checks against the shared secret and RS256/ES256 only against public
+        // keys of that type. A token without `kid` is tried against every key of its algorithm
+        // (a JWKS in rotation holds several); one with a `kid` only against the matching key.
+        let candidates: Vec<&DecodingKey> = match header.alg {
+            Algorithm::HS256 => self.hs256.iter().collect(),
+            Algorithm::RS256 | Algorithm::ES256 => public
                 .iter()
                 .filter(|k| k.alg == header.alg)
-                .find(|k| header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
-                .map(|k| &k.key),
+                .filter(|k| header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+                .map(|k| &k.key)
+                .collect(),
             other => return Err(AuthError::Algorithm(format!("{other:?}"))),
         };
-        let Some(key) = key else {
+        if candidates.is_empty() {
             return Err(if header.alg == Algorithm::HS256 {
                 AuthError::Algorithm("HS256".into())
-            } else if self.public.iter().any(|k| k.alg == header.alg) {
+            } else if public.iter().any(|k| k.alg == header.alg) {
                 AuthError::UnknownKey
             } else {
                 AuthError::Algorithm(format!("{:?}", header.alg))
             });
-        };
+        }
         let mut validation = Validation::new(header.alg);
         // Time is checked below against the caller's clock.
         validation.validate_exp = false;
@@ -314,21 +351,33 @@ impl Authenticator {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::InvalidSignature => AuthError::Signature,
-                K::InvalidIssuer => AuthError::Issuer,
-                K::InvalidAudience => AuthError::Audience,
-                K::MissingRequiredClaim(c) if c == "iss" => AuthError::Issuer,
-                K::MissingRequiredClaim(c) if c == "aud" => AuthError::Audience,
-                K::InvalidAlgorithm => AuthError::Algorithm(format!("{:?}", header.alg)),
-                K::Json(err) => AuthError::Claims(err.to_string()),
-                _ => AuthError::Malformed,
+        let mut result = Err(AuthError::Signature);
+        for key in candidates {
+            result = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                match e.kind() {
+                    K::InvalidSignature => AuthError::Signature,
+                    K::InvalidIssuer => AuthError::Issuer,
+                    K::InvalidAudience => AuthError::Audience,
+                    K::MissingRequiredClaim(c) if c == "iss" => AuthError::Issuer,
+                    K::MissingRequiredClaim(c) if c == "aud" => AuthError::Audience,
+                    K::InvalidAlgorithm => AuthError::Algorithm(format!("{:?}", header.alg)),
+                    K::Json(err) => AuthError::Claims(err.to_string()),
+                    _ => AuthError::Malformed,
+                }
+            });
+            // Only a signature mismatch is worth another key; every other error is the token's.
+            if !matches!(result, Err(AuthError::Signature)) {
+                break;
             }
-        })?;
+        }
+        drop(public);
+        let data = result?;
         let claims = data.claims;
         let exp = claims.exp.ok_or(AuthError::NoExpiry)?;
+        if exp > MAX_EXP {
+            return Err(AuthError::Claims("exp is beyond the year 9999".into()));
+        }
         if exp.saturating_add(self.leeway) <= now {
             return Err(AuthError::Expired);
         }
@@ -338,8 +387,14 @@ impl Authenticator {
         {
             return Err(AuthError::NotYetValid);
         }
-        if claims.sub.is_empty() {
-            return Err(AuthError::Claims("sub is empty".into()));
+        // `sub` names the user topic (`/user/{sub}`) that lock events and other users'
+        // publishes go to, so it must be a topic id; an `auth0|123` or an e-mail address would
+        // silently lose those events. Refused here with a message saying so.
+        if !crate::topic::is_valid_id(&claims.sub) {
+            return Err(AuthError::Claims(
+                "sub must be an id ([A-Za-z0-9_.:-]{1,128}, not '.' or '..'): it names the user topic"
+                    .into(),
+            ));
         }
         Ok(Principal {
             sub: claims.sub,
@@ -351,7 +406,8 @@ impl Authenticator {
                 .split_whitespace()
                 .filter_map(Scope::parse)
                 .collect(),
-            exp: exp.saturating_add(self.leeway),
+            exp: exp.saturating_add(self.leeway).min(MAX_EXP),
+            publish_rate: claims.publish_rate,
         })
     }
 }

@@ -1,9 +1,11 @@
-//! WebSocket close codes Lockstep uses, with their meaning for a client.
+//! WebSocket close codes Lockstep uses, with their meaning for a client. The one home of
+//! every code the hub sends.
 //!
-//! Codes 4000–4999 are the application range of RFC 6455. A close frame's payload is at most
-//! 125 bytes, two of them the code, so every reason here stays under 123 bytes. A client
-//! should reconnect after 4002 (with a fresh token), 4008, 4009 and 4010; 4001, 4003 and 4004
-//! mean the same request will fail again.
+//! Codes 4000–4999 are the application range of RFC 6455; 1000 and 1013 are RFC 6455's own. A
+//! close frame's payload is at most 125 bytes, two of them the code, so every reason here stays
+//! under 123 bytes. A client should reconnect after 1013 (later), 4002 (with a fresh token),
+//! 4008, 4009 and 4010, and after a 4003 heart-beat timeout; 4001, other 4003s and 4004 mean the
+//! same request will fail again.
 
 /// A close code and its reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,9 +55,27 @@ impl Disconnect {
         code: 4010,
         reason: "server shutting down",
     };
+    /// The node was silent long enough for the cluster to take it for dead (it stalled), so the
+    /// locks bound to its sessions are being released: reconnect (to any node) and acquire them
+    /// again. Same code as a shutdown, because the client does the same thing.
+    pub const NODE_EXPIRED: Disconnect = Disconnect {
+        code: 4010,
+        reason: "node lost its cluster lease; reconnect",
+    };
+    /// The peer's heart-beats (or any other sign of life) stopped: a dead peer. A protocol
+    /// error in STOMP's terms; the client may reconnect.
+    pub const HEARTBEAT_TIMEOUT: Disconnect = Disconnect {
+        code: 4003,
+        reason: "heart-beat timeout",
+    };
+    /// The cluster broker is unavailable (RFC 6455 "try again later").
+    pub const UNAVAILABLE: Disconnect = Disconnect {
+        code: 1013,
+        reason: "broker unavailable",
+    };
 
-    /// Every code, for documentation and tests.
-    pub const ALL: [Disconnect; 8] = [
+    /// Every close the hub sends, for documentation and tests.
+    pub const ALL: [Disconnect; 11] = [
         Disconnect::NORMAL,
         Disconnect::UNAUTHORIZED,
         Disconnect::TOKEN_EXPIRED,
@@ -64,11 +84,15 @@ impl Disconnect {
         Disconnect::SLOW_CONSUMER,
         Disconnect::TOO_MANY_CONNECTIONS,
         Disconnect::SHUTTING_DOWN,
+        Disconnect::NODE_EXPIRED,
+        Disconnect::HEARTBEAT_TIMEOUT,
+        Disconnect::UNAVAILABLE,
     ];
 
-    /// Whether a client should reconnect after this close.
+    /// Whether a client should reconnect after this close (with a fresh token after 4002).
+    /// `false` means the same request would fail again, or the client asked to leave (1000).
     pub fn should_reconnect(&self) -> bool {
-        matches!(self.code, 1000 | 4002 | 4008 | 4009 | 4010)
+        matches!(self.code, 1013 | 4002 | 4008 | 4009 | 4010) || *self == Self::HEARTBEAT_TIMEOUT
     }
 }
 
@@ -80,7 +104,20 @@ mod tests {
     fn reasons_fit_a_close_frame() {
         for d in Disconnect::ALL {
             assert!(d.reason.len() < 123, "{d:?}");
-            assert!(d.code == 1000 || (4000..5000).contains(&d.code), "{d:?}");
+            assert!(
+                d.code == 1000 || d.code == 1013 || (4000..5000).contains(&d.code),
+                "{d:?}"
+            );
         }
+    }
+
+    #[test]
+    fn reconnect_advice() {
+        assert!(!Disconnect::NORMAL.should_reconnect());
+        assert!(!Disconnect::UNAUTHORIZED.should_reconnect());
+        assert!(!Disconnect::PROTOCOL_ERROR.should_reconnect());
+        assert!(Disconnect::HEARTBEAT_TIMEOUT.should_reconnect());
+        assert!(Disconnect::NODE_EXPIRED.should_reconnect());
+        assert!(Disconnect::UNAVAILABLE.should_reconnect());
     }
 }

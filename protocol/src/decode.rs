@@ -102,6 +102,13 @@ impl Decoder {
         &self.limits
     }
 
+    /// Changes the limits from the next frame on (a session allows larger frames once the
+    /// client authenticated). Limits checked on a frame already under way keep their old
+    /// values for it.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// Whether part of a frame is buffered (as opposed to only heart-beat EOLs or nothing).
     pub fn is_mid_frame(&self, buf: &BytesMut) -> bool {
         self.head.is_some() || buf.iter().any(|b| !matches!(b, b'\n' | b'\r'))

@@ -143,7 +143,13 @@ impl Frame {
 
     /// Encodes the frame into `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
-        let escape = self.command.escapes_headers();
+        self.encode_with(dst, self.command.escapes_headers());
+    }
+
+    /// Encodes the frame into `dst`, escaping header names and values when `escape` is set:
+    /// STOMP 1.0 has no escaping, so frames for a 1.0 peer are written without it.
+    pub fn encode_with(&self, dst: &mut BytesMut, escape: bool) {
+        let escape = escape && self.command.escapes_headers();
         dst.reserve(self.encoded_len_hint());
         dst.put_slice(self.command.as_str().as_bytes());
         dst.put_u8(b'\n');
@@ -196,6 +202,30 @@ fn needs_escape(b: u8) -> bool {
     matches!(b, b'\r' | b'\n' | b':' | b'\\')
 }
 
+/// Undoes STOMP 1.2 escaping of a header part that this crate escaped (no undefined
+/// sequences).
+pub fn unescape_header(s: &str) -> String {
+    if !s.contains('\\') {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('c') => out.push(':'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
+}
+
 /// Escapes a header name or value into a `String` (STOMP 1.2 rules).
 pub fn escape_header(s: &str) -> String {
     let mut out = BytesMut::with_capacity(s.len());
@@ -207,6 +237,24 @@ pub fn escape_header(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unescape_undoes_escape() {
+        for s in ["plain", "/team/t:1", "a\\b:c\nd\re"] {
+            assert_eq!(unescape_header(&escape_header(s)), s);
+        }
+    }
+
+    #[test]
+    fn stomp_1_0_frames_are_not_escaped() {
+        let frame = Frame::new(Command::Message).with_header("destination", "/team/t:1");
+        let mut escaped = BytesMut::new();
+        frame.encode(&mut escaped);
+        assert!(escaped.starts_with(b"MESSAGE\ndestination:/team/t\\c1\n"));
+        let mut raw = BytesMut::new();
+        frame.encode_with(&mut raw, false);
+        assert!(raw.starts_with(b"MESSAGE\ndestination:/team/t:1\n"));
+    }
 
     #[test]
     fn encodes_with_escaping() {

@@ -22,6 +22,7 @@
 //! - [`close`]: WebSocket close codes and reasons.
 //! - [`auth`]: JWT verification and the subscribe/publish rules ([`Principal`]).
 //! - [`rate`]: a token bucket for publish rate limits.
+//! - [`session`]: session ids that carry a MAC over node, id and user ([`SessionKey`]).
 
 pub mod auth;
 pub mod client;
@@ -32,6 +33,7 @@ pub mod frame;
 pub mod heartbeat;
 pub mod rate;
 pub mod server;
+pub mod session;
 pub mod topic;
 
 pub use auth::{AuthError, Authenticator, Forbidden, Principal, Scope};
@@ -42,4 +44,5 @@ pub use envelope::{Envelope, Event};
 pub use frame::{Command, Frame};
 pub use heartbeat::HeartBeat;
 pub use server::MessageTemplate;
+pub use session::{SessionError, SessionKey};
 pub use topic::{EventType, Topic, TopicError, TopicKind};

@@ -6,7 +6,7 @@
 //! subscriber's pre-encoded `MESSAGE\nsubscription:…\n` line. The tail is also exactly what a
 //! node publishes to the cluster broker, so no node re-encodes an event it receives.
 
-use crate::frame::{Command, Frame, escape_header};
+use crate::frame::{Command, Frame, escape_header, unescape_header};
 use crate::heartbeat::HeartBeat;
 use std::sync::Arc;
 
@@ -66,11 +66,44 @@ impl MessageTemplate {
         frame.push_str(&self.tail);
         frame
     }
+
+    /// Whether the tail holds escaped header characters, so that a STOMP 1.0 subscriber (no
+    /// escaping) needs [`MessageTemplate::frame_for_unescaped`].
+    pub fn has_escapes(&self) -> bool {
+        self.headers().contains('\\')
+    }
+
+    fn headers(&self) -> &str {
+        self.tail
+            .split_once("\n\n")
+            .map_or(&self.tail[..], |(headers, _)| headers)
+    }
+
+    /// The whole `MESSAGE` frame for a STOMP 1.0 subscription, whose headers carry no escape
+    /// sequences (1.0 has none: `:` in a value is literal). Rare, so it re-encodes.
+    pub fn frame_for_unescaped(&self, prefix: &str) -> String {
+        let (headers, rest) = self.tail.split_once("\n\n").unwrap_or((&self.tail[..], ""));
+        let mut frame = String::with_capacity(prefix.len() + self.tail.len());
+        frame.push_str(prefix);
+        for line in headers.split('\n') {
+            frame.push_str(&unescape_header(line));
+            frame.push('\n');
+        }
+        frame.push('\n');
+        frame.push_str(rest);
+        frame
+    }
 }
 
-/// `MESSAGE\nsubscription:{id}\n`, encoded once per subscription.
+/// `MESSAGE\nsubscription:{id}\n`, encoded once per subscription. `escape` is false for a
+/// STOMP 1.0 session.
 pub fn subscription_prefix(subscription_id: &str) -> String {
     format!("MESSAGE\nsubscription:{}\n", escape_header(subscription_id))
+}
+
+/// [`subscription_prefix`] for a STOMP 1.0 session, which has no header escaping.
+pub fn subscription_prefix_unescaped(subscription_id: &str) -> String {
+    format!("MESSAGE\nsubscription:{subscription_id}\n")
 }
 
 /// `CONNECTED`. Not escaped, as STOMP 1.2 requires for this frame.
@@ -106,6 +139,13 @@ pub fn to_text(frame: &Frame) -> String {
     String::from_utf8_lossy(&frame.to_bytes()).into_owned()
 }
 
+/// [`to_text`] for a session that negotiated `version`: STOMP 1.0 gets unescaped headers.
+pub fn to_text_for(frame: &Frame, version: &str) -> String {
+    let mut dst = bytes::BytesMut::new();
+    frame.encode_with(&mut dst, version != "1.0");
+    String::from_utf8_lossy(&dst).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +168,19 @@ mod tests {
         assert_eq!(frame.header("event-type"), Some("job.progress"));
         assert_eq!(frame.header("content-type"), Some("application/json"));
         assert_eq!(&frame.body[..], body.as_bytes());
+    }
+
+    #[test]
+    fn stomp_1_0_subscribers_get_literal_colons() {
+        let t = MessageTemplate::new("/team/t:1", "01", "job.progress", "{}");
+        assert!(t.has_escapes());
+        let text = t.frame_for_unescaped(&subscription_prefix_unescaped("s:0"));
+        assert!(
+            text.starts_with("MESSAGE\nsubscription:s:0\ndestination:/team/t:1\nmessage-id:01\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\n\n{}\0"), "{text}");
+        assert!(!MessageTemplate::new("/team/t1", "01", "job.progress", "{}").has_escapes());
     }
 
     #[test]

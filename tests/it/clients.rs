@@ -85,3 +85,42 @@ fn stomp_py_over_websocket() {
     let node = node(None);
     run(&node, "python3", "python/stomp_py.py", &config(&node, None));
 }
+
+/// A bot that publishes above its rate keeps receiving (the session's read side once starved
+/// its writes): stomp.py and stompjs, subscribed to their own user topic with 1 s heart-beats,
+/// send 2,000 SENDs to it as fast as they can; all 2,000 arrive in order at the node's rate of
+/// 500/s, never more than a second apart, and the connection stays up.
+fn flood_node() -> Lockstep {
+    Lockstep::start_with(
+        Options::default()
+            .env("LOCKSTEP_HUB_PUBLISH_RATE", 500)
+            .env("LOCKSTEP_HUB_PUBLISH_BURST", 50)
+            .env("LOCKSTEP_HUB_HEARTBEAT_SEND_MS", 1000)
+            .env("LOCKSTEP_HUB_HEARTBEAT_RECV_MS", 1000),
+    )
+}
+
+fn flood_config(node: &Lockstep) -> String {
+    json!({
+        "ws": node.ws(),
+        "token": node.token("bot", &[], "publish"),
+        "user": "bot",
+        "count": 2000,
+        "rate": 500,
+        "timeout_s": 20,
+        "max_gap_s": 1,
+    })
+    .to_string()
+}
+
+#[test]
+fn stomp_py_flooding_its_own_topic_keeps_receiving() {
+    let node = flood_node();
+    run(&node, "python3", "python/flood.py", &flood_config(&node));
+}
+
+#[test]
+fn stompjs_flooding_its_own_topic_keeps_receiving() {
+    let node = flood_node();
+    run(&node, "node", "node/flood.mjs", &flood_config(&node));
+}

@@ -5,6 +5,7 @@ mod clients;
 mod cluster;
 mod deploy;
 mod fanout;
+mod hardening;
 mod lifecycle;
 mod load;
 mod locks;
@@ -32,7 +33,17 @@ pub(crate) async fn http_publish(
     token: &str,
     body: &serde_json::Value,
 ) -> (u16, serde_json::Value) {
-    let response = reqwest::Client::new()
+    http_publish_with(&reqwest::Client::new(), node, token, body).await
+}
+
+/// [`http_publish`] on a client of the caller's (one connection for many publishes).
+pub(crate) async fn http_publish_with(
+    client: &reqwest::Client,
+    node: &Lockstep,
+    token: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = client
         .post(format!("{}/api/v1/publish", node.http()))
         .bearer_auth(token)
         .json(body)

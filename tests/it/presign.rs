@@ -296,8 +296,8 @@ async fn presign_put_then_get_round_trips_bytes() {
     assert_eq!(put["method"], "PUT", "{put}");
     assert_eq!(
         put["headers"],
-        json!({"content-type": "application/octet-stream"}),
-        "the signed content type is a header the client must send: {put}"
+        json!({"content-type": "application/octet-stream", "x-amz-meta-lockstep-token": held["token"].to_string()}),
+        "the signed content type and fencing token are headers the client must send: {put}"
     );
     let url = put["url"].as_str().unwrap();
     let key = "e2e/run-1/t1/scan-1/frames/000001.pcd";
@@ -967,7 +967,10 @@ async fn batches_are_ordered_validated_first_and_limited() {
     .await;
     assert_eq!(status, 200, "{body}");
     let urls = body["urls"].as_array().expect("urls");
-    assert_eq!(urls[0]["headers"], json!({"content-type": "text/plain"}));
+    assert_eq!(
+        urls[0]["headers"],
+        json!({"content-type": "text/plain", "x-amz-meta-lockstep-token": b["token"].to_string()})
+    );
     for (url, text) in urls.iter().zip(["for scan-1", "for scan-0"]) {
         let got = send(url, Some(text.as_bytes().to_vec())).await;
         assert_eq!(got.status, 200, "{got:?}");
@@ -1291,4 +1294,142 @@ async fn browser_reads_a_batch_and_uploads_through_cors() {
     assert_eq!((got.status, &got.body[..]), (200, result.as_bytes()));
     assert_eq!(got.content_type.as_deref(), Some("application/json"));
     assert_eq!(summary["etag"].as_str(), got.etag.as_deref(), "{summary}");
+}
+
+/// A write URL outlives an early end of its lock (storage cannot revoke it), so it is fenced:
+/// it signs the lock's token into the object's metadata, and `commit` refuses an object
+/// written under another token. After a takeover the old holder's URL still writes, but the
+/// new holder's commit then refuses to announce the stale bytes as its own (it used to
+/// announce them).
+#[tokio::test]
+async fn stale_write_urls_cannot_pass_for_the_new_holder() {
+    let s3 = S3Server::start();
+    let node = node_for(&s3, Options::default());
+    let (ana, bob) = (member(&node, "ana"), member(&node, "bob"));
+    let first = lock(&node, &ana, "doc-9", None).await;
+    let stale = signed(
+        &node,
+        &ana,
+        "doc-9",
+        json!({"method": "PUT", "name": "labels.json", "content_type": "application/json", "token": first["token"]}),
+    )
+    .await;
+    assert_eq!(
+        stale["headers"]["x-amz-meta-lockstep-token"],
+        json!(first["token"].to_string()),
+        "{stale}"
+    );
+    take_over(&node, "doc-9").await;
+    let second = lock(&node, &bob, "doc-9", None).await;
+    let fresh = signed(
+        &node,
+        &bob,
+        "doc-9",
+        json!({"method": "PUT", "name": "labels.json", "content_type": "application/json", "token": second["token"]}),
+    )
+    .await;
+    assert_eq!(
+        send(&fresh, Some(br#"{"by":"bob"}"#.to_vec())).await.status,
+        200
+    );
+    // The old holder's URL is still valid at the storage and overwrites Bob's upload...
+    assert_eq!(
+        send(&stale, Some(br#"{"by":"ana"}"#.to_vec())).await.status,
+        200
+    );
+    // ...and the metadata cannot be forged: the signed header must be sent as it is.
+    let mut forged = stale.clone();
+    forged["headers"]["x-amz-meta-lockstep-token"] = json!(second["token"].to_string());
+    let got = send(&forged, Some(br#"{"by":"mallory"}"#.to_vec())).await;
+    assert_refused(&got, 403, "SignatureDoesNotMatch", "a forged token", &s3);
+    // Bob's commit sees the object was last written under the old token and refuses it.
+    let (status, body) = commit(
+        &node,
+        &bob,
+        "doc-9",
+        json!({"token": second["token"], "name": "labels.json"}),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (409, "stale_write"), "{body}");
+    assert_eq!(body["error"]["details"]["written_token"], first["token"]);
+    // Uploading again with his URL makes the commit go through.
+    assert_eq!(
+        send(&fresh, Some(br#"{"by":"bob"}"#.to_vec())).await.status,
+        200
+    );
+    let (status, body) = commit(
+        &node,
+        &bob,
+        "doc-9",
+        json!({"token": second["token"], "name": "labels.json"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // An object put there out of band (no fencing token) is not announced either.
+    s3.put_file("t1/doc-9/other.bin", b"out of band");
+    let (status, body) = commit(
+        &node,
+        &bob,
+        "doc-9",
+        json!({"token": second["token"], "name": "other.bin"}),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (409, "stale_write"), "{body}");
+}
+
+/// A write URL always signs a content type: `application/octet-stream` when the request names
+/// none (an unsigned one let the uploader choose `text/html`, which the bucket would then
+/// serve as a page), and only types on `s3.content_types`.
+#[tokio::test]
+async fn write_urls_always_sign_an_allowed_content_type() {
+    let s3 = S3Server::start();
+    let node = node_for(&s3, Options::default());
+    let ana = member(&node, "ana");
+    let held = lock(&node, &ana, "doc-10", None).await;
+    let put = signed(
+        &node,
+        &ana,
+        "doc-10",
+        json!({"method": "PUT", "name": "a.bin", "token": held["token"]}),
+    )
+    .await;
+    assert_eq!(
+        put["headers"]["content-type"],
+        json!("application/octet-stream"),
+        "{put}"
+    );
+    let url = put["url"].as_str().unwrap();
+    let got = answer(
+        reqwest::Client::new()
+            .put(url)
+            .header("content-type", "text/html")
+            .body("<script>alert(1)</script>"),
+    )
+    .await;
+    assert_refused(&got, 403, "SignatureDoesNotMatch", "text/html instead", &s3);
+    for refused in ["text/html", "image/svg+xml", "application/javascript"] {
+        let (status, body) = presign(
+            &node,
+            &ana,
+            TEAM,
+            "doc-10",
+            json!({"method": "PUT", "name": "a.bin", "content_type": refused, "token": held["token"]}),
+        )
+        .await;
+        assert_eq!(
+            (status, code(&body)),
+            (422, "content_type_not_allowed"),
+            "{refused}: {body}"
+        );
+    }
+    // Reads sign no content type and need no lock.
+    let (status, body) = presign(
+        &node,
+        &ana,
+        TEAM,
+        "doc-10",
+        json!({"method": "GET", "name": "a.bin", "content_type": "text/html"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
 }

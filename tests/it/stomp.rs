@@ -170,12 +170,12 @@ async fn bad_tokens_are_refused_with_4001() {
         .await
         .unwrap();
     assert_eq!(connected.header("version"), Some("1.2"));
-    // `{node}.{ulid}`: the node's id first, so other nodes can tell its sessions apart.
+    // `{node}.{ulid}.{mac}`: the node's id first, so other nodes can tell its sessions apart,
+    // and a MAC over node, id and user, so the lock API accepts it only from its user.
     let session = connected.header("session").expect("session");
+    let parts: Vec<&str> = session.split('.').collect();
     assert!(
-        session
-            .split_once('.')
-            .is_some_and(|(node, id)| node.len() == 26 && id.len() == 26),
+        parts.len() == 3 && parts[0].len() == 26 && parts[1].len() == 26 && parts[2].len() == 22,
         "{session}"
     );
 }
@@ -586,11 +586,19 @@ async fn limits_on_subscriptions_and_connections() {
     let _c1 = client(&node, "u1", &[], "").await;
     let _c2 = client(&node, "u2", &[], "").await;
     let _c3 = client(&node, "u3", &[], "").await;
+    // A connection takes a slot when its CONNECT is accepted: the fourth is refused then.
     let mut c4 = StompClient::open(&node.ws(), &OpenOptions::default())
         .await
         .unwrap();
-    let (_, close) = c4.expect_close().await.unwrap();
-    assert_eq!(close, Some((4009, "too many connections".to_owned())));
+    let token = node.token("u4", &[], "");
+    c4.send(
+        &Frame::new(Command::Connect)
+            .with_header("accept-version", "1.2")
+            .with_header("passcode", token.as_str()),
+    )
+    .await
+    .unwrap();
+    assert_refused(&mut c4, 4009, "too many connections", "connection limit").await;
 }
 
 #[tokio::test]

@@ -8,18 +8,18 @@ pub mod store;
 
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller, whole};
-use crate::{ApiState, EventPublisher};
+use crate::{ApiState, EventPublisher, NodeSessions};
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use protocol::topic::is_valid_id;
-use protocol::{Principal, Scope};
+use protocol::{Principal, Scope, SessionKey};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
-use store::{Acquired, BatchAcquired, LockState, LockStore, StoreError, TokenCheck};
+use store::{Acquired, BatchAcquired, Bound, LockState, LockStore, StoreError, TokenCheck};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
@@ -60,26 +60,52 @@ impl Default for LockConfig {
 pub struct Locks {
     store: LockStore,
     config: LockConfig,
+    /// Checks that a `session` given to the API was issued to the caller by a node.
+    sessions: SessionKey,
     closed_sessions: mpsc::Sender<outbox::Closing>,
+    /// Whether this node's row in `nodes` exists (it registered, and the cluster has not taken
+    /// it for dead since). Part of readiness: locks bound to its sessions need it.
+    registered: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// What the lock service needs from the node around it.
+#[derive(Debug)]
+pub struct LockNode {
+    /// This node's id: the hub's session ids start with it (`{node}.{id}.{mac}`), so when the
+    /// node dies the others can release its sessions' locks.
+    pub id: String,
+    /// The key session ids are signed with, shared by every node.
+    pub sessions: SessionKey,
+    /// The sessions open on this node.
+    pub open: Arc<dyn NodeSessions>,
 }
 
 impl Locks {
-    /// Starts the service's background work (sweepers, session closer) until `shutdown`.
-    /// `node` is this node's id: the hub's session ids start with it (`{node}.…`), so when the
-    /// node dies the others can release its sessions' locks.
+    /// Starts the service's background work (sweepers, heartbeat, session closer) until
+    /// `shutdown`.
     pub fn start(
         store: LockStore,
         config: LockConfig,
-        node: &str,
+        node: LockNode,
         publisher: Arc<dyn EventPublisher>,
         shutdown: &CancellationToken,
     ) -> Arc<Locks> {
         let (closed_sessions, closed) = mpsc::channel(10_000);
+        let registered = Arc::new(tokio::sync::watch::Sender::new(false));
         tokio::spawn(outbox::run_sweepers(
             store.clone(),
             publisher,
-            node.to_owned(),
+            node.open.clone(),
+            node.id.clone(),
             config.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(outbox::run_heartbeat(
+            store.clone(),
+            node.open,
+            node.id,
+            config.clone(),
+            registered.clone(),
             shutdown.clone(),
         ));
         tokio::spawn(outbox::run_session_closer(
@@ -90,8 +116,21 @@ impl Locks {
         Arc::new(Locks {
             store,
             config,
+            sessions: node.sessions,
             closed_sessions,
+            registered,
         })
+    }
+
+    /// Whether this node is registered in the lock store (see `registered`).
+    pub fn is_registered(&self) -> bool {
+        *self.registered.borrow()
+    }
+
+    /// Waits until this node is registered, so sessions it hosts can take locks.
+    pub async fn wait_registered(&self) {
+        let mut rx = self.registered.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     /// A WebSocket session ended; its session-bound locks are released after the grace.
@@ -173,9 +212,9 @@ pub(crate) struct AcquireRequest {
     /// Lifetime in milliseconds; the configured default when absent.
     #[serde(default, deserialize_with = "whole::opt")]
     ttl_ms: Option<u64>,
-    /// The `session` header of `CONNECTED`: the lock is released shortly after that WebSocket
-    /// closes.
-    #[schema(pattern = r"^[!-~]{1,128}$")]
+    /// The `session` header of `CONNECTED` (`{node}.{id}.{mac}`, issued to the caller): the lock
+    /// is released shortly after that WebSocket closes.
+    #[schema(pattern = r"^[0-9A-HJKMNP-TV-Z]{26}\.[0-9A-HJKMNP-TV-Z]{26}\.[A-Za-z0-9_-]{22}$")]
     session: Option<String>,
 }
 
@@ -212,7 +251,8 @@ pub(crate) struct BatchAcquireRequest {
     items: Vec<String>,
     #[serde(default, deserialize_with = "whole::opt")]
     ttl_ms: Option<u64>,
-    #[schema(pattern = r"^[!-~]{1,128}$")]
+    /// As for a single lock.
+    #[schema(pattern = r"^[0-9A-HJKMNP-TV-Z]{26}\.[0-9A-HJKMNP-TV-Z]{26}\.[A-Za-z0-9_-]{22}$")]
     session: Option<String>,
 }
 
@@ -330,15 +370,34 @@ pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn session(session: Option<String>) -> Result<Option<String>, ApiError> {
-    match session {
-        Some(s) if s.is_empty() || s.len() > 128 || !s.bytes().all(|b| b.is_ascii_graphic()) => {
-            Err(ApiError::invalid(
-                "invalid_session",
-                "session must be the session header of CONNECTED",
-            ))
-        }
-        other => Ok(other),
+/// Checks a `session` given with a lock request: it must be a session id a node of this
+/// cluster issued to the caller (the `session` header of their `CONNECTED`).
+fn session<'a>(
+    locks: &Locks,
+    caller: &Principal,
+    session: Option<&'a str>,
+) -> Result<Option<Bound<'a>>, ApiError> {
+    let Some(session) = session else {
+        return Ok(None);
+    };
+    let id = locks.sessions.verify(session, &caller.sub).map_err(|err| {
+        ApiError::invalid(
+            "invalid_session",
+            format!("session must be the session header of a CONNECTED frame you received: {err}"),
+        )
+    })?;
+    Ok(Some(Bound {
+        session,
+        node: id.node,
+    }))
+}
+
+fn session_gone() -> ApiError {
+    ApiError::Conflict {
+        code: "session_closed",
+        message: "the WebSocket session this lock would be bound to has ended (its node left the cluster); reconnect and use the new session".to_owned(),
+        details: None,
+        gone: true,
     }
 }
 
@@ -387,10 +446,12 @@ pub(crate) async fn acquire(
     let locks = locks(&state)?;
     let request = body.map(|b| b.0).unwrap_or_default();
     let ttl = ttl(&locks.config, request.ttl_ms)?;
-    let session = session(request.session)?;
+    let session = session(locks, &caller, request.session.as_deref())?;
+    // A grant publishes an event: it draws on the caller's event budget like a publish.
+    state.inner.limiter.check(&caller, 1)?;
     match locks
         .store
-        .acquire(&team, &item, &caller.sub, session.as_deref(), ttl)
+        .acquire(&team, &item, &caller.sub, session, ttl)
         .await
         .map_err(|e| store_error(&e))?
     {
@@ -399,6 +460,7 @@ pub(crate) async fn acquire(
             Ok(Json(lock.into()))
         }
         Acquired::Held(lock) => Err(held(&lock)),
+        Acquired::SessionGone => Err(session_gone()),
     }
 }
 
@@ -447,6 +509,8 @@ pub(crate) async fn release(
                 "taking over a lock needs admin rights in team {team}"
             )));
         }
+        // Two events: to the team, and to the previous holder.
+        state.inner.limiter.check(&caller, 2)?;
         return match locks
             .store
             .take_over(&team, &item, &caller.sub)
@@ -478,6 +542,7 @@ pub(crate) async fn release(
                 "send the lock's token: {\"token\": N} or ?token=N",
             )
         })?;
+    state.inner.limiter.check(&caller, 1)?;
     match locks
         .store
         .release(&team, &item, &caller.sub, token)
@@ -538,6 +603,11 @@ pub(crate) async fn list(
     Ok(Json(LockList { locks: all }))
 }
 
+/// Events a batch of `n` items may publish (one per item), for the caller's budget.
+fn batch_events(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 fn check_batch(config: &LockConfig, n: usize) -> Result<(), ApiError> {
     if n == 0 {
         return Err(ApiError::invalid("empty_batch", "the batch has no items"));
@@ -565,10 +635,14 @@ pub(crate) async fn acquire_batch(
     let locks = locks(&state)?;
     check_batch(&locks.config, items.len())?;
     let ttl = ttl(&locks.config, request.ttl_ms)?;
-    let session = session(request.session)?;
+    let session = session(locks, &caller, request.session.as_deref())?;
+    state
+        .inner
+        .limiter
+        .check(&caller, batch_events(items.len()))?;
     match locks
         .store
-        .acquire_batch(&team, &request.items, &caller.sub, session.as_deref(), ttl)
+        .acquire_batch(&team, &request.items, &caller.sub, session, ttl)
         .await
         .map_err(|e| store_error(&e))?
     {
@@ -596,6 +670,7 @@ pub(crate) async fn acquire_batch(
                 gone: false,
             })
         }
+        BatchAcquired::SessionGone => Err(session_gone()),
     }
 }
 
@@ -612,6 +687,10 @@ pub(crate) async fn release_batch(
     authorize(&caller, &team, &items)?;
     let locks = locks(&state)?;
     check_batch(&locks.config, items.len())?;
+    state
+        .inner
+        .limiter
+        .check(&caller, batch_events(items.len()))?;
     let pairs: Vec<(String, i64)> = request
         .items
         .into_iter()

@@ -4,7 +4,7 @@
 
 use super::store::{LockStore, StoredEvent};
 use super::{LockConfig, millis};
-use crate::EventPublisher;
+use crate::{EventPublisher, NodeSessions};
 use protocol::{EventType, Topic};
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -50,10 +50,15 @@ pub(crate) async fn publish(
     }
 }
 
-/// Runs the sweepers until `shutdown`. `node` is this node's id, stamped every sweep.
+/// How many sweeps pass between two checks of this node's session-bound locks against the
+/// sessions it has open.
+const SESSION_CHECK_EVERY: u32 = 4;
+
+/// Runs the sweepers until `shutdown`. `node` is this node's id.
 pub(crate) async fn run_sweepers(
     store: LockStore,
     publisher: Arc<dyn EventPublisher>,
+    sessions: Arc<dyn NodeSessions>,
     node: String,
     config: LockConfig,
     shutdown: CancellationToken,
@@ -65,32 +70,14 @@ pub(crate) async fn run_sweepers(
     // heartbeat is old, and the first node back must not take the others for dead before they
     // had the chance to report.
     let mut reachable_since: Option<tokio::time::Instant> = None;
+    let mut ticks: u32 = 0;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match store.node_seen(&node).await {
-            Ok(()) => {
-                let since = *reachable_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= config.node_timeout {
-                    match store
-                        .close_dead_nodes(millis(config.node_timeout), millis(config.session_grace))
-                        .await
-                    {
-                        Ok(dead) if !dead.is_empty() => {
-                            warn!(?dead, "nodes went silent; their sessions count as closed");
-                        }
-                        Ok(_) => {}
-                        Err(err) => debug!(%err, "dead-node sweep failed; retrying next tick"),
-                    }
-                }
-            }
-            Err(err) => {
-                reachable_since = None;
-                debug!(%err, "node heartbeat failed; retrying next tick");
-            }
-        }
+        ticks = ticks.wrapping_add(1);
+        let mut reached = true;
         for (what, result) in [
             ("expiries", store.sweep_expired(100).await),
             ("closed sessions", store.release_closed_sessions(100).await),
@@ -101,8 +88,102 @@ pub(crate) async fn run_sweepers(
                     publish(&store, publisher.as_ref(), &events).await;
                 }
                 Ok(_) => {}
-                Err(err) => debug!(%err, what, "lock sweep failed; retrying next tick"),
+                Err(err) => {
+                    reached = false;
+                    debug!(%err, what, "lock sweep failed; retrying next tick");
+                }
             }
+        }
+        if !reached {
+            reachable_since = None;
+            continue;
+        }
+        let since = *reachable_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= config.node_timeout {
+            match store
+                .close_dead_nodes(millis(config.node_timeout), millis(config.session_grace))
+                .await
+            {
+                Ok(dead) if !dead.is_empty() => {
+                    warn!(?dead, "nodes went silent; their sessions count as closed");
+                }
+                Ok(_) => {}
+                Err(err) => debug!(%err, "dead-node sweep failed; retrying next tick"),
+            }
+        }
+        if ticks.is_multiple_of(SESSION_CHECK_EVERY) {
+            check_own_sessions(&store, sessions.as_ref(), &node, config.session_grace).await;
+        }
+    }
+}
+
+/// Records as closed every session of this node that holds locks but is not open here: it
+/// closed before its lock was granted, or its close could not be recorded. Its locks are then
+/// released after the grace, like any closed session's.
+async fn check_own_sessions(
+    store: &LockStore,
+    sessions: &dyn NodeSessions,
+    node: &str,
+    grace: Duration,
+) {
+    let held = match store.node_sessions(node).await {
+        Ok(held) => held,
+        Err(err) => {
+            debug!(%err, "session check failed; retrying later");
+            return;
+        }
+    };
+    for session in held.iter().filter(|s| !sessions.is_open(s)) {
+        debug!(session, "a session holding locks is not open on this node");
+        if let Err(err) = store.session_closed(session, millis(grace)).await {
+            debug!(%err, "could not record a closed session; retrying later");
+        }
+    }
+}
+
+/// Keeps this node's row in `nodes` fresh, on a connection of its own, until `shutdown`. When
+/// the row is gone, the other nodes took this one for dead while it stalled (a pause longer
+/// than `locks.node_timeout`) and are releasing its sessions' locks: it closes every session
+/// it has, so their clients reconnect and acquire again instead of editing under locks they no
+/// longer hold, and registers again.
+pub(crate) async fn run_heartbeat(
+    store: LockStore,
+    sessions: Arc<dyn NodeSessions>,
+    node: String,
+    config: LockConfig,
+    registered: Arc<tokio::sync::watch::Sender<bool>>,
+    shutdown: CancellationToken,
+) {
+    // A tenth of the timeout: a node is taken for dead only after ten missed beats.
+    let every = (config.node_timeout / 10).max(Duration::from_millis(10));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if !*registered.borrow() {
+            match store.register_node(&node).await {
+                Ok(()) => {
+                    registered.send_replace(true);
+                }
+                Err(err) => debug!(%err, "cannot register this node yet; retrying"),
+            }
+            continue;
+        }
+        match store.node_heartbeat(&node).await {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(
+                    node,
+                    "the cluster took this node for dead (it stalled); closing its sessions so their clients reconnect and lock again"
+                );
+                sessions.node_expired();
+                registered.send_replace(false);
+                ticker.reset_immediately();
+            }
+            Err(err) => debug!(%err, "node heartbeat failed; retrying next beat"),
         }
     }
 }

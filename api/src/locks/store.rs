@@ -53,6 +53,14 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// The WebSocket session a lock is bound to, from a verified session id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound<'a> {
+    pub session: &'a str,
+    /// The node hosting the session.
+    pub node: &'a str,
+}
+
 /// What `acquire` decided.
 #[derive(Debug)]
 pub enum Acquired {
@@ -64,6 +72,8 @@ pub enum Acquired {
     },
     /// Someone else holds it.
     Held(LockState),
+    /// The session to bind it to is on a node the cluster took for dead: that session is over.
+    SessionGone,
 }
 
 /// What a decision on a caller's token found.
@@ -89,6 +99,8 @@ pub enum BatchAcquired {
     },
     /// Nothing was granted; these items are held by others.
     Blocked(Vec<LockState>),
+    /// The session to bind them to is on a node the cluster took for dead.
+    SessionGone,
 }
 
 /// SQL differences between the two databases.
@@ -149,6 +161,9 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub struct LockStore {
     pool: AnyPool,
+    /// One connection of its own for the node's heartbeat: a node whose main pool is busy
+    /// with requests and sweeps must not look dead to the others.
+    heartbeat: AnyPool,
     dialect: Dialect,
     event_lease_ms: i64,
 }
@@ -200,31 +215,38 @@ impl LockStore {
         } else {
             Dialect::Postgres
         };
-        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(3));
-        let pool = match dialect {
-            Dialect::Postgres => options
-                .max_connections(config.max_connections.max(1))
-                .connect_lazy(&config.url)?,
-            Dialect::Sqlite => options
-                .max_connections(1)
-                .after_connect(|conn, _| {
-                    Box::pin(async move {
-                        // WAL: readers do not block the writer; NORMAL is durable across
-                        // process crashes, which is what a lock table needs.
-                        for pragma in [
-                            "PRAGMA journal_mode = WAL",
-                            "PRAGMA synchronous = NORMAL",
-                            "PRAGMA busy_timeout = 5000",
-                        ] {
-                            sqlx::query(pragma).execute(&mut *conn).await?;
-                        }
-                        Ok(())
+        let pool = |connections: u32| -> Result<AnyPool, sqlx::Error> {
+            let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(3));
+            match dialect {
+                Dialect::Postgres => options
+                    .max_connections(connections.max(1))
+                    .connect_lazy(&config.url),
+                // One writer at a time is SQLite's nature; a second pool (the heartbeat) waits
+                // on the file lock for at most the busy timeout.
+                Dialect::Sqlite => options
+                    .max_connections(1)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // WAL: readers do not block the writer; NORMAL is durable across
+                            // process crashes, which is what a lock table needs.
+                            for pragma in [
+                                "PRAGMA journal_mode = WAL",
+                                "PRAGMA synchronous = NORMAL",
+                                "PRAGMA busy_timeout = 5000",
+                            ] {
+                                sqlx::query(pragma).execute(&mut *conn).await?;
+                            }
+                            Ok(())
+                        })
                     })
-                })
-                .connect_lazy(&config.url)?,
+                    .connect_lazy(&config.url),
+            }
         };
+        let heartbeat = pool(1)?;
+        let pool = pool(config.max_connections)?;
         Ok(LockStore {
             pool,
+            heartbeat,
             dialect,
             event_lease_ms: super::millis(config.event_lease),
         })
@@ -267,17 +289,27 @@ impl LockStore {
         Ok(self.pool.begin().await?)
     }
 
-    /// Reads an item's row under a row lock, with the database time.
+    /// Reads an item's row under a row lock, with the database time read once the lock is held
+    /// (a decision that waited for the row must not judge expiry by the time it started
+    /// waiting).
     async fn current(
         &self,
         tx: &mut Transaction<'static, sqlx::Any>,
         team: &str,
         item: &str,
     ) -> Result<(Option<Current>, i64), StoreError> {
-        let sql = self.dialect.sql(&format!(
-            "SELECT {COLUMNS}, {{now}} AS now FROM locks WHERE team = $1 AND item = $2{}",
-            self.dialect.for_update()
-        ));
+        let sql = match self.dialect {
+            // The outer projection, and so the clock, is evaluated on rows the materialized
+            // (locking) CTE produced, after any wait for the row lock.
+            Dialect::Postgres => self.dialect.sql(&format!(
+                "WITH cur AS MATERIALIZED (SELECT {COLUMNS} FROM locks WHERE team = $1 AND item = $2 FOR UPDATE) \
+                 SELECT cur.*, {{now}} AS now FROM cur"
+            )),
+            // One connection: nothing is waited for inside a transaction.
+            Dialect::Sqlite => self.dialect.sql(&format!(
+                "SELECT {COLUMNS}, {{now}} AS now FROM locks WHERE team = $1 AND item = $2"
+            )),
+        };
         match sqlx::query(&sql)
             .bind(team)
             .bind(item)
@@ -345,14 +377,16 @@ impl LockStore {
         team: &str,
         item: &str,
         holder: &str,
-        session: Option<&str>,
+        session: Option<Bound<'_>>,
         ttl_ms: i64,
     ) -> Result<Acquired, StoreError> {
         // A first grant races other first grants on the INSERT; the loser retries and then
         // finds the row to lock.
         for _ in 0..3 {
             let mut tx = self.begin().await?;
-            self.watch_session_node(&mut tx, session).await?;
+            if !self.session_node_alive(&mut tx, session).await? {
+                return Ok(Acquired::SessionGone);
+            }
             let mut events = Vec::new();
             match self
                 .grant(&mut tx, team, item, holder, session, ttl_ms, &mut events)
@@ -373,24 +407,28 @@ impl LockStore {
         Err(StoreError::Contended)
     }
 
-    /// Makes sure the node hosting `session` is watched, once per granting transaction: if
-    /// another node took it for dead and forgot it (it stalled while holding no locks), it is
-    /// tracked again from now, so its death still releases the locks granted here. Never
-    /// refreshes a known node's stamp.
-    async fn watch_session_node(
+    /// Whether the node hosting `session` is registered (alive, or not yet found dead), once
+    /// per granting transaction. Rows of `nodes` are only ever written by the nodes themselves:
+    /// a session of a node the cluster took for dead is over, and binding a lock to it would
+    /// leave the lock to its TTL. (A node that stalled and came back registers again and closes
+    /// the sessions it had, so their ids are never good again either; see `node_heartbeat`.)
+    async fn session_node_alive(
         &self,
         tx: &mut Transaction<'static, sqlx::Any>,
-        session: Option<&str>,
-    ) -> Result<(), StoreError> {
-        if let Some((node, _)) = session.and_then(|s| s.split_once('.')) {
-            sqlx::query(&self.dialect.sql(
-                "INSERT INTO nodes (node, seen_at) VALUES ($1, {now}) ON CONFLICT (node) DO NOTHING",
-            ))
-            .bind(node)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Ok(())
+        session: Option<Bound<'_>>,
+    ) -> Result<bool, StoreError> {
+        let Some(bound) = session else {
+            return Ok(true);
+        };
+        let row = sqlx::query(
+            &self
+                .dialect
+                .sql("SELECT 1 AS alive FROM nodes WHERE node = $1"),
+        )
+        .bind(bound.node)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(row.is_some())
     }
 
     /// One grant inside a transaction. `None`: a concurrent first grant won the insert (retry);
@@ -402,7 +440,7 @@ impl LockStore {
         team: &str,
         item: &str,
         holder: &str,
-        session: Option<&str>,
+        session: Option<Bound<'_>>,
         ttl_ms: i64,
         events: &mut Vec<StoredEvent>,
     ) -> Result<Option<Result<(LockState, bool), LockState>>, StoreError> {
@@ -411,16 +449,17 @@ impl LockStore {
         let lock = match current {
             None => {
                 let sql = self.dialect.sql(&format!(
-                    "INSERT INTO locks ({COLUMNS}) VALUES ($1, $2, $3, $4, 1, $5, $6, 'held', 0) \
+                    "INSERT INTO locks ({COLUMNS}, node) VALUES ($1, $2, $3, $4, 1, $5, $6, 'held', 0, $7) \
                      ON CONFLICT (team, item) DO NOTHING RETURNING token"
                 ));
                 let inserted = sqlx::query(&sql)
                     .bind(team)
                     .bind(item)
                     .bind(holder)
-                    .bind(session)
+                    .bind(session.map(|b| b.session))
                     .bind(now)
                     .bind(expires_at)
+                    .bind(session.map(|b| b.node))
                     .fetch_optional(&mut **tx)
                     .await?;
                 if inserted.is_none() {
@@ -430,7 +469,7 @@ impl LockStore {
                     team: team.to_owned(),
                     item: item.to_owned(),
                     holder: holder.to_owned(),
-                    session: session.map(str::to_owned),
+                    session: session.map(|b| b.session.to_owned()),
                     token: 1,
                     acquired_at: now,
                     expires_at,
@@ -448,13 +487,19 @@ impl LockStore {
                 lock
             }
             Some(c) if c.live() && c.lock.holder == holder => {
-                // The holder asks again: extend, keep the token, move to the new session.
-                let session = session.map(str::to_owned).or(c.lock.session.clone());
+                // The holder asks again: extend, keep the token, move to the new session (a
+                // request without one keeps the lock's session and node as they are).
+                let node = session.map(|b| b.node);
+                let session = session
+                    .map(|b| b.session.to_owned())
+                    .or(c.lock.session.clone());
                 sqlx::query(&self.dialect.sql(
-                    "UPDATE locks SET expires_at = $1, session = $2 WHERE team = $3 AND item = $4",
+                    "UPDATE locks SET expires_at = $1, session = $2, node = COALESCE($3, node) \
+                     WHERE team = $4 AND item = $5",
                 ))
                 .bind(expires_at)
                 .bind(session.as_deref())
+                .bind(node)
                 .bind(team)
                 .bind(item)
                 .execute(&mut **tx)
@@ -478,22 +523,23 @@ impl LockStore {
                 let token = c.lock.token + 1;
                 sqlx::query(&self.dialect.sql(
                     "UPDATE locks SET holder = $1, session = $2, token = $3, acquired_at = $4, expires_at = $5, \
-                     state = 'held', expiry_announced = 0 WHERE team = $6 AND item = $7",
+                     state = 'held', expiry_announced = 0, node = $8 WHERE team = $6 AND item = $7",
                 ))
                 .bind(holder)
-                .bind(session)
+                .bind(session.map(|b| b.session))
                 .bind(token)
                 .bind(now)
                 .bind(expires_at)
                 .bind(team)
                 .bind(item)
+                .bind(session.map(|b| b.node))
                 .execute(&mut **tx)
                 .await?;
                 let lock = LockState {
                     team: team.to_owned(),
                     item: item.to_owned(),
                     holder: holder.to_owned(),
-                    session: session.map(str::to_owned),
+                    session: session.map(|b| b.session.to_owned()),
                     token,
                     acquired_at: now,
                     expires_at,
@@ -756,7 +802,7 @@ impl LockStore {
         team: &str,
         items: &[String],
         holder: &str,
-        session: Option<&str>,
+        session: Option<Bound<'_>>,
         ttl_ms: i64,
     ) -> Result<BatchAcquired, StoreError> {
         // Rows are locked in one order on every node, so two batches cannot deadlock.
@@ -765,7 +811,9 @@ impl LockStore {
         sorted.dedup();
         'attempt: for _ in 0..3 {
             let mut tx = self.begin().await?;
-            self.watch_session_node(&mut tx, session).await?;
+            if !self.session_node_alive(&mut tx, session).await? {
+                return Ok(BatchAcquired::SessionGone);
+            }
             let mut events = Vec::new();
             let mut granted = Vec::new();
             let mut blocked = Vec::new();
@@ -930,23 +978,63 @@ impl LockStore {
         Ok(events)
     }
 
-    /// Records that `node` is alive (the database's clock).
+    /// Registers `node` as alive (the database's clock), on the heartbeat connection.
     ///
     /// # Errors
     ///
     /// [`StoreError`] when the database fails.
-    pub async fn node_seen(&self, node: &str) -> Result<(), StoreError> {
+    pub async fn register_node(&self, node: &str) -> Result<(), StoreError> {
         let sql = self.dialect.sql(
             "INSERT INTO nodes (node, seen_at) VALUES ($1, {now}) \
              ON CONFLICT (node) DO UPDATE SET seen_at = excluded.seen_at",
         );
-        sqlx::query(&sql).bind(node).execute(&self.pool).await?;
+        sqlx::query(&sql)
+            .bind(node)
+            .execute(&self.heartbeat)
+            .await?;
         Ok(())
     }
 
+    /// Stamps `node`'s row, on the heartbeat connection (never queued behind requests or
+    /// sweeps on the main pool). Returns `false` when the row is gone: the other nodes took
+    /// this one for dead (it stalled for longer than the node timeout) and are releasing its
+    /// sessions' locks, so it must close those sessions and register again.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn node_heartbeat(&self, node: &str) -> Result<bool, StoreError> {
+        let sql = self
+            .dialect
+            .sql("UPDATE nodes SET seen_at = {now} WHERE node = $1");
+        let done = sqlx::query(&sql)
+            .bind(node)
+            .execute(&self.heartbeat)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Sessions of `node` that hold live locks: the node checks them against the sessions it
+    /// has open, so a lock bound to a session that closed unseen (before the grant committed,
+    /// or when the close could not be recorded) is still released after the grace.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn node_sessions(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        let sql = self.dialect.sql(
+            "SELECT DISTINCT session FROM locks WHERE node = $1 AND state = 'held' \
+             AND session IS NOT NULL AND expires_at > {now}",
+        );
+        Ok(sqlx::query_scalar(&sql)
+            .bind(node)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     /// Takes nodes silent for longer than `timeout_ms` for dead: every session-bound lock of a
-    /// session they hosted (its id starts with `{node}.`) is released `grace_ms` from now, as
-    /// if the session had closed now. Returns the dead nodes.
+    /// session they hosted (its `node` column names them exactly) is released `grace_ms` from
+    /// now, as if the session had closed now. Returns the dead nodes.
     ///
     /// # Errors
     ///
@@ -966,15 +1054,15 @@ impl LockStore {
             .fetch_all(&mut *tx)
             .await?;
         for node in &dead {
-            // Node ids are ULIDs (no LIKE wildcards); sessions are `{node}.{ulid}`.
+            // An exact match: no pattern, no case folding, so no other node's sessions.
             sqlx::query(&self.dialect.sql(
                 "INSERT INTO closed_sessions (session, release_at) \
                  SELECT DISTINCT session, {now} + $1 FROM locks \
-                 WHERE state = 'held' AND session LIKE $2 \
+                 WHERE state = 'held' AND node = $2 AND session IS NOT NULL \
                  ON CONFLICT (session) DO NOTHING",
             ))
             .bind(grace_ms)
-            .bind(format!("{node}.%"))
+            .bind(node)
             .execute(&mut *tx)
             .await?;
             sqlx::query(&self.dialect.sql("DELETE FROM nodes WHERE node = $1"))

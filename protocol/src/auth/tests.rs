@@ -237,3 +237,72 @@ fn subscribe_and_publish_rules() {
         "publishing to /team/t1 needs the 'publish' scope"
     );
 }
+
+#[test]
+fn sub_must_name_a_user_topic() {
+    let auth = hs_auth();
+    for sub in ["auth0|123", "ana@example.com", "", "..", &"a".repeat(129)] {
+        let mut c = claims();
+        c["sub"] = json!(sub);
+        assert!(
+            matches!(auth.verify(&hs(&c, SECRET), NOW), Err(AuthError::Claims(m)) if m.contains("user topic")),
+            "{sub:?} was accepted"
+        );
+    }
+}
+
+#[test]
+fn absurd_expiries_are_refused_and_rates_are_read() {
+    let auth = hs_auth();
+    let mut c = claims();
+    // Near 2^63: once panicked the session that added it to its clock.
+    c["exp"] = json!(i64::MAX as u64 - 1);
+    assert!(matches!(
+        auth.verify(&hs(&c, SECRET), NOW),
+        Err(AuthError::Claims(_))
+    ));
+    let mut c = claims();
+    c["exp"] = json!(MAX_EXP);
+    c["publish_rate"] = json!(5000);
+    let p = auth.verify(&hs(&c, SECRET), NOW).unwrap();
+    assert_eq!((p.exp, p.publish_rate), (MAX_EXP, Some(5000)));
+    assert_eq!(
+        auth.verify(&hs(&claims(), SECRET), NOW)
+            .unwrap()
+            .publish_rate,
+        None
+    );
+}
+
+#[test]
+fn a_token_without_kid_is_tried_against_every_key_and_keys_reload() {
+    const RSA2_PRIVATE: &str = include_str!("testdata/rsa2_private.pem");
+    let second = EncodingKey::from_rsa_pem(RSA2_PRIVATE.as_bytes()).unwrap();
+    let first = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
+    let rotation = Authenticator::new(&AuthConfig {
+        public_keys: Some(include_str!("testdata/jwks_rotation.json").to_owned()),
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    // No `kid`: both keys of the set are RS256 and both must be tried.
+    for key in [&first, &second] {
+        let token = encode(&Header::new(Algorithm::RS256), &claims(), key).unwrap();
+        assert_eq!(rotation.verify(&token, NOW).unwrap().sub, "ana");
+    }
+    // A key outside the set still fails with a signature error.
+    let pem_only = Authenticator::new(&AuthConfig {
+        public_keys: Some(RSA_PUBLIC.to_owned()),
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    let token = encode(&Header::new(Algorithm::RS256), &claims(), &second).unwrap();
+    assert_eq!(pem_only.verify(&token, NOW), Err(AuthError::Signature));
+    // A reload takes effect at once; a broken file keeps the keys in use.
+    assert_eq!(
+        pem_only.reload_public_keys(include_str!("testdata/jwks_rotation.json")),
+        Ok(2)
+    );
+    assert_eq!(pem_only.verify(&token, NOW).unwrap().sub, "ana");
+    assert!(pem_only.reload_public_keys("garbage").is_err());
+    assert_eq!(pem_only.public_keys(), 2);
+}

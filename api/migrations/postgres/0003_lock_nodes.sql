@@ -1,0 +1,6 @@
+-- The node hosting a session-bound lock's session, taken from the verified session id. Dead
+-- nodes' sessions are found by an exact match on it (never a pattern over the session text),
+-- and each node finds the locks of its own sessions that are no longer open.
+ALTER TABLE locks ADD COLUMN IF NOT EXISTS node TEXT;
+UPDATE locks SET node = split_part(session, '.', 1) WHERE session IS NOT NULL AND node IS NULL;
+CREATE INDEX IF NOT EXISTS locks_by_node ON locks (node) WHERE state = 'held';
