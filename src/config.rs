@@ -11,7 +11,7 @@ use api::locks::store::StoreConfig;
 use api::presign::StorageConfig;
 use api::{ApiConfig, Cors};
 use hub::redis::RedisSettings;
-use hub::{HubConfig, OriginPolicy};
+use hub::{HistoryConfig, HubConfig, OriginPolicy};
 use protocol::{HeartBeat, Limits};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -79,8 +79,16 @@ keys! {
     "hub.publish_burst", "200", "Burst of SEND frames allowed above the rate.";
     "hub.max_claimed_rate", "10000", "Highest `publish_rate` a token may claim for itself (a service token's own SEND rate).";
     "hub.read_buffer_bytes", "4096", "WebSocket read buffer per connection (allocated for every connection).";
+    "history.enabled", "true", "Keep each topic's recent events, so a client that reconnects gets what it missed (`x-stream-offset`). Off: offsets are still assigned, every resume answers `x-recovered:false`.";
+    "history.team_events", "1000", "Events kept per team topic.";
+    "history.user_events", "100", "Events kept per user topic.";
+    "history.global_events", "1000", "Events kept for `/global`.";
+    "history.max_age", "10m", "Events older than this are dropped from history; idempotency keys are remembered this long.";
+    "history.meta_ttl", "7d", "How long a topic's epoch and offset outlive its last event, so a quiet topic still answers \"nothing missed\" (Redis key TTL; the in-process broker forgets idle topics after it).";
+    "history.max_replay", "1000", "Most events one resume (or one HTTP history page) returns; a client further behind gets `x-recovered:false`.";
+    "history.memory_bytes", "268435456", "Bytes of history the in-process broker keeps over all topics (oldest dropped first). With Redis, Redis's own memory settings bound it.";
     "redis.url", "", "Cluster broker: `redis://host:port` (standalone) or `redis-cluster://host:port,host:port` (Redis Cluster, sharded pub/sub). Empty: the in-process broker (a single node).";
-    "redis.channel_prefix", "lockstep:", "Prefix of the Redis channel names, so several deployments can share one Redis.";
+    "redis.channel_prefix", "lockstep:", "Prefix of the Redis key and channel names, so several deployments can share one Redis (no `{` or `}`: each topic's keys share a hash tag).";
     "redis.probe_interval", "2s", "How often each node checks its pub/sub connection with a probe message; a probe that does not come back forces a reconnect.";
     "redis.command_timeout", "2s", "Longest a publish or subscribe waits for Redis before failing.";
     "redis.publish_queue_bytes", "67108864", "Bytes of events a node may have waiting to go to Redis; past it publishes fail at once (503) instead of piling up.";
@@ -430,9 +438,25 @@ impl Sources {
             max_claimed_rate: p.positive_u32("hub.max_claimed_rate"),
             origins: origins.clone(),
             read_buffer_bytes: p.positive("hub.read_buffer_bytes"),
+            history: HistoryConfig {
+                enabled: p.get("history.enabled"),
+                team_events: p.positive("history.team_events"),
+                user_events: p.positive("history.user_events"),
+                global_events: p.positive("history.global_events"),
+                max_age: p.duration("history.max_age"),
+                meta_ttl: p.duration("history.meta_ttl"),
+                max_replay: p.positive("history.max_replay"),
+                memory_bytes: p.positive("history.memory_bytes"),
+            },
             // Both set by `serve`, which makes the node's id and knows the secrets.
             ..HubConfig::default()
         };
+        if hub.history.meta_ttl < hub.history.max_age {
+            p.errors.push(
+                "history.meta_ttl must be at least history.max_age: a topic's offsets must outlive its events"
+                    .to_owned(),
+            );
+        }
         if hub.idle_timeout < Duration::from_secs(1) {
             p.error("hub.idle_timeout", "must be at least 1s");
         }
@@ -440,6 +464,7 @@ impl Sources {
             max_body_bytes: p.positive("api.max_body_bytes"),
             max_batch: p.positive("api.max_batch"),
             max_event_bytes: hub.max_event_bytes,
+            max_replay: hub.history.max_replay,
             publish_rate: p.get("api.publish_rate"),
             publish_burst: p.get("api.publish_burst"),
             max_claimed_rate: p.positive_u32("api.max_claimed_rate"),
@@ -715,7 +740,16 @@ impl Parser<'_> {
         }
         Some(RedisSettings {
             url,
-            channel_prefix: self.raw("redis.channel_prefix"),
+            channel_prefix: {
+                let prefix = self.raw("redis.channel_prefix");
+                if prefix.contains(['{', '}']) {
+                    self.error(
+                        "redis.channel_prefix",
+                        "must not contain { or }: each topic's keys and channel share the hash tag {topic}",
+                    );
+                }
+                prefix
+            },
             probe_interval: self.duration("redis.probe_interval"),
             command_timeout: self.duration("redis.command_timeout"),
             publish_queue_bytes: self.positive("redis.publish_queue_bytes"),

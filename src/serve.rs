@@ -4,11 +4,14 @@ use crate::config::{Config, LogFormat, redact};
 use anyhow::Context as _;
 use api::locks::store::LockStore;
 use api::locks::{LockNode, Locks};
-use api::{ApiState, EventPublisher, NodeSessions, PublishFailure, ReadinessCheck};
+use api::{
+    ApiState, EventOptions, EventPage, EventPublisher, NodeSessions, PublishFailure,
+    PublishedEvent, ReadinessCheck,
+};
 use axum::Router;
 use axum::serve::ListenerExt as _;
 use futures_util::future::BoxFuture;
-use hub::{Broker, Hub, MemoryBroker, PublishError, Registry};
+use hub::{Broker, Fanout, Hub, MemoryBroker, PublishError, PublishOptions, Registry};
 use protocol::auth::AuthConfig;
 use protocol::{Authenticator, Disconnect, EventType, SessionKey, Topic};
 use serde_json::value::RawValue;
@@ -109,6 +112,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     }
     let registry = Arc::new(Registry::new());
+    // The brokers deliver through the node's fan-out, which keeps each topic in offset order.
+    let history = &config.hub.history;
+    let fanout = Fanout::new(
+        registry.clone(),
+        history.max_replay,
+        config.hub.outbound_queue,
+    );
     // Cancelled after the hub has drained, so the broker outlives the sessions it serves.
     let broker_stop = CancellationToken::new();
     // Histogram samples wait in the recorder until upkeep folds them into buckets; without a
@@ -134,12 +144,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             info!(url = %redact(&settings.url), node = %node_id, "cluster broker: Redis");
             hub::redis::RedisBroker::start(
                 settings,
-                registry.clone(),
+                history,
+                fanout.clone(),
                 &node_id,
                 broker_stop.clone(),
             )?
         }
-        None => Arc::new(MemoryBroker::new(registry.clone())),
+        None => Arc::new(MemoryBroker::new(fanout.clone(), history.clone())),
     };
     // The hub tells the lock service when sessions end; the lock service publishes through the
     // hub. The observer is made first and pointed at the locks once they exist.
@@ -151,6 +162,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         hub_config,
         auth.clone(),
         registry,
+        fanout,
         broker,
         Some(sessions.clone()),
     );
@@ -455,11 +467,23 @@ impl EventPublisher for HubPublisher {
         topic: &'a Topic,
         event_type: &'a EventType,
         data: &'a RawValue,
-    ) -> BoxFuture<'a, Result<String, PublishFailure>> {
+        options: EventOptions,
+    ) -> BoxFuture<'a, Result<PublishedEvent, PublishFailure>> {
+        let options = PublishOptions {
+            idempotency_key: options.idempotency_key,
+            key: options.key,
+            version: options.version,
+        };
         Box::pin(async move {
             self.0
-                .publish(topic, event_type, data)
+                .publish(topic, event_type, data, options)
                 .await
+                .map(|p| PublishedEvent {
+                    id: p.id.to_string(),
+                    position: p.position,
+                    duplicate: p.duplicate,
+                    superseded: p.superseded,
+                })
                 .map_err(|err| match err {
                     PublishError::Broker(e) => PublishFailure::Unavailable(e.to_string()),
                     PublishError::ShuttingDown => PublishFailure::ShuttingDown,
@@ -467,6 +491,30 @@ impl EventPublisher for HubPublisher {
                         PublishFailure::TooLarge { size, limit }
                     }
                 })
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        topic: &'a Topic,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<EventPage, PublishFailure>> {
+        Box::pin(async move {
+            let history = self
+                .0
+                .history(topic, after, limit)
+                .await
+                .map_err(|e| PublishFailure::Unavailable(e.to_string()))?;
+            Ok(EventPage {
+                top: history.top,
+                first: history.first,
+                events: history
+                    .events
+                    .into_iter()
+                    .map(|e| (e.offset, e.message.body().to_owned()))
+                    .collect(),
+            })
         })
     }
 }

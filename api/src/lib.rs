@@ -8,6 +8,7 @@
 //! - [`error`]: [`ApiError`], the one error type, and its JSON form.
 //! - `extract`: [`extract::ApiJson`] and [`extract::Caller`] (bearer-token authentication).
 //! - `publish`: `POST /api/v1/publish` and `/publish/batch`.
+//! - `topics`: a topic's position and history (`/api/v1/topics/{topic}/…`).
 //! - [`locks`]: per-item edit locks: the endpoints, [`locks::store::LockStore`] (sqlx,
 //!   PostgreSQL or SQLite) and the event outbox.
 //! - [`presign`]: presigned object URLs ([`presign::Storage`], aws-sdk-s3) and upload commits.
@@ -24,6 +25,7 @@ mod openapi;
 pub mod presign;
 mod publish;
 mod ratelimit;
+mod topics;
 
 pub use error::ApiError;
 
@@ -34,7 +36,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Method};
-use protocol::{Authenticator, EventType, Topic};
+use protocol::{Authenticator, EventType, Position, Topic};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,15 +46,60 @@ use tower_http::request_id::{
 };
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
-/// Publishes events for the API. The binary implements it over the hub.
+/// Publishes events and reads topics' history for the API. The binary implements it over the
+/// hub.
 pub trait EventPublisher: Send + Sync + std::fmt::Debug + 'static {
-    /// Publishes one event and returns its id.
+    /// Publishes one event; answers its id and position.
     fn publish<'a>(
         &'a self,
         topic: &'a Topic,
         event_type: &'a EventType,
         data: &'a RawValue,
-    ) -> BoxFuture<'a, Result<String, PublishFailure>>;
+        options: EventOptions,
+    ) -> BoxFuture<'a, Result<PublishedEvent, PublishFailure>>;
+
+    /// Up to `limit` events of `topic` after offset `after`, with its latest position.
+    fn history<'a>(
+        &'a self,
+        topic: &'a Topic,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<EventPage, PublishFailure>>;
+}
+
+/// What a publish asks for besides the event.
+#[derive(Debug, Clone, Default)]
+pub struct EventOptions {
+    /// Already scoped to its caller: a key seen before (within the history age) answers the
+    /// first publish and publishes nothing.
+    pub idempotency_key: Option<String>,
+    /// The event's key in its topic, and its version: an event older than the newest version
+    /// already published for its key is not published (lock events: `lock:{item}`, their
+    /// outbox id).
+    pub key: Option<String>,
+    pub version: Option<u64>,
+}
+
+/// A published event's id and position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedEvent {
+    pub id: String,
+    pub position: Position,
+    /// A repeated idempotent publish: nothing was published this time.
+    pub duplicate: bool,
+    /// A newer version of its key was already published: this one was not.
+    pub superseded: bool,
+}
+
+/// Part of a topic's history.
+#[derive(Debug, Clone)]
+pub struct EventPage {
+    /// The topic's latest position.
+    pub top: Position,
+    /// The oldest offset history still holds (`top.offset + 1` when none).
+    pub first: u64,
+    /// (offset, envelope JSON), oldest first.
+    pub events: Vec<(u64, String)>,
 }
 
 /// Why an event could not be published.
@@ -102,6 +149,8 @@ pub struct ApiConfig {
     /// Largest event `data` (JSON bytes); the hub's bound, checked here too so that a batch
     /// is refused whole before any of it is published.
     pub max_event_bytes: usize,
+    /// Most events one history request returns (the hub's replay maximum).
+    pub max_replay: usize,
     /// Events per second per token (0: unlimited), and the burst above it. Every endpoint
     /// that publishes draws on it: publish, locks (their events) and commit.
     pub publish_rate: u32,
@@ -119,6 +168,7 @@ impl Default for ApiConfig {
             max_body_bytes: 1024 * 1024,
             max_batch: 100,
             max_event_bytes: 60 * 1024,
+            max_replay: 1000,
             publish_rate: 1000,
             publish_burst: 2000,
             max_claimed_rate: 10_000,
@@ -215,6 +265,8 @@ pub fn app(state: ApiState) -> Router {
             "/teams/{team}/locks/batch",
             post(locks::acquire_batch).delete(locks::release_batch),
         )
+        .route("/topics/{topic}/position", get(topics::position))
+        .route("/topics/{topic}/events", get(topics::events))
         .route("/openapi.json", get(openapi::document))
         .fallback(not_found);
     let timeout = config.request_timeout;

@@ -29,6 +29,8 @@ use utoipa::{Modify, OpenApi};
         crate::presign::presign,
         crate::presign::presign_batch,
         crate::presign::commit,
+        crate::topics::position,
+        crate::topics::events,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&BearerAuth)
@@ -54,6 +56,9 @@ impl Modify for BearerAuth {
 
 /// User, team and item ids (`protocol::topic::is_valid_id`).
 const ID_PATTERN: &str = r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$";
+
+/// Topics (`protocol::Topic::parse`).
+const TOPIC_PATTERN: &str = r"^/(?:global|(?:user|team)/(?!\.\.?$)[A-Za-z0-9_.:-]{1,128})$";
 
 /// Object names within an item (`presign::valid_name`): `/`-separated segments, none `.` or
 /// `..`. (utoipa's `pattern` takes only literals, so the shared patterns live here, once.)
@@ -122,6 +127,15 @@ fn add_shared(doc: &mut Value) {
             }),
         );
         schemas.insert(
+            "Topic".to_owned(),
+            json!({
+                "type": "string",
+                "pattern": TOPIC_PATTERN,
+                "description": "A topic; in a path, the whole topic percent-encoded as one segment (%2Fteam%2Ft1).",
+                "example": "/team/t1",
+            }),
+        );
+        schemas.insert(
             "ObjectName".to_owned(),
             json!({
                 "type": "string",
@@ -173,11 +187,12 @@ fn add_path_parameters(path: &str, operation: &mut Value) {
         .split('/')
         .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
         .map(|name| {
+            let schema = if name == "topic" { "Topic" } else { "Id" };
             json!({
                 "name": name,
                 "in": "path",
                 "required": true,
-                "schema": {"$ref": "#/components/schemas/Id"},
+                "schema": {"$ref": format!("#/components/schemas/{schema}")},
             })
         })
         .collect();

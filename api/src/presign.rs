@@ -782,10 +782,10 @@ pub(crate) async fn commit(
         EventType::parse("item.updated").map_err(|e| ApiError::Internal(e.to_string()))?;
     let raw = serde_json::value::RawValue::from_string(data.to_string())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let id = state
+    let published = state
         .inner
         .publisher
-        .publish(&topic, &event_type, &raw)
+        .publish(&topic, &event_type, &raw, crate::EventOptions::default())
         .await
         .map_err(|f| {
             ApiError::unavailable(
@@ -795,7 +795,7 @@ pub(crate) async fn commit(
         })?;
     crate::metrics::upload_committed();
     Ok(Json(Committed {
-        id,
+        id: published.id,
         item,
         name: request.name,
         size,

@@ -1,8 +1,13 @@
 //! `POST /api/v1/publish` and `POST /api/v1/publish/batch`.
+//!
+//! Every answer carries each event's position (`offset`, `epoch`), the same the subscribers see
+//! in `x-stream-offset`/`x-stream-epoch`. An `idempotency_key` makes a retried publish answer
+//! the first one's id and position and publish nothing (within the history age); keys are the
+//! caller's own, so one caller cannot take another's.
 
 use crate::error::ApiError;
 use crate::extract::{ApiJson, Caller};
-use crate::{ApiState, PublishFailure};
+use crate::{ApiState, EventOptions, PublishFailure, PublishedEvent};
 use axum::Json;
 use axum::extract::State;
 use http::StatusCode;
@@ -33,12 +38,34 @@ pub(crate) struct PublishRequest {
     /// Any JSON; delivered byte for byte.
     #[schema(value_type = Value)]
     data: Box<RawValue>,
+    /// Publish at most once per key: a retry with the same key answers the first publish.
+    #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,128}$")]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Published {
     /// The event id, also the STOMP `message-id`.
     id: String,
+    /// The event's offset in its topic, contiguous from 1 (`x-stream-offset`).
+    offset: u64,
+    /// The topic's epoch (`x-stream-epoch`).
+    epoch: String,
+    /// Present (true) when an idempotency key was seen before: this is the first publish's
+    /// answer and nothing was published now.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
+impl From<PublishedEvent> for Published {
+    fn from(p: PublishedEvent) -> Published {
+        Published {
+            id: p.id,
+            offset: p.position.offset,
+            epoch: p.position.epoch.to_string(),
+            duplicate: p.duplicate,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -52,6 +79,8 @@ pub(crate) struct BatchRequest {
 pub(crate) struct BatchPublished {
     /// Event ids, in request order.
     ids: Vec<String>,
+    /// Each event's id and position, in request order.
+    events: Vec<Published>,
 }
 
 /// Publishes one event.
@@ -65,13 +94,21 @@ pub(crate) async fn publish(
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     let (topic, event_type) = validate(&state, &caller, &request).map_err(|e| e.at(None))?;
     state.inner.limiter.check(&caller, 1)?;
-    let id = state
+    let published = state
         .inner
         .publisher
-        .publish(&topic, &event_type, &request.data)
+        .publish(
+            &topic,
+            &event_type,
+            &request.data,
+            EventOptions {
+                idempotency_key: scoped_key(&caller, request.idempotency_key.as_deref()),
+                ..EventOptions::default()
+            },
+        )
         .await
         .map_err(|f| unavailable(&f, &[]))?;
-    Ok((StatusCode::ACCEPTED, Json(Published { id })))
+    Ok((StatusCode::ACCEPTED, Json(published.into())))
 }
 
 /// Publishes several events, in order. All are validated before any is sent.
@@ -108,16 +145,26 @@ pub(crate) async fn publish_batch(
         .limiter
         .check(&caller, request.events.len() as u32)?;
     let mut ids = Vec::with_capacity(validated.len());
+    let mut events = Vec::with_capacity(validated.len());
     for ((topic, event_type), event) in validated.iter().zip(&request.events) {
-        let id = state
+        let published = state
             .inner
             .publisher
-            .publish(topic, event_type, &event.data)
+            .publish(
+                topic,
+                event_type,
+                &event.data,
+                EventOptions {
+                    idempotency_key: scoped_key(&caller, event.idempotency_key.as_deref()),
+                    ..EventOptions::default()
+                },
+            )
             .await
             .map_err(|f| unavailable(&f, &ids))?;
-        ids.push(id);
+        ids.push(published.id.clone());
+        events.push(Published::from(published));
     }
-    Ok((StatusCode::ACCEPTED, Json(BatchPublished { ids })))
+    Ok((StatusCode::ACCEPTED, Json(BatchPublished { ids, events })))
 }
 
 /// A refusal of one event, before it is placed in a batch.
@@ -163,12 +210,25 @@ fn validate(
     }
     let topic = Topic::parse(&request.topic)
         .map_err(|e| Refusal::Invalid("invalid_topic", e.to_string()))?;
+    if let Some(key) = &request.idempotency_key
+        && !protocol::topic::is_valid_id(key)
+    {
+        return Err(Refusal::Invalid(
+            "invalid_idempotency_key",
+            "idempotency_key must match [A-Za-z0-9_.:-]{1,128}".to_owned(),
+        ));
+    }
     let event_type = EventType::parse(&request.event_type)
         .map_err(|e| Refusal::Invalid("invalid_event_type", e.to_string()))?;
     caller
         .can_publish(&topic)
         .map_err(|e| Refusal::Forbidden(e.to_string()))?;
     Ok((topic, event_type))
+}
+
+/// An idempotency key in the caller's own key space (`/` never occurs in an id).
+fn scoped_key(caller: &Principal, key: Option<&str>) -> Option<String> {
+    key.map(|key| format!("{}/{key}", caller.sub))
 }
 
 fn unavailable(failure: &PublishFailure, published: &[String]) -> ApiError {

@@ -28,7 +28,8 @@ mod recording {
             topic: &'a Topic,
             event_type: &'a EventType,
             data: &'a RawValue,
-        ) -> BoxFuture<'a, Result<String, PublishFailure>> {
+            _options: EventOptions,
+        ) -> BoxFuture<'a, Result<PublishedEvent, PublishFailure>> {
             let mut events = self.events.lock().unwrap();
             let result = if self.fail_after.is_some_and(|n| events.len() >= n) {
                 Err(PublishFailure::Unavailable("redis down".into()))
@@ -38,9 +39,28 @@ mod recording {
                     event_type.to_string(),
                     data.get().to_owned(),
                 ));
-                Ok(format!("id-{}", events.len()))
+                Ok(PublishedEvent {
+                    id: format!("id-{}", events.len()),
+                    position: Position::new(events.len() as u64, "E"),
+                    duplicate: false,
+                    superseded: false,
+                })
             };
             Box::pin(std::future::ready(result))
+        }
+
+        fn history<'a>(
+            &'a self,
+            _topic: &'a Topic,
+            _after: u64,
+            _limit: usize,
+        ) -> BoxFuture<'a, Result<EventPage, PublishFailure>> {
+            let top = Position::new(self.events.lock().unwrap().len() as u64, "E");
+            Box::pin(std::future::ready(Ok(EventPage {
+                first: top.offset + 1,
+                top,
+                events: Vec::new(),
+            })))
         }
     }
 }

@@ -1,13 +1,24 @@
-//! The cluster broker: how an event published on one node reaches every node with subscribers.
+//! The cluster broker: how an event published on one node reaches every node with subscribers,
+//! in one order, with the offset it has in its topic's history.
 //!
-//! [`Broker`] is deliberately narrow (publish, subscribe, unsubscribe, readiness) so that a
-//! history store can sit beside it later. A broker hands inbound events to the node's
-//! [`Registry`]; it knows nothing about sessions.
+//! [`Broker`] is where appending to history and publishing meet: `publish` assigns the event
+//! its offset, keeps it in the topic's history and hands it to every subscribed node as one
+//! step per topic, and answers the event's [`Position`]. Brokers deliver inbound events through
+//! a narrow callback, [`Delivery`], with the position and the shared `MESSAGE` tail (already
+//! carrying its position headers); they know nothing about sessions or the registry.
+//!
+//! [`MemoryBroker`] is the single-node broker: history is an in-memory ring per topic, bounded
+//! in count, age and bytes, and the epoch is made anew at every process start.
 
-use crate::registry::Registry;
+use crate::config::HistoryConfig;
+use dashmap::DashMap;
 use futures_util::future::BoxFuture;
-use protocol::MessageTemplate;
+use parking_lot::Mutex;
+use protocol::stream::{self, Position};
+use protocol::{MessageTemplate, TopicKind};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -21,10 +32,87 @@ pub enum BrokerError {
     Overloaded,
 }
 
-/// Moves events between nodes.
+/// One event of a topic's stream: its position and its `MESSAGE` tail, which starts with the
+/// position headers. What brokers deliver and what history keeps.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    pub message: MessageTemplate,
+}
+
+impl StreamEvent {
+    /// Reads an event from a positioned tail (as a broker carries it).
+    pub fn from_tail(tail: &str) -> Option<StreamEvent> {
+        let (offset, epoch) = stream::position_of(tail)?;
+        Some(StreamEvent {
+            offset,
+            epoch: epoch.into(),
+            message: MessageTemplate::from_tail(tail.into()),
+        })
+    }
+
+    pub fn position(&self) -> Position {
+        Position {
+            offset: self.offset,
+            epoch: self.epoch.clone(),
+        }
+    }
+}
+
+/// What a publish asks for besides the event itself.
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// Publish at most once per key (scoped by the caller, within the history age): a retry
+    /// answers the first publish's position and id.
+    pub idempotency_key: Option<String>,
+    /// The event's key within its topic (`lock:{item}`, `job:{id}`).
+    pub key: Option<String>,
+    /// With `key`: the event's version. The topic takes it only if it is newer than every
+    /// version of that key it took before; an older one is *superseded* and not published.
+    /// (Lock events carry their outbox row's id, which grows with every change of an item, so
+    /// an event published late, by a slow node or a sweeper, cannot overtake a newer one.)
+    pub version: Option<u64>,
+}
+
+/// A publish's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub position: Position,
+    /// The event id: this publish's, or the first one's when it was a repeated idempotent
+    /// publish (then nothing was published again).
+    pub id: Arc<str>,
+    pub duplicate: bool,
+    /// A newer version of its key was already published: this event was not (and `position`
+    /// is the topic's top when it was refused).
+    pub superseded: bool,
+}
+
+/// Part of a topic's history.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// The topic's latest position (offset 0 when nothing was published in this epoch).
+    pub top: Position,
+    /// The oldest offset history still holds (`top.offset + 1` when it holds none).
+    pub first: u64,
+    /// Events after the asked offset, oldest first, at most the asked number.
+    pub events: Vec<StreamEvent>,
+}
+
+/// Receives the events a broker delivers to this node, in offset order per topic as the broker
+/// saw them (gaps are the receiver's business).
+pub trait Delivery: Send + Sync + std::fmt::Debug + 'static {
+    fn deliver(&self, topic: &str, event: StreamEvent);
+
+    /// The broker knows it dropped inbound events (it fell behind its connection): every
+    /// topic's position must be checked, since the lost event may be a topic's last.
+    fn lost(&self) {}
+}
+
+/// Moves events between nodes, and keeps each topic's recent history.
 pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
-    /// Publishes an encoded event on `topic` to every node, this one included; the future
-    /// resolves when the broker confirmed it.
+    /// Publishes an encoded event (without position headers) on `topic` to every node, this
+    /// one included; the future resolves to its position when the broker confirmed it.
     ///
     /// The event takes its place in the order when `publish` is *called*, not when the future is
     /// first polled: events one caller publishes on one topic arrive everywhere in call order,
@@ -33,13 +121,24 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
         &self,
         topic: &str,
         message: &MessageTemplate,
-    ) -> BoxFuture<'static, Result<(), BrokerError>>;
+        options: PublishOptions,
+    ) -> BoxFuture<'static, Result<Published, BrokerError>>;
 
     /// Starts delivering `topics` to this node. Returns once the broker confirmed.
     fn subscribe<'a>(&'a self, topics: &'a [String]) -> BoxFuture<'a, Result<(), BrokerError>>;
 
     /// Stops delivering `topics` to this node.
     fn unsubscribe<'a>(&'a self, topics: &'a [String]) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Up to `limit` events of `topic` after `after`, with the topic's latest position. A
+    /// topic never published to gets an epoch here, so its first subscriber and its first
+    /// event agree on it.
+    fn history<'a>(
+        &'a self,
+        topic: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<History, BrokerError>>;
 
     /// Whether the broker is reachable and its subscriptions are live.
     fn is_ready(&self) -> bool;
@@ -52,15 +151,141 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-/// The single-node broker: publishing delivers straight into the local registry.
+/// A new epoch: a ULID, so epochs made later sort later (a help when reading logs) and need no
+/// escaping anywhere.
+pub fn new_epoch() -> Arc<str> {
+    ulid::Ulid::new().to_string().into()
+}
+
+/// Events kept per topic, by the kind of topic.
+pub(crate) fn retained(config: &HistoryConfig, topic: &str) -> usize {
+    match protocol::Topic::parse(topic).map(|t| t.kind()) {
+        Ok(TopicKind::User) => config.user_events,
+        Ok(TopicKind::Team) => config.team_events,
+        Ok(TopicKind::Global) | Err(_) => config.global_events,
+    }
+}
+
+/// The single-node broker: publishing appends to the topic's in-memory history and delivers
+/// straight to this node.
 #[derive(Debug)]
 pub struct MemoryBroker {
-    registry: Arc<Registry>,
+    delivery: Arc<dyn Delivery>,
+    config: HistoryConfig,
+    /// Made at start: a restarted node has lost its history, and says so with a new epoch.
+    epoch: Arc<str>,
+    topics: DashMap<String, Arc<Mutex<TopicStream>>>,
+    /// Every retained event in publish order (topic, offset, bytes), so the oldest can be
+    /// dropped first, whatever its topic, when the bytes exceed `config.memory_bytes`. A
+    /// `parking_lot` mutex held for a push or a few pops, never across an `.await`.
+    retained: Mutex<Retained>,
+}
+
+#[derive(Debug, Default)]
+struct Retained {
+    order: VecDeque<(Arc<str>, u64, usize)>,
+    bytes: usize,
+}
+
+/// One topic: its top offset, its recent events, and recent idempotency keys.
+#[derive(Debug, Default)]
+struct TopicStream {
+    top: u64,
+    events: VecDeque<Kept>,
+    /// Idempotency key → the first publish's outcome, and when it was made.
+    idempotent: HashMap<String, (Published, Instant)>,
+    /// Key → the newest version published, and when.
+    versions: HashMap<String, (u64, Instant)>,
+    /// When the topic was last published to or read.
+    used: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    event: StreamEvent,
+    at: Instant,
 }
 
 impl MemoryBroker {
-    pub fn new(registry: Arc<Registry>) -> MemoryBroker {
-        MemoryBroker { registry }
+    pub fn new(delivery: Arc<dyn Delivery>, config: HistoryConfig) -> MemoryBroker {
+        MemoryBroker {
+            delivery,
+            config,
+            epoch: new_epoch(),
+            topics: DashMap::new(),
+            retained: Mutex::new(Retained::default()),
+        }
+    }
+
+    fn topic(&self, topic: &str) -> Arc<Mutex<TopicStream>> {
+        if let Some(stream) = self.topics.get(topic) {
+            return stream.clone();
+        }
+        self.topics.entry(topic.to_owned()).or_default().clone()
+    }
+
+    /// Drops events past the topic's count and age, and idempotency keys past the age.
+    fn trim(&self, topic: &str, stream: &mut TopicStream, now: Instant) {
+        let keep = retained(&self.config, topic);
+        while stream.events.len() > keep
+            || stream
+                .events
+                .front()
+                .is_some_and(|k| now.duration_since(k.at) > self.config.max_age)
+        {
+            stream.events.pop_front();
+        }
+        let age = self.config.max_age;
+        stream
+            .idempotent
+            .retain(|_, (_, at)| now.duration_since(*at) <= age);
+        // Versions matter only while a late event can still arrive: long after its key's
+        // last change, none will.
+        if stream.versions.len() > MAX_VERSIONS {
+            let ttl = self.config.meta_ttl;
+            stream
+                .versions
+                .retain(|_, (_, at)| now.duration_since(*at) <= ttl.min(age));
+        }
+    }
+
+    /// Keeps the bytes of all topics' history under `memory_bytes`, dropping the oldest events
+    /// first. Entries of events that a topic already trimmed count until they reach the front.
+    fn bound_memory(&self, topic: &Arc<str>, offset: u64, bytes: usize) {
+        let mut evict = Vec::new();
+        {
+            let mut retained = self.retained.lock();
+            retained.order.push_back((topic.clone(), offset, bytes));
+            retained.bytes += bytes;
+            while retained.bytes > self.config.memory_bytes {
+                let Some((t, o, b)) = retained.order.pop_front() else {
+                    break;
+                };
+                retained.bytes -= b;
+                evict.push((t, o));
+            }
+        }
+        for (t, o) in evict {
+            if let Some(stream) = self.topics.get(&*t) {
+                let mut stream = stream.lock();
+                while stream.events.front().is_some_and(|k| k.event.offset <= o) {
+                    stream.events.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Forgets topics idle for longer than `meta_ttl` (their offsets go with them; a later
+    /// publish starts the topic again at 1 in this epoch, which a subscriber resuming an old
+    /// offset sees as a position beyond the top or a gap: not recovered).
+    fn forget_idle(&self, now: Instant) {
+        let ttl = self.config.meta_ttl;
+        self.topics.retain(|_, stream| {
+            stream
+                .lock()
+                .used
+                .is_none_or(|used| now.duration_since(used) <= ttl)
+        });
     }
 }
 
@@ -69,9 +294,67 @@ impl Broker for MemoryBroker {
         &self,
         topic: &str,
         message: &MessageTemplate,
-    ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        self.registry.deliver(topic, message);
-        Box::pin(std::future::ready(Ok(())))
+        options: PublishOptions,
+    ) -> BoxFuture<'static, Result<Published, BrokerError>> {
+        let now = Instant::now();
+        let handle = self.topic(topic);
+        let mut stream = handle.lock();
+        stream.used = Some(now);
+        if let Some(key) = &options.idempotency_key
+            && let Some((first, at)) = stream.idempotent.get(key)
+            && now.duration_since(*at) <= self.config.max_age
+        {
+            let mut first = first.clone();
+            first.duplicate = true;
+            return Box::pin(std::future::ready(Ok(first)));
+        }
+        if let (Some(key), Some(version)) = (&options.key, options.version) {
+            if stream.versions.get(key).is_some_and(|(v, _)| *v >= version) {
+                let superseded = Published {
+                    position: Position {
+                        offset: stream.top,
+                        epoch: self.epoch.clone(),
+                    },
+                    id: message_id(message).into(),
+                    duplicate: false,
+                    superseded: true,
+                };
+                return Box::pin(std::future::ready(Ok(superseded)));
+            }
+            stream.versions.insert(key.clone(), (version, now));
+        }
+        stream.top += 1;
+        let offset = stream.top;
+        let event = StreamEvent {
+            offset,
+            epoch: self.epoch.clone(),
+            message: stream::positioned(message, offset, &self.epoch),
+        };
+        let published = Published {
+            position: event.position(),
+            id: message_id(message).into(),
+            duplicate: false,
+            superseded: false,
+        };
+        if let Some(key) = options.idempotency_key {
+            stream.idempotent.insert(key, (published.clone(), now));
+        }
+        // Delivered under the topic's lock: events of one topic reach the node in offset order.
+        self.delivery.deliver(topic, event.clone());
+        let bytes = event.message.tail().len();
+        if self.config.enabled {
+            stream.events.push_back(Kept { event, at: now });
+        }
+        self.trim(topic, &mut stream, now);
+        drop(stream);
+        if self.config.enabled {
+            self.bound_memory(&Arc::from(topic), offset, bytes);
+        }
+        // Cheap enough to do now and then on the publishing path: one in a thousand offsets.
+        if offset.is_multiple_of(1000) {
+            self.forget_idle(now);
+        }
+        Box::pin(std::future::ready(Ok(published)))
     }
 
     fn subscribe<'a>(&'a self, _topics: &'a [String]) -> BoxFuture<'a, Result<(), BrokerError>> {
@@ -82,7 +365,208 @@ impl Broker for MemoryBroker {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    fn history<'a>(
+        &'a self,
+        topic: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        let now = Instant::now();
+        let handle = self.topic(topic);
+        let mut stream = handle.lock();
+        stream.used = Some(now);
+        self.trim(topic, &mut stream, now);
+        let first = stream
+            .events
+            .front()
+            .map_or(stream.top + 1, |k| k.event.offset);
+        let events = stream
+            .events
+            .iter()
+            .filter(|k| k.event.offset > after)
+            .take(limit)
+            .map(|k| k.event.clone())
+            .collect();
+        let history = History {
+            top: Position {
+                offset: stream.top,
+                epoch: self.epoch.clone(),
+            },
+            first,
+            events,
+        };
+        Box::pin(std::future::ready(Ok(history)))
+    }
+
     fn is_ready(&self) -> bool {
         true
+    }
+}
+
+/// The `message-id` of a tail (the event id).
+pub(crate) fn message_id(message: &MessageTemplate) -> &str {
+    message
+        .tail()
+        .split('\n')
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.strip_prefix("message-id:"))
+        .unwrap_or("")
+}
+
+/// Versions remembered per topic before old ones are pruned.
+const MAX_VERSIONS: usize = 10_000;
+
+/// How long a history read may wait for the broker before the read fails.
+pub(crate) const HISTORY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<(String, u64)>>);
+
+    impl Delivery for Recorder {
+        fn deliver(&self, topic: &str, event: StreamEvent) {
+            self.0.lock().push((topic.to_owned(), event.offset));
+        }
+    }
+
+    fn message(id: &str) -> MessageTemplate {
+        MessageTemplate::new("/team/t1", id, "job.progress", "{}")
+    }
+
+    fn publish(broker: &MemoryBroker, topic: &str, id: &str, key: Option<&str>) -> Published {
+        let options = PublishOptions {
+            idempotency_key: key.map(str::to_owned),
+            ..PublishOptions::default()
+        };
+        futures_util::FutureExt::now_or_never(broker.publish(topic, &message(id), options))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn history(broker: &MemoryBroker, topic: &str, after: u64, limit: usize) -> History {
+        futures_util::FutureExt::now_or_never(broker.history(topic, after, limit))
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn offsets_are_contiguous_per_topic_and_delivered_in_order() {
+        let recorder = Arc::new(Recorder::default());
+        let broker = MemoryBroker::new(recorder.clone(), HistoryConfig::default());
+        for i in 0..3 {
+            let p = publish(&broker, "/team/t1", &format!("a{i}"), None);
+            assert_eq!(p.position.offset, i + 1);
+            assert_eq!(&*p.id, format!("a{i}"));
+        }
+        assert_eq!(publish(&broker, "/team/t2", "b", None).position.offset, 1);
+        assert_eq!(
+            *recorder.0.lock(),
+            vec![
+                ("/team/t1".to_owned(), 1),
+                ("/team/t1".to_owned(), 2),
+                ("/team/t1".to_owned(), 3),
+                ("/team/t2".to_owned(), 1)
+            ]
+        );
+        let h = history(&broker, "/team/t1", 1, 10);
+        assert_eq!((h.top.offset, h.first), (3, 1));
+        assert_eq!(
+            h.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert_eq!(
+            stream::position_of(h.events[0].message.tail()),
+            Some((2, &*broker.epoch))
+        );
+        // A topic nobody published to has the same epoch and offset 0.
+        let quiet = history(&broker, "/user/nobody", 0, 10);
+        assert_eq!(
+            (quiet.top.offset, quiet.first, quiet.events.len()),
+            (0, 1, 0)
+        );
+        assert_eq!(quiet.top.epoch, broker.epoch);
+    }
+
+    #[test]
+    fn history_is_bounded_by_count_and_bytes() {
+        let config = HistoryConfig {
+            user_events: 2,
+            ..HistoryConfig::default()
+        };
+        let broker = MemoryBroker::new(Arc::new(Recorder::default()), config);
+        for i in 0..5 {
+            publish(&broker, "/user/ana", &format!("u{i}"), None);
+        }
+        let h = history(&broker, "/user/ana", 0, 10);
+        assert_eq!((h.top.offset, h.first, h.events.len()), (5, 4, 2));
+
+        let one_event = message("x").tail().len() + 64;
+        let config = HistoryConfig {
+            memory_bytes: one_event * 3,
+            ..HistoryConfig::default()
+        };
+        let broker = MemoryBroker::new(Arc::new(Recorder::default()), config);
+        for i in 0..4 {
+            publish(&broker, "/team/a", &format!("a{i}"), None);
+            publish(&broker, "/team/b", &format!("b{i}"), None);
+        }
+        let kept = history(&broker, "/team/a", 0, 10).events.len()
+            + history(&broker, "/team/b", 0, 10).events.len();
+        assert!(kept <= 3, "{kept} events kept over the byte bound");
+        // The newest survive.
+        assert_eq!(
+            history(&broker, "/team/b", 0, 10)
+                .events
+                .last()
+                .unwrap()
+                .offset,
+            4
+        );
+    }
+
+    #[test]
+    fn an_older_version_of_a_key_is_superseded() {
+        let recorder = Arc::new(Recorder::default());
+        let broker = MemoryBroker::new(recorder.clone(), HistoryConfig::default());
+        let versioned = |id: &str, key: &str, version: u64| {
+            let options = PublishOptions {
+                key: Some(key.to_owned()),
+                version: Some(version),
+                ..PublishOptions::default()
+            };
+            futures_util::FutureExt::now_or_never(broker.publish("/team/t1", &message(id), options))
+                .unwrap()
+                .unwrap()
+        };
+        assert!(!versioned("a", "lock:1", 5).superseded);
+        // The release of token 4 arrives after the grant of token 5: not published.
+        assert!(versioned("b", "lock:1", 4).superseded);
+        assert!(versioned("c", "lock:1", 5).superseded);
+        assert!(!versioned("d", "lock:2", 1).superseded);
+        assert!(!versioned("e", "lock:1", 6).superseded);
+        assert_eq!(recorder.0.lock().len(), 3);
+    }
+
+    #[test]
+    fn an_idempotent_retry_publishes_nothing() {
+        let recorder = Arc::new(Recorder::default());
+        let broker = MemoryBroker::new(recorder.clone(), HistoryConfig::default());
+        let first = publish(&broker, "/team/t1", "first", Some("k1"));
+        let again = publish(&broker, "/team/t1", "second", Some("k1"));
+        assert_eq!(
+            (again.position.clone(), again.id.clone()),
+            (first.position.clone(), first.id.clone())
+        );
+        assert!(again.duplicate && !first.duplicate);
+        assert_eq!(recorder.0.lock().len(), 1);
+        assert_eq!(
+            publish(&broker, "/team/t1", "third", Some("k2"))
+                .position
+                .offset,
+            2
+        );
     }
 }

@@ -16,6 +16,42 @@ pub enum OriginPolicy {
     Any,
 }
 
+/// What each topic's history keeps (DESIGN §12), for the in-process and the Redis broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Keep history at all. Without it, offsets are still assigned (in memory) but nothing can
+    /// be replayed: every resume answers `x-recovered:false`.
+    pub enabled: bool,
+    /// Events kept per team topic, per user topic, and for `/global`.
+    pub team_events: usize,
+    pub user_events: usize,
+    pub global_events: usize,
+    /// Events older than this are dropped; idempotency keys are remembered this long.
+    pub max_age: Duration,
+    /// How long a topic's epoch and offset counter outlive its last event, so a quiet topic
+    /// still answers "nothing missed".
+    pub meta_ttl: Duration,
+    /// Most events one resume replays; a client further behind gets `x-recovered:false`.
+    pub max_replay: usize,
+    /// Bytes of history the in-process broker keeps over all topics (oldest dropped first).
+    pub memory_bytes: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> HistoryConfig {
+        HistoryConfig {
+            enabled: true,
+            team_events: 1000,
+            user_events: 100,
+            global_events: 1000,
+            max_age: Duration::from_secs(600),
+            meta_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_replay: 1000,
+            memory_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     /// STOMP frame bounds.
@@ -67,6 +103,8 @@ pub struct HubConfig {
     /// Signs session ids, so the lock API can check one was issued to its caller. Every node
     /// of a cluster must use the same key.
     pub session_key: SessionKey,
+    /// What history keeps, and how far a resume may reach back.
+    pub history: HistoryConfig,
 }
 
 impl Default for HubConfig {
@@ -95,6 +133,7 @@ impl Default for HubConfig {
             read_buffer_bytes: 4096,
             node_id: ulid::Ulid::new().to_string(),
             session_key: SessionKey::new(&rand::random::<[u8; 32]>()),
+            history: HistoryConfig::default(),
         }
     }
 }

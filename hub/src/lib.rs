@@ -16,7 +16,9 @@
 //!   confused with the lock service's event outbox in `api`).
 //! - [`registry`]: topic → local subscribers, and encode-once fan-out.
 //! - `subscriptions`: keeps broker subscriptions in step with the registry.
-//! - [`broker`]: the [`Broker`] trait and [`MemoryBroker`].
+//! - [`broker`]: the [`Broker`] trait (publish with a position, history) and [`MemoryBroker`].
+//! - [`fanout`]: [`Fanout`], the brokers' [`broker::Delivery`]: each topic in offset order to the
+//!   registry, gaps filled from history once per topic, `lockstep.reset` when they cannot be.
 //! - [`redis`]: [`redis::RedisBroker`], the cluster broker on Redis (fred).
 //! - [`config`]: [`HubConfig`], every bound of a session.
 //! - [`metrics`]: the hub's Prometheus metric names and the handles hot paths keep.
@@ -24,6 +26,7 @@
 pub mod broker;
 pub mod config;
 mod connections;
+pub mod fanout;
 pub mod metrics;
 pub mod redis;
 pub mod registry;
@@ -32,8 +35,9 @@ mod session;
 mod subscriptions;
 mod upgrade;
 
-pub use broker::{Broker, BrokerError, MemoryBroker};
-pub use config::{HubConfig, OriginPolicy};
+pub use broker::{Broker, BrokerError, History, MemoryBroker, PublishOptions, Published};
+pub use config::{HistoryConfig, HubConfig, OriginPolicy};
+pub use fanout::Fanout;
 pub use registry::Registry;
 
 use axum::Router;
@@ -43,7 +47,7 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use protocol::rate::KeyedBuckets;
 use protocol::server::MessageTemplate;
-use protocol::{Authenticator, Disconnect, EventType, Topic, envelope};
+use protocol::{Authenticator, Disconnect, EventType, Position, Topic, envelope};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,20 +117,25 @@ pub enum PublishError {
 
 impl Hub {
     /// Creates the hub and starts its subscription manager. Must run inside a Tokio runtime.
+    ///
+    /// `fanout` must be the `broker`'s [`broker::Delivery`], over the same `registry`.
     pub fn new(
         config: HubConfig,
         auth: Arc<Authenticator>,
         registry: Arc<Registry>,
+        fanout: Arc<Fanout>,
         broker: Arc<dyn Broker>,
         observer: Option<Arc<dyn SessionObserver>>,
     ) -> Hub {
         let shutdown = CancellationToken::new();
+        fanout.set_broker(&broker);
         let subscriptions = Arc::new(Subscriptions::new(broker.connection_epoch()));
-        tokio::spawn(
-            subscriptions
-                .clone()
-                .run(registry.clone(), broker.clone(), shutdown.clone()),
-        );
+        tokio::spawn(subscriptions.clone().run(
+            registry.clone(),
+            broker.clone(),
+            fanout,
+            shutdown.clone(),
+        ));
         Hub {
             inner: Arc::new(Inner {
                 slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -150,14 +159,18 @@ impl Hub {
     }
 
     /// Publishes an event: builds its envelope and `MESSAGE` once, and hands it to the broker.
-    /// The event is ordered at the call; the returned future resolves to the event id once the
-    /// broker confirmed it, so a caller may keep several publishes in flight.
+    /// The event is ordered at the call; the returned future resolves to its id and position
+    /// once the broker confirmed it, so a caller may keep several publishes in flight.
+    ///
+    /// An idempotency key in `options` must already be scoped to its caller (the key space is
+    /// the topic's).
     pub fn publish(
         &self,
         topic: &Topic,
         event_type: &EventType,
         data: &RawValue,
-    ) -> BoxFuture<'static, Result<String, PublishError>> {
+        options: PublishOptions,
+    ) -> BoxFuture<'static, Result<Published, PublishError>> {
         if self.inner.shutdown.is_cancelled() {
             return Box::pin(std::future::ready(Err(PublishError::ShuttingDown)));
         }
@@ -182,15 +195,17 @@ impl Hub {
         .to_json();
         let message = MessageTemplate::new(topic.as_str(), &id, event_type.as_str(), &json);
         let started = std::time::Instant::now();
-        let confirmed = self.inner.broker.publish(topic.as_str(), &message);
+        let confirmed = self.inner.broker.publish(topic.as_str(), &message, options);
         let inner = self.inner.clone();
         Box::pin(async move {
             let metrics = &inner.metrics;
             match confirmed.await {
-                Ok(()) => {
+                Ok(published) => {
                     metrics.publish_seconds.record(started.elapsed());
-                    metrics.published.increment(1);
-                    Ok(id)
+                    if !published.duplicate {
+                        metrics.published.increment(1);
+                    }
+                    Ok(published)
                 }
                 Err(err) => {
                     metrics.publish_failures.increment(1);
@@ -198,6 +213,36 @@ impl Hub {
                 }
             }
         })
+    }
+
+    /// Up to `limit` events of `topic` after offset `after` (at most the configured replay
+    /// maximum), with the topic's latest position.
+    ///
+    /// # Errors
+    ///
+    /// When the broker does not answer in time.
+    pub async fn history(
+        &self,
+        topic: &Topic,
+        after: u64,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let limit = limit.min(self.inner.config.history.max_replay);
+        tokio::time::timeout(
+            broker::HISTORY_TIMEOUT,
+            self.inner.broker.history(topic.as_str(), after, limit),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("history read timed out".to_owned()))?
+    }
+
+    /// The topic's latest position.
+    ///
+    /// # Errors
+    ///
+    /// When the broker does not answer in time.
+    pub async fn position(&self, topic: &Topic) -> Result<Position, BrokerError> {
+        Ok(self.history(topic, u64::MAX, 0).await?.top)
     }
 
     /// Whether the broker is reachable and holds every subscription this node needs (for

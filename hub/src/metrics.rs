@@ -15,6 +15,10 @@ pub const CONNECTIONS: &str = "lockstep_ws_connections";
 pub const PENDING_CONNECTIONS: &str = "lockstep_ws_pending_connections";
 pub const PENDING_EVICTED: &str = "lockstep_ws_pending_evicted_total";
 pub const SEND_THROTTLED: &str = "lockstep_send_throttled_total";
+pub const GAPS: &str = "lockstep_stream_gaps_total";
+pub const RESETS: &str = "lockstep_stream_resets_total";
+pub const RESUMES: &str = "lockstep_resumes_total";
+pub const REPLAYED: &str = "lockstep_replayed_events_total";
 pub const CONNECTIONS_OPENED: &str = "lockstep_ws_connections_opened_total";
 pub const CLOSES: &str = "lockstep_ws_closes_total";
 pub const SUBSCRIPTIONS: &str = "lockstep_subscriptions";
@@ -44,6 +48,22 @@ pub fn describe() {
     describe_counter!(
         PENDING_EVICTED,
         "Connections closed before CONNECT because the pool of waiting connections was full (the oldest makes room)."
+    );
+    describe_counter!(
+        GAPS,
+        "Skipped offsets this node saw in a topic's stream, each filled from history once for the topic."
+    );
+    describe_counter!(
+        RESETS,
+        "lockstep.reset events this node sent a topic's subscribers: a gap history could not fill, or a new epoch."
+    );
+    describe_counter!(
+        RESUMES,
+        "Subscriptions that asked for a start position, by outcome (recovered true or false)."
+    );
+    describe_counter!(
+        REPLAYED,
+        "Events replayed from history to resuming subscriptions."
     );
     describe_counter!(
         SEND_THROTTLED,
@@ -108,6 +128,9 @@ pub fn describe() {
         CONNECTIONS_OPENED,
         PENDING_EVICTED,
         SEND_THROTTLED,
+        GAPS,
+        RESETS,
+        REPLAYED,
         DELIVERIES,
         DELIVERIES_DROPPED,
         EVENTS_PUBLISHED,

@@ -3,9 +3,20 @@
 //!
 //! Sharded pub/sub spreads topics over a cluster's shards (a node receives only the shards it
 //! subscribed to), and on standalone Redis 7 the same commands behave as plain pub/sub, so one
-//! code path serves both. A message on the wire is exactly the `MESSAGE` tail the publishing
-//! node encoded ([`MessageTemplate::tail`]); receiving nodes hand it to their registry without
-//! re-encoding.
+//! code path serves both.
+//!
+//! History (DESIGN §12): each topic has a stream (`{prefix}{T}:s`, entries `<offset>-0`), a
+//! meta hash (`{prefix}{T}:m`: epoch, top offset) and its shard channel (`{prefix}{T}`), all
+//! under one hash tag, so one slot. Publishing is one server-side script per topic and batch
+//! (`redis/publish.lua`): it assigns the offsets, appends to the stream, trims it by count
+//! and age, and `SPUBLISH`es the events, atomically; the script is run by its SHA and sent
+//! again as `EVAL` wherever the server does not know it (a restart, `SCRIPT FLUSH`, a new
+//! primary after a failover). A flushed or restarted Redis has no meta hash, so the next
+//! publish starts a new epoch: offsets are never reused within an epoch.
+//!
+//! A message on the wire is one or more positioned `MESSAGE` tails, back to back: the tail the
+//! publishing node encoded once ([`MessageTemplate::tail`]) with the position headers the script
+//! put in front. Receiving nodes hand each to the node's [`Delivery`] without re-encoding.
 //!
 //! Liveness: fred reconnects with capped exponential backoff and jitter. Every (re)connection of
 //! the subscriber connection bumps [`RedisBroker`]'s connection epoch, which makes the hub's
@@ -13,13 +24,15 @@
 //! go silent while looking connected; a probe published to this node's own channel on an
 //! interval must come back, or the subscriber connection is forced to reconnect.
 
-use crate::broker::{Broker, BrokerError};
-use crate::registry::Registry;
+use crate::broker::{
+    self, Broker, BrokerError, Delivery, History, PublishOptions, Published, StreamEvent,
+};
+use crate::config::HistoryConfig;
 use fred::prelude::*;
-use fred::types::RespVersion;
 use fred::types::config::{ClusterDiscoveryPolicy, UnresponsiveConfig};
+use fred::types::{ClusterHash, CustomCommand, RespVersion};
 use futures_util::future::{BoxFuture, try_join_all};
-use protocol::MessageTemplate;
+use protocol::{MessageTemplate, Position};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -113,9 +126,90 @@ const PUBLISH_BATCH: usize = 512;
 /// One event on its way to Redis.
 #[derive(Debug)]
 struct PublishJob {
-    channel: String,
+    topic: String,
     tail: Arc<str>,
-    done: oneshot::Sender<Result<(), BrokerError>>,
+    /// The event id (`message-id`), kept with an idempotency key so a retry answers it.
+    id: Arc<str>,
+    idempotency_key: Option<String>,
+    /// The event's key and version, for "newer versions only".
+    key: Option<String>,
+    version: Option<u64>,
+    done: oneshot::Sender<Result<Published, BrokerError>>,
+}
+
+/// The scripts, with the trim function they share in front.
+const PUBLISH_LUA: &str = concat!(
+    include_str!("redis/trim.lua"),
+    include_str!("redis/publish.lua")
+);
+const READ_LUA: &str = concat!(
+    include_str!("redis/trim.lua"),
+    include_str!("redis/read.lua")
+);
+
+/// A script and its SHA1, which `EVALSHA` names it by.
+#[derive(Debug)]
+struct Script {
+    body: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(body: &'static str) -> Script {
+        use sha1::Digest as _;
+        let digest = sha1::Sha1::digest(body.as_bytes());
+        Script {
+            body,
+            sha: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+
+    /// `EVALSHA` (or, when `load`, `EVAL` with the body: the server caches it) for a command
+    /// whose keys all share `slot`.
+    fn command(&self, slot: u16, load: bool) -> (CustomCommand, Value) {
+        let name = if load { "EVAL" } else { "EVALSHA" };
+        let head = if load { self.body } else { self.sha.as_str() };
+        (
+            CustomCommand::new_static(name, ClusterHash::Custom(slot), false),
+            Value::from(head),
+        )
+    }
+}
+
+/// Whether a reply says the server does not know the script (it never ran: safe to resend).
+fn no_script(err: &fred::error::Error) -> bool {
+    err.details().starts_with("NOSCRIPT")
+}
+
+/// Names of one topic's Redis keys and channel: one hash tag, so one slot.
+#[derive(Debug)]
+struct TopicKeys {
+    channel: String,
+    stream: String,
+    meta: String,
+    versions: String,
+    slot: u16,
+}
+
+impl TopicKeys {
+    fn new(prefix: &str, topic: &str) -> TopicKeys {
+        // Topics are never empty and never hold `}` (ids are [A-Za-z0-9_.:-]), and the prefix
+        // holds no `{` (configuration refuses one), so the tag is exactly the topic.
+        let channel = format!("{prefix}{{{topic}}}");
+        TopicKeys {
+            stream: format!("{channel}:s"),
+            meta: format!("{channel}:m"),
+            versions: format!("{channel}:v"),
+            slot: fred::util::redis_keyslot(channel.as_bytes()),
+            channel,
+        }
+    }
+
+    /// The idempotency key for `key`, or the slot's placeholder when there is none (the script
+    /// takes one key per event, and every key must be in the slot).
+    fn idempotency(&self, key: Option<&str>) -> String {
+        format!("{}:i:{}", self.channel, key.unwrap_or(""))
+    }
 }
 
 /// The Redis broker.
@@ -125,7 +219,8 @@ pub struct RedisBroker {
     /// queues behind subscription traffic.
     publisher: Arc<PublisherSlot>,
     /// Feeds the publishing task, which pipelines whatever accumulated while the previous
-    /// pipeline was in flight: one round trip carries many events, in call order.
+    /// pipeline was in flight: one round trip carries many events, in call order, and one
+    /// script call per topic carries that topic's events.
     jobs: mpsc::Sender<PublishJob>,
     /// Bytes of the events in `jobs`, bounded by `queue_budget`.
     queued_bytes: Arc<AtomicUsize>,
@@ -133,6 +228,8 @@ pub struct RedisBroker {
     subscriber: Client,
     cluster: bool,
     prefix: String,
+    history: HistoryConfig,
+    read: Arc<Script>,
     state: Arc<State>,
 }
 
@@ -155,7 +252,8 @@ impl RedisBroker {
     /// When the URL is invalid.
     pub fn start(
         settings: &RedisSettings,
-        registry: Arc<Registry>,
+        history: &HistoryConfig,
+        delivery: Arc<dyn Delivery>,
         node_id: &str,
         shutdown: CancellationToken,
     ) -> Result<Arc<RedisBroker>, BrokerError> {
@@ -224,17 +322,24 @@ impl RedisBroker {
             subscriber,
             cluster,
             prefix: settings.channel_prefix.clone(),
+            history: history.clone(),
+            read: Arc::new(Script::new(READ_LUA)),
             state,
         });
         tokio::spawn(publish_batches(
-            broker.publisher.clone(),
+            Publisher {
+                slot: broker.publisher.clone(),
+                script: Script::new(PUBLISH_LUA),
+                prefix: settings.channel_prefix.clone(),
+                history: history.clone(),
+                timeout: settings.command_timeout,
+            },
             queue,
             queued_bytes,
-            settings.command_timeout,
             shutdown.clone(),
         ));
         let shutdown_for_publisher = shutdown.clone();
-        broker.spawn_tasks(registry, settings.probe_interval, shutdown);
+        broker.spawn_tasks(delivery, settings.probe_interval, shutdown);
         // The connection tasks run (and reconnect) on their own; their join handles are not
         // needed, and dropping a Tokio join handle detaches, it does not cancel.
         tokio::spawn(supervise_publisher(
@@ -248,11 +353,11 @@ impl RedisBroker {
 
     fn spawn_tasks(
         self: &Arc<Self>,
-        registry: Arc<Registry>,
+        delivery: Arc<dyn Delivery>,
         probe_interval: Duration,
         shutdown: CancellationToken,
     ) {
-        // Inbound messages → registry.
+        // Inbound messages → the node's delivery.
         let mut messages = self.subscriber.message_rx();
         let (state, prefix, stop) = (self.state.clone(), self.prefix.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -269,10 +374,14 @@ impl RedisBroker {
                             state.probes_seen.fetch_max(seq, Ordering::Relaxed);
                             continue;
                         }
-                        let Some(topic) = channel.strip_prefix(prefix.as_str()) else {
+                        let Some(topic) = channel
+                            .strip_prefix(prefix.as_str())
+                            .and_then(|c| c.strip_prefix('{'))
+                            .and_then(|c| c.strip_suffix('}'))
+                        else {
                             continue;
                         };
-                        let Some(tail) = message
+                        let Some(payload) = message
                             .value
                             .as_bytes()
                             .and_then(|b| std::str::from_utf8(b).ok())
@@ -280,11 +389,22 @@ impl RedisBroker {
                             warn!(channel, "ignoring a non-UTF-8 message on a topic channel");
                             continue;
                         };
-                        registry.deliver(topic, &MessageTemplate::from_tail(Arc::from(tail)));
+                        for tail in protocol::stream::split_batch(payload) {
+                            match StreamEvent::from_tail(tail) {
+                                Some(event) => delivery.deliver(topic, event),
+                                None => {
+                                    warn!(channel, "ignoring a message without a stream position");
+                                }
+                            }
+                        }
                     }
                     Err(RecvError::Lagged(n)) => {
-                        warn!(lost = n, "fell behind Redis pub/sub; events were dropped");
+                        warn!(
+                            lost = n,
+                            "fell behind Redis pub/sub; events were dropped; checking every topic's position"
+                        );
                         metrics::counter!(crate::metrics::BROKER_LAGGED).increment(n);
+                        delivery.lost();
                     }
                     Err(RecvError::Closed) => return,
                 }
@@ -384,7 +504,7 @@ impl RedisBroker {
     }
 
     fn channel(&self, topic: &str) -> String {
-        format!("{}{topic}", self.prefix)
+        TopicKeys::new(&self.prefix, topic).channel
     }
 }
 
@@ -457,12 +577,22 @@ async fn supervise_publisher(
     }
 }
 
-/// Sends queued events to Redis in pipelines, and reports each event's outcome.
+/// What the publishing task needs.
+#[derive(Debug)]
+struct Publisher {
+    slot: Arc<PublisherSlot>,
+    script: Script,
+    prefix: String,
+    history: HistoryConfig,
+    timeout: Duration,
+}
+
+/// Sends queued events to Redis in pipelines (one script call per topic in each), and reports
+/// each event's outcome.
 async fn publish_batches(
-    publisher: Arc<PublisherSlot>,
+    publisher: Publisher,
     mut queue: mpsc::Receiver<PublishJob>,
     queued_bytes: Arc<AtomicUsize>,
-    timeout: Duration,
     shutdown: CancellationToken,
 ) {
     // A publish is written at most once and never waits for a reconnect: an event the caller
@@ -470,7 +600,7 @@ async fn publish_batches(
     let options = fred::types::config::Options {
         fail_fast: true,
         max_attempts: Some(1),
-        timeout: Some(timeout),
+        timeout: Some(publisher.timeout),
         ..Default::default()
     };
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
@@ -491,7 +621,7 @@ async fn publish_batches(
         }
         let taken: usize = batch.iter().map(|job| job.tail.len()).sum();
         queued_bytes.fetch_sub(taken, Ordering::AcqRel);
-        let Some(client) = publisher.current() else {
+        let Some(client) = publisher.slot.current() else {
             for job in batch.drain(..) {
                 let _ = job.done.send(Err(BrokerError::Unavailable(
                     "not connected to Redis".to_owned(),
@@ -499,28 +629,173 @@ async fn publish_batches(
             }
             continue;
         };
-        let pipeline = client.pipeline();
-        let with_options = pipeline.with_options(&options);
-        for job in &batch {
-            // Queued locally; sent by try_all below.
-            let queued: Result<(), _> = with_options
-                .spublish(job.channel.as_str(), &*job.tail)
+        // One group per topic, in the order of each topic's first event; within a group the
+        // events keep their call order (so do their offsets).
+        let mut groups: Vec<(String, Vec<PublishJob>)> = Vec::new();
+        for job in batch.drain(..) {
+            match groups.iter_mut().find(|(topic, _)| *topic == job.topic) {
+                Some((_, jobs)) => jobs.push(job),
+                None => groups.push((job.topic.clone(), vec![job])),
+            }
+        }
+        let mut outcomes = publisher.send(&client, &options, &groups, false).await;
+        // Servers that did not know the script (restart, SCRIPT FLUSH, a new primary) ran
+        // nothing: send those groups again with the script's body.
+        let unknown: Vec<usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Err(e) if no_script(e)))
+            .map(|(i, _)| i)
+            .collect();
+        if !unknown.is_empty() {
+            let again = publisher
+                .send_some(&client, &options, &groups, &unknown)
                 .await;
+            for (i, outcome) in unknown.into_iter().zip(again) {
+                outcomes[i] = outcome;
+            }
+        }
+        for ((topic, jobs), outcome) in groups.into_iter().zip(outcomes) {
+            match outcome.and_then(|reply| parse_publish_reply(&reply, jobs.len())) {
+                Ok((epoch, results)) => {
+                    for (job, (offset, outcome, id)) in jobs.into_iter().zip(results) {
+                        let _ = job.done.send(Ok(Published {
+                            position: Position::new(offset, epoch.clone()),
+                            id: id.into(),
+                            duplicate: outcome == 1,
+                            superseded: outcome == 2,
+                        }));
+                    }
+                }
+                Err(err) => {
+                    debug!(%err, topic, "publish failed");
+                    for job in jobs {
+                        let _ = job.done.send(Err(unavailable(&err)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Publisher {
+    /// One pipeline with a script call per group; the replies in group order.
+    async fn send(
+        &self,
+        client: &Client,
+        options: &fred::types::config::Options,
+        groups: &[(String, Vec<PublishJob>)],
+        load: bool,
+    ) -> Vec<Result<Value, fred::error::Error>> {
+        let all: Vec<usize> = (0..groups.len()).collect();
+        self.pipeline(client, options, groups, &all, load).await
+    }
+
+    /// The groups at `which` again, with the script's body.
+    async fn send_some(
+        &self,
+        client: &Client,
+        options: &fred::types::config::Options,
+        groups: &[(String, Vec<PublishJob>)],
+        which: &[usize],
+    ) -> Vec<Result<Value, fred::error::Error>> {
+        self.pipeline(client, options, groups, which, true).await
+    }
+
+    async fn pipeline(
+        &self,
+        client: &Client,
+        options: &fred::types::config::Options,
+        groups: &[(String, Vec<PublishJob>)],
+        which: &[usize],
+        load: bool,
+    ) -> Vec<Result<Value, fred::error::Error>> {
+        let pipeline = client.pipeline();
+        let with_options = pipeline.with_options(options);
+        for &i in which {
+            let (topic, jobs) = &groups[i];
+            let (command, args) = self.call(topic, jobs, load);
+            // Queued locally; sent by try_all below.
+            let queued: Result<(), _> = with_options.custom(command, args).await;
             if let Err(err) = queued {
                 debug!(%err, "could not queue a publish");
             }
         }
-        let results: Vec<Result<i64, fred::error::Error>> = pipeline.try_all().await;
-        let mut results = results.into_iter();
-        for job in batch.drain(..) {
-            let outcome = match results.next() {
-                Some(Ok(_receivers)) => Ok(()),
-                Some(Err(err)) => Err(unavailable(&err)),
-                None => Err(BrokerError::Unavailable("no reply from Redis".to_owned())),
-            };
-            let _ = job.done.send(outcome);
-        }
+        pipeline.try_all().await
     }
+
+    /// The script call for one topic's events.
+    fn call(&self, topic: &str, jobs: &[PublishJob], load: bool) -> (CustomCommand, Vec<Value>) {
+        let keys = TopicKeys::new(&self.prefix, topic);
+        let (command, head) = self.script.command(keys.slot, load);
+        let history = &self.history;
+        let max_age = millis(history.max_age);
+        let mut args = Vec::with_capacity(2 + 3 + jobs.len() + 7 + 5 * jobs.len());
+        args.push(head);
+        args.push(Value::from(3 + jobs.len() as i64));
+        args.push(Value::from(keys.stream.as_str()));
+        args.push(Value::from(keys.meta.as_str()));
+        args.push(Value::from(keys.versions.as_str()));
+        for job in jobs {
+            args.push(Value::from(
+                keys.idempotency(job.idempotency_key.as_deref()),
+            ));
+        }
+        args.push(Value::from(&*broker::new_epoch()));
+        args.push(Value::from(keys.channel.as_str()));
+        args.push(Value::from(broker::retained(history, topic) as i64));
+        args.push(Value::from(max_age));
+        args.push(Value::from(millis(history.meta_ttl)));
+        // An idempotency key lives as long as history; at least a second (PX must be > 0).
+        args.push(Value::from(max_age.max(1000)));
+        args.push(Value::from(if history.enabled { "1" } else { "0" }));
+        for job in jobs {
+            args.push(Value::from(&*job.tail));
+            args.push(Value::from(if job.idempotency_key.is_some() {
+                "1"
+            } else {
+                "0"
+            }));
+            args.push(Value::from(&*job.id));
+            args.push(Value::from(job.key.as_deref().unwrap_or("")));
+            args.push(Value::from(
+                i64::try_from(job.version.unwrap_or(0)).unwrap_or(i64::MAX),
+            ));
+        }
+        (command, args)
+    }
+}
+
+/// `{epoch, offset, outcome, id, …}` → the epoch and, per event, (offset, outcome, id).
+#[allow(clippy::type_complexity)]
+fn parse_publish_reply(
+    reply: &Value,
+    events: usize,
+) -> Result<(Arc<str>, Vec<(u64, u64, String)>), fred::error::Error> {
+    let bad = || {
+        fred::error::Error::new(
+            fred::error::ErrorKind::Parse,
+            "unexpected reply from the publish script",
+        )
+    };
+    let Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    if items.len() != 1 + 3 * events {
+        return Err(bad());
+    }
+    let epoch: Arc<str> = items[0].as_string().ok_or_else(bad)?.into();
+    let results = items[1..]
+        .chunks(3)
+        .map(|c| Some((c[0].as_u64()?, c[1].as_u64()?, c[2].as_string()?)))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(bad)?;
+    Ok((epoch, results))
+}
+
+/// A duration in milliseconds, for the scripts.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn unavailable(err: &fred::error::Error) -> BrokerError {
@@ -532,7 +807,8 @@ impl Broker for RedisBroker {
         &self,
         topic: &str,
         message: &MessageTemplate,
-    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        options: PublishOptions,
+    ) -> BoxFuture<'static, Result<Published, BrokerError>> {
         // Fail fast while Redis is away instead of queueing behind the reconnect.
         if self.publisher.current().is_none() {
             return Box::pin(std::future::ready(Err(BrokerError::Unavailable(
@@ -547,8 +823,12 @@ impl Broker for RedisBroker {
         }
         let (done, outcome) = oneshot::channel();
         let job = PublishJob {
-            channel: self.channel(topic),
+            topic: topic.to_owned(),
             tail: message.tail().clone(),
+            id: broker::message_id(message).into(),
+            idempotency_key: options.idempotency_key,
+            key: options.key,
+            version: options.version,
             done,
         };
         let result = self.jobs.try_send(job);
@@ -605,6 +885,46 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn history<'a>(
+        &'a self,
+        topic: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        Box::pin(async move {
+            let Some(client) = self.publisher.current() else {
+                return Err(BrokerError::Unavailable(
+                    "not connected to Redis".to_owned(),
+                ));
+            };
+            let keys = TopicKeys::new(&self.prefix, topic);
+            let read = |load: bool| {
+                let (command, head) = self.read.command(keys.slot, load);
+                let args = vec![
+                    head,
+                    Value::from(2),
+                    Value::from(keys.stream.as_str()),
+                    Value::from(keys.meta.as_str()),
+                    Value::from(&*broker::new_epoch()),
+                    Value::from(after.to_string()),
+                    Value::from(limit as i64),
+                    Value::from(millis(self.history.max_age)),
+                    Value::from(millis(self.history.meta_ttl)),
+                ];
+                let client = client.clone();
+                async move { client.custom::<Value, Value>(command, args).await }
+            };
+            let reply = match read(false).await {
+                Err(err) if no_script(&err) => read(true).await,
+                other => other,
+            }
+            .map_err(|e| unavailable(&e))?;
+            parse_history(&reply).ok_or_else(|| {
+                BrokerError::Unavailable("unexpected reply from the history script".to_owned())
+            })
+        })
+    }
+
     fn is_ready(&self) -> bool {
         self.publisher.current().is_some_and(|c| c.is_connected())
             && self.subscriber.is_connected()
@@ -614,6 +934,25 @@ impl Broker for RedisBroker {
     fn connection_epoch(&self) -> Option<watch::Receiver<u64>> {
         Some(self.state.epoch.subscribe())
     }
+}
+
+/// `{epoch, top, first, tail…}` → the history it describes.
+fn parse_history(reply: &Value) -> Option<History> {
+    let Value::Array(items) = reply else {
+        return None;
+    };
+    let epoch: Arc<str> = items.first()?.as_string()?.into();
+    let top = items.get(1)?.as_u64()?;
+    let first = items.get(2)?.as_u64()?;
+    let events = items[3..]
+        .iter()
+        .map(|tail| StreamEvent::from_tail(&tail.as_string()?))
+        .collect::<Option<Vec<_>>>()?;
+    Some(History {
+        top: Position::new(top, epoch),
+        first,
+        events,
+    })
 }
 
 /// Splits channels into command batches. In a cluster every `SSUBSCRIBE` must name channels of
@@ -657,7 +996,9 @@ mod tests {
 
     #[test]
     fn cluster_commands_never_mix_slots() {
-        let channels: Vec<String> = (0..500).map(|i| format!("lockstep:/user/u{i}")).collect();
+        let channels: Vec<String> = (0..500)
+            .map(|i| format!("lockstep:{{/user/u{i}}}"))
+            .collect();
         for round in slot_groups(channels.clone(), true) {
             for command in round {
                 let slot = fred::util::redis_keyslot(command[0].as_bytes());

@@ -1,14 +1,21 @@
 //! The node-local subscription registry: which connections hold which topics.
 //!
 //! Sharded by topic (a `DashMap`), so fan-out on one topic never waits for work on another.
-//! The registry knows nothing about brokers or Redis: the broker hands it events with
-//! [`Registry::deliver`], and the subscription manager asks it which topics have subscribers.
+//! The registry knows nothing about brokers or Redis: the node's fan-out hands it events in
+//! offset order ([`Registry::deliver`]), and the subscription manager asks it which topics have
+//! subscribers.
+//!
+//! A subscription that resumes from a position starts in recovery: until its session has read
+//! the history it missed, its live events wait in a buffer of its own ([`Recovery`]) instead of
+//! its connection's queue, so the session can merge the two by offset and send them in order.
 
 use crate::send_queue::{Pushed, SendQueue};
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use protocol::MessageTemplate;
+use parking_lot::Mutex;
+use protocol::{MessageTemplate, Position};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A connection id, unique within this node.
 pub(crate) type ConnId = u64;
@@ -23,6 +30,70 @@ pub(crate) struct Subscriber {
     /// A STOMP 1.0 session: headers go out without escape sequences.
     pub(crate) unescaped: bool,
     pub(crate) queue: SendQueue,
+    /// Set while the subscription recovers from a position; its live events wait there.
+    pub(crate) recovery: Option<Arc<Recovery>>,
+}
+
+/// A live event (or reset) held for a recovering subscription, already framed for it.
+#[derive(Debug, Clone)]
+pub(crate) enum Held {
+    Event {
+        offset: u64,
+        frame: Utf8Bytes,
+    },
+    /// The node could not deliver part of the stream; what follows continues after `position`.
+    Reset {
+        position: Position,
+        frame: Utf8Bytes,
+    },
+}
+
+/// The live events of a recovering subscription, bounded by its connection's queue capacity.
+#[derive(Debug)]
+pub(crate) struct Recovery {
+    /// Whether fan-out must hold this subscription's events: checked without the lock on
+    /// every delivery, so live subscriptions pay one atomic load.
+    active: AtomicBool,
+    /// `None` once the session took them and the subscription went live. A `parking_lot`
+    /// mutex: held to push one frame or to take them all.
+    held: Mutex<Option<Vec<Held>>>,
+    capacity: usize,
+}
+
+impl Recovery {
+    pub(crate) fn new(capacity: usize) -> Recovery {
+        Recovery {
+            active: AtomicBool::new(true),
+            held: Mutex::new(Some(Vec::new())),
+            capacity,
+        }
+    }
+
+    /// Holds `frame` if still recovering; gives it back otherwise (the subscription is live).
+    fn hold(&self, held: Held) -> Result<bool, Held> {
+        if !self.active.load(Ordering::Acquire) {
+            return Err(held);
+        }
+        let mut guard = self.held.lock();
+        match guard.as_mut() {
+            Some(frames) if frames.len() < self.capacity => {
+                frames.push(held);
+                Ok(true)
+            }
+            // Too far behind already: the connection is a slow consumer.
+            Some(_) => Ok(false),
+            None => Err(held),
+        }
+    }
+
+    /// Takes what was held and turns the subscription live: from now on fan-out queues its
+    /// events as usual. Everything delivered before this call is in the result, everything
+    /// after it goes to the queue, so nothing is lost or doubled between the two.
+    pub(crate) fn go_live(&self) -> Vec<Held> {
+        let mut guard = self.held.lock();
+        self.active.store(false, Ordering::Release);
+        guard.take().unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -35,7 +106,7 @@ struct TopicEntry {
 
 /// What one [`Registry::deliver`] call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
+pub struct Delivered {
     /// Frames queued for a connection.
     pub queued: usize,
     /// Subscribers whose queue was full; each is being closed as a slow consumer.
@@ -150,10 +221,33 @@ impl Registry {
         self.topics.iter().map(|e| e.subscribers.len()).sum()
     }
 
-    /// Queues `message` for every local subscriber of `topic`. Never blocks: a subscriber whose
-    /// queue is full is marked slow and will be disconnected; the others are unaffected.
-    pub fn deliver(&self, topic: &str, message: &MessageTemplate) -> Delivery {
-        let mut delivery = Delivery::default();
+    /// Queues an event for every local subscriber of `topic` (or holds it for a recovering
+    /// one). Never blocks: a subscriber whose queue is full is marked slow and will be
+    /// disconnected; the others are unaffected.
+    pub fn deliver(&self, topic: &str, offset: u64, message: &MessageTemplate) -> Delivered {
+        self.fan_out(topic, message, |frame| Held::Event { offset, frame })
+    }
+
+    /// Queues a `lockstep.reset` for every local subscriber of `topic`.
+    pub(crate) fn deliver_reset(
+        &self,
+        topic: &str,
+        position: &Position,
+        message: &MessageTemplate,
+    ) -> Delivered {
+        self.fan_out(topic, message, |frame| Held::Reset {
+            position: position.clone(),
+            frame,
+        })
+    }
+
+    fn fan_out(
+        &self,
+        topic: &str,
+        message: &MessageTemplate,
+        held: impl Fn(Utf8Bytes) -> Held,
+    ) -> Delivered {
+        let mut delivery = Delivered::default();
         let Some(entry) = self.topics.get(topic) else {
             return delivery;
         };
@@ -179,6 +273,21 @@ impl Registry {
                     }
                     frame
                 }
+            };
+            let frame = match &sub.recovery {
+                Some(recovery) => match recovery.hold(held(frame)) {
+                    Ok(true) => {
+                        delivery.queued += 1;
+                        continue;
+                    }
+                    Ok(false) => {
+                        sub.queue.mark_slow();
+                        delivery.slow += 1;
+                        continue;
+                    }
+                    Err(Held::Event { frame, .. } | Held::Reset { frame, .. }) => frame,
+                },
+                None => frame,
             };
             match sub.queue.push(frame) {
                 Pushed::Queued => delivery.queued += 1,
@@ -207,8 +316,42 @@ mod tests {
             prefix: protocol::server::subscription_prefix(id).into(),
             unescaped: false,
             queue: queue.clone(),
+            recovery: None,
         };
         (sub, queue)
+    }
+
+    #[test]
+    fn a_recovering_subscription_holds_its_events_until_it_goes_live() {
+        let r = Registry::new();
+        let (mut a, qa) = subscriber(1, "s", 8);
+        let recovery = Arc::new(Recovery::new(2));
+        a.recovery = Some(recovery.clone());
+        r.add("/team/t", a);
+        let m = MessageTemplate::new("/team/t", "1", "x.y", "{}");
+        r.deliver("/team/t", 5, &m);
+        r.deliver("/team/t", 6, &m);
+        assert!(qa.pop().is_none(), "held, not queued");
+        let held = recovery.go_live();
+        assert_eq!(
+            held.iter()
+                .map(|h| match h {
+                    Held::Event { offset, .. } => *offset,
+                    Held::Reset { .. } => 0,
+                })
+                .collect::<Vec<_>>(),
+            [5, 6]
+        );
+        r.deliver("/team/t", 7, &m);
+        assert!(qa.pop().is_some(), "live: queued");
+        // Holding more than the capacity marks the connection slow.
+        let (mut b, qb) = subscriber(2, "s", 8);
+        b.recovery = Some(Arc::new(Recovery::new(1)));
+        r.add("/team/t", b);
+        r.deliver("/team/t", 8, &m);
+        assert!(!qb.is_slow());
+        r.deliver("/team/t", 9, &m);
+        assert!(qb.is_slow());
     }
 
     #[test]
@@ -235,8 +378,14 @@ mod tests {
         r.add("/team/t", b);
         r.add("/team/t", c);
         let m = MessageTemplate::new("/team/t", "1", "x.y", "{}");
-        assert_eq!(r.deliver("/team/t", &m), Delivery { queued: 3, slow: 0 });
-        assert_eq!(r.deliver("/team/t", &m), Delivery { queued: 2, slow: 1 });
+        assert_eq!(
+            r.deliver("/team/t", 1, &m),
+            Delivered { queued: 3, slow: 0 }
+        );
+        assert_eq!(
+            r.deliver("/team/t", 2, &m),
+            Delivered { queued: 2, slow: 1 }
+        );
         assert!(rc.is_slow() && !ra.is_slow());
         let fa = ra.pop().unwrap();
         let fb = rb.pop().unwrap();
@@ -249,6 +398,6 @@ mod tests {
                 .as_str()
                 .starts_with("MESSAGE\nsubscription:other\n")
         );
-        assert_eq!(r.deliver("/team/none", &m), Delivery::default());
+        assert_eq!(r.deliver("/team/none", 3, &m), Delivered::default());
     }
 }

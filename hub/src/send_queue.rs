@@ -136,6 +136,13 @@ impl SendQueue {
         }
     }
 
+    /// Marks the connection a slow consumer (it fell too far behind elsewhere, e.g. while a
+    /// subscription recovered); the session closes with 4008.
+    pub(crate) fn mark_slow(&self) {
+        self.shared.slow.store(true, Ordering::Release);
+        self.shared.waker.wake();
+    }
+
     pub(crate) fn is_slow(&self) -> bool {
         self.shared.slow.load(Ordering::Acquire)
     }

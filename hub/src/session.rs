@@ -15,8 +15,9 @@
 //! Every way a session ends is an [`Ending`]; [`run`] turns it into the right `ERROR` frame and
 //! close code, then removes the session's subscriptions.
 
+use crate::broker::{History, PublishOptions, Published, StreamEvent};
 use crate::connections::{self, ConnHandle};
-use crate::registry::{ConnId, Subscriber};
+use crate::registry::{ConnId, Held, Recovery, Subscriber};
 use crate::send_queue::{Ready, SendQueue};
 use crate::{Hub, PublishError};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -25,7 +26,11 @@ use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use protocol::client::{ClientCommand, ClientFrame, Connect};
-use protocol::{Decoder, Disconnect, EventType, Frame, Limits, Principal, Topic, server};
+use protocol::stream::{self, StreamStart};
+use protocol::{
+    Decoder, Disconnect, EventType, Frame, Limits, MessageTemplate, Position, Principal, Topic,
+    server,
+};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -50,7 +55,7 @@ const MAX_PENDING_PUBLISHES: usize = 256;
 /// A `SEND` the broker has taken but not yet confirmed, and the receipt it owes.
 type PendingPublish = (
     Option<String>,
-    BoxFuture<'static, Result<String, PublishError>>,
+    BoxFuture<'static, Result<Published, PublishError>>,
 );
 
 /// What the upgrade handler learned about the connection.
@@ -428,6 +433,32 @@ impl Session {
         }
     }
 
+    /// Writes frames of one subscription straight to the socket, in order, without touching
+    /// the queue (which may hold that subscription's later events). Bounded by the write
+    /// timeout like any write.
+    async fn write_frames(&mut self, frames: Vec<Utf8Bytes>) -> Result<(), Ending> {
+        let count = frames.len() as u64;
+        let ws = &mut self.ws;
+        let write = async {
+            for frame in frames {
+                ws.feed(Message::Text(frame)).await?;
+            }
+            ws.flush().await
+        };
+        match tokio::time::timeout(self.hub.inner.config.write_timeout, write).await {
+            Ok(Ok(())) => {
+                self.hub.inner.metrics.messages_out.increment(count);
+                self.last_write = Instant::now();
+                Ok(())
+            }
+            Ok(Err(err)) => {
+                debug!(%err, "websocket write failed");
+                Err(Ending::Gone)
+            }
+            Err(_) => Err(Ending::close(Disconnect::SLOW_CONSUMER)),
+        }
+    }
+
     /// Sends a server frame directly (receipts, `CONNECTED`), bypassing the queue.
     async fn send_frame(&mut self, frame: &Frame) -> Result<(), Ending> {
         crate::metrics::frame_out(&frame.command);
@@ -531,9 +562,12 @@ impl Session {
                 ));
             }
             ClientCommand::Subscribe {
-                id, destination, ..
+                id,
+                destination,
+                stream,
+                ..
             } => {
-                self.on_subscribe(id, &destination, receipt).await?;
+                self.on_subscribe(id, &destination, stream, receipt).await?;
             }
             ClientCommand::Unsubscribe { id } => self.on_unsubscribe(&id),
             ClientCommand::Send {
@@ -683,6 +717,7 @@ impl Session {
         &mut self,
         id: String,
         destination: &str,
+        stream: Option<StreamStart>,
         receipt: Option<&str>,
     ) -> Result<(), Ending> {
         let topic = Topic::parse(destination).map_err(|err| {
@@ -719,6 +754,18 @@ impl Session {
                 receipt,
             ));
         }
+        if stream == Some(StreamStart::Snapshot) {
+            return Err(Ending::error(
+                Disconnect::PROTOCOL_ERROR,
+                "snapshot not supported",
+                "x-stream-offset:snapshot needs the latest event per key, which this node does not keep yet; use last or offset=<n>",
+                receipt,
+            ));
+        }
+        // A subscription that resumes holds its live events until its history is sent.
+        let recovery = stream
+            .as_ref()
+            .map(|_| Arc::new(Recovery::new(self.hub.inner.config.outbound_queue)));
         let sub_id: Arc<str> = id.into();
         let unescaped = self.version() == "1.0";
         let prefix = if unescaped {
@@ -726,12 +773,14 @@ impl Session {
         } else {
             server::subscription_prefix(&sub_id)
         };
+        let prefix: Arc<str> = prefix.into();
         let subscriber = Subscriber {
             conn: self.conn,
             sub_id: sub_id.clone(),
-            prefix: prefix.into(),
+            prefix: prefix.clone(),
             unescaped,
             queue: self.queue.clone(),
+            recovery: recovery.clone(),
         };
         let hub = &self.hub.inner;
         // Watch the manager's epoch before looking, so a confirmation cannot slip between.
@@ -740,10 +789,12 @@ impl Session {
             hub.subscriptions.mark(topic.as_str());
         }
         self.subscriptions.insert(sub_id, topic.clone());
-        if receipt.is_none() {
+        if receipt.is_none() && recovery.is_none() {
             return Ok(());
         }
-        // A receipt promises the subscription is live in the cluster, so wait for the broker.
+        // A receipt promises the subscription is live in the cluster, and history must be read
+        // only once it is (every later event then reaches the held buffer), so wait for the
+        // broker.
         let confirmed = async {
             while !hub.registry.is_confirmed(topic.as_str()) {
                 if epoch.changed().await.is_err() {
@@ -752,17 +803,110 @@ impl Session {
             }
             true
         };
-        match tokio::time::timeout(hub.config.subscribe_timeout, confirmed).await {
-            Ok(true) => Ok(()),
-            _ => Err(Ending::error(
+        if !matches!(
+            tokio::time::timeout(hub.config.subscribe_timeout, confirmed).await,
+            Ok(true)
+        ) {
+            return Err(Ending::error(
                 Disconnect::UNAVAILABLE,
                 "broker unavailable",
                 format!(
                     "the subscription to {destination} could not be confirmed; reconnect later"
                 ),
                 receipt,
-            )),
+            ));
         }
+        if let (Some(start), Some(recovery)) = (stream, recovery) {
+            let target = Target {
+                topic: &topic,
+                prefix: &prefix,
+                unescaped,
+            };
+            self.resume(&target, start, &recovery, receipt).await?;
+        }
+        Ok(())
+    }
+
+    /// Serves a subscription's start position: reads the history it asks for, merges it with
+    /// the live events held since the subscription was confirmed, and sends the outcome
+    /// (`lockstep.subscribed`) and then every event after the position it states, in order,
+    /// before the subscription goes on like any other. Never a partial replay: what cannot be
+    /// served in full is `x-recovered:false` and no missed event at all.
+    async fn resume(
+        &mut self,
+        target: &Target<'_>,
+        start: StreamStart,
+        recovery: &Recovery,
+        receipt: Option<&str>,
+    ) -> Result<(), Ending> {
+        let hub = self.hub.clone();
+        let max = hub.inner.config.history.max_replay;
+        let unavailable = |err: &dyn std::fmt::Display| {
+            Ending::error(
+                Disconnect::UNAVAILABLE,
+                "broker unavailable",
+                format!(
+                    "the history of {} could not be read ({err}); reconnect later",
+                    target.topic
+                ),
+                receipt,
+            )
+        };
+        let topic = target.topic;
+        let (after, limit) = match &start {
+            StreamStart::After { offset, .. } => (*offset, max.saturating_add(1)),
+            _ => (u64::MAX, 0),
+        };
+        let history = hub
+            .history(topic, after, limit)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let top = history.top.clone();
+        let replay: Option<Vec<StreamEvent>> = match &start {
+            StreamStart::Next | StreamStart::Snapshot => Some(Vec::new()),
+            StreamStart::Last if top.offset == 0 => Some(Vec::new()),
+            StreamStart::Last => {
+                let last = hub
+                    .history(topic, top.offset - 1, 1)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                let event = last
+                    .events
+                    .into_iter()
+                    .find(|e| e.offset == top.offset && e.epoch == top.epoch);
+                event.map(|e| vec![e])
+            }
+            StreamStart::After { offset, epoch } => {
+                replayable(*offset, epoch, &history, max).then(|| {
+                    history
+                        .events
+                        .iter()
+                        .filter(|e| e.offset > *offset && e.offset <= top.offset)
+                        .cloned()
+                        .collect()
+                })
+            }
+        };
+        // From here on, live events of this subscription go to the queue, after everything
+        // written below.
+        let held = recovery.go_live();
+        let plan = Resumed::plan(&start, &top, replay, held);
+        metrics::counter!(crate::metrics::RESUMES, "recovered" => if plan.recovered { "true" } else { "false" })
+            .increment(1);
+        metrics::counter!(crate::metrics::REPLAYED).increment(plan.replay.len() as u64);
+        let ts = protocol::envelope::format_ts(SystemTime::now());
+        let first = stream::subscribed(
+            topic.as_str(),
+            &hub.new_id(),
+            &ts,
+            plan.recovered,
+            &plan.position,
+        );
+        let mut frames = Vec::with_capacity(1 + plan.replay.len() + plan.held.len());
+        frames.push(frame_for(&first, target));
+        frames.extend(plan.replay.iter().map(|e| frame_for(&e.message, target)));
+        frames.extend(plan.held);
+        self.write_frames(frames).await
     }
 
     fn on_unsubscribe(&mut self, id: &str) {
@@ -840,7 +984,12 @@ impl Session {
             self.held = Some(send);
             return Ok(());
         }
-        let confirmed = self.hub.publish(&send.topic, &send.event_type, &send.data);
+        let confirmed = self.hub.publish(
+            &send.topic,
+            &send.event_type,
+            &send.data,
+            PublishOptions::default(),
+        );
         self.pending.push_back((send.receipt, confirmed));
         Ok(())
     }
@@ -849,7 +998,7 @@ impl Session {
     async fn publish_done(
         &mut self,
         receipt: Option<String>,
-        result: Result<String, PublishError>,
+        result: Result<Published, PublishError>,
     ) -> Result<(), Ending> {
         match result {
             Ok(_) => match receipt {
@@ -923,7 +1072,7 @@ impl Session {
 /// The oldest pending publish's confirmation.
 fn next_confirmation(
     pending: &mut VecDeque<PendingPublish>,
-) -> impl Future<Output = Result<String, PublishError>> + '_ {
+) -> impl Future<Output = Result<Published, PublishError>> + '_ {
     std::future::poll_fn(move |cx| match pending.front_mut() {
         Some((_, confirmed)) => confirmed.as_mut().poll(cx),
         None => std::task::Poll::Pending,
@@ -947,6 +1096,132 @@ fn unknown_command(command: &str, receipt: Option<&str>) -> Ending {
         format!("unknown command '{shown}'"),
         receipt,
     )
+}
+
+/// The subscription a resume serves.
+struct Target<'a> {
+    topic: &'a Topic,
+    prefix: &'a str,
+    unescaped: bool,
+}
+
+/// `message` framed for the subscription.
+fn frame_for(message: &MessageTemplate, target: &Target<'_>) -> Utf8Bytes {
+    Utf8Bytes::from(if target.unescaped && message.has_escapes() {
+        message.frame_for_unescaped(target.prefix)
+    } else {
+        message.frame_for(target.prefix)
+    })
+}
+
+/// Whether history can serve every event after `offset` of `epoch` in one replay: same epoch,
+/// not beyond the top, at most `max` events, none trimmed.
+fn replayable(offset: u64, epoch: &str, history: &History, max: usize) -> bool {
+    let top = &history.top;
+    *top.epoch == *epoch
+        && offset <= top.offset
+        && top.offset - offset <= max as u64
+        && (offset == top.offset || history.first <= offset + 1)
+}
+
+/// What a resume sends after `lockstep.subscribed`.
+#[derive(Debug)]
+struct Resumed {
+    recovered: bool,
+    /// The position `lockstep.subscribed` states: every event after it follows, in order.
+    position: Position,
+    /// Events from history, oldest first.
+    replay: Vec<StreamEvent>,
+    /// Live events held meanwhile, already framed, that come after the replay.
+    held: Vec<Utf8Bytes>,
+}
+
+impl Resumed {
+    /// Merges what history served (`None`: it could not serve the start position in full)
+    /// with the live events held meanwhile (which the node delivers contiguously, or after a
+    /// reset). Drops duplicates; any gap between the two is a failed recovery, never a
+    /// partial one.
+    fn plan(
+        start: &StreamStart,
+        top: &Position,
+        replay: Option<Vec<StreamEvent>>,
+        held: Vec<Held>,
+    ) -> Resumed {
+        // Only what follows the last reset among the held events can be trusted.
+        let reset_at = held.iter().rposition(|h| matches!(h, Held::Reset { .. }));
+        let (held, reset) = match reset_at {
+            Some(i) => {
+                let mut rest = held;
+                let tail = rest.split_off(i + 1);
+                let Some(Held::Reset { position, frame }) = rest.pop() else {
+                    unreachable!("rposition found a reset here")
+                };
+                (tail, Some((position, frame)))
+            }
+            None => (held, None),
+        };
+        let events: Vec<(u64, Utf8Bytes)> = held
+            .into_iter()
+            .filter_map(|h| match h {
+                Held::Event { offset, frame } => Some((offset, frame)),
+                Held::Reset { .. } => None,
+            })
+            .collect();
+        let live = |from: Position| -> Resumed {
+            let position = events.first().map_or(from.clone(), |(o, _)| {
+                Position::new(o - 1, from.epoch.clone())
+            });
+            Resumed {
+                recovered: false,
+                position,
+                replay: Vec::new(),
+                held: events.iter().map(|(_, f)| f.clone()).collect(),
+            }
+        };
+        if let Some((position, frame)) = reset {
+            // The node could not deliver part of the stream meanwhile: not recovered; the
+            // reset itself is not sent, the outcome says the same.
+            drop(frame);
+            return live(position);
+        }
+        let Some(replay) = replay else {
+            return live(top.clone());
+        };
+        // The position the replay starts after.
+        let from = match start {
+            StreamStart::After { offset, .. } => *offset,
+            StreamStart::Last => replay.first().map_or(top.offset, |e| e.offset - 1),
+            StreamStart::Next | StreamStart::Snapshot => {
+                let mut plan = live(top.clone());
+                plan.recovered = true;
+                return plan;
+            }
+        };
+        let mut next = from;
+        for event in &replay {
+            if event.offset != next + 1 {
+                return live(top.clone());
+            }
+            next = event.offset;
+        }
+        let mut held_frames = Vec::new();
+        for (offset, frame) in &events {
+            if *offset <= next {
+                continue;
+            }
+            if *offset != next + 1 {
+                return live(top.clone());
+            }
+            next = *offset;
+            held_frames.push(frame.clone());
+        }
+        Resumed {
+            recovered: true,
+            position: Position::new(from, top.epoch.clone()),
+            replay,
+            held: held_frames,
+        }
+    }
 }
 
 /// What the session timer found due.

@@ -9,6 +9,7 @@
 //! broker reconnect is the same code path.
 
 use crate::broker::Broker;
+use crate::fanout::Fanout;
 use crate::registry::Registry;
 use parking_lot::Mutex;
 use std::collections::HashSet;
@@ -83,12 +84,15 @@ impl Subscriptions {
         self: Arc<Self>,
         registry: Arc<Registry>,
         broker: Arc<dyn Broker>,
+        fanout: Arc<Fanout>,
         shutdown: CancellationToken,
     ) {
         let mut subscribed: HashSet<String> = HashSet::new();
         let mut backoff = Duration::from_millis(50);
         let mut connections = self.broker_epoch.clone();
         let mut target_epoch = self.synced_epoch.load(Ordering::SeqCst);
+        // A resubscription happened and the positions were not checked since.
+        let mut check_pending = false;
         loop {
             let reconnected = async {
                 match connections.as_mut() {
@@ -108,6 +112,7 @@ impl Subscriptions {
                 },
             }
             if self.resync.swap(false, Ordering::SeqCst) {
+                check_pending = true;
                 registry.unconfirm_all();
                 subscribed.clear();
                 self.dirty.lock().extend(registry.topics());
@@ -149,6 +154,7 @@ impl Subscriptions {
                     Ok(()) => {
                         for t in &unsubscribe {
                             subscribed.remove(t);
+                            fanout.forget(t);
                         }
                     }
                     Err(err) => {
@@ -164,6 +170,14 @@ impl Subscriptions {
             let done = !failed && !self.resync.load(Ordering::SeqCst);
             if done {
                 self.synced_epoch.store(target_epoch, Ordering::SeqCst);
+                if std::mem::take(&mut check_pending) {
+                    // The node may have missed events while it was away from the broker; a
+                    // quiet topic would only show it at its next event. Compare positions now,
+                    // in the background (the manager goes on reconciling meanwhile).
+                    let fanout = fanout.clone();
+                    let topics: Vec<String> = subscribed.iter().cloned().collect();
+                    tokio::spawn(async move { fanout.check(topics).await });
+                }
             }
             self.in_step.store(done, Ordering::SeqCst);
             self.epoch.send_modify(|e| *e += 1);

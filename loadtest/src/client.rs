@@ -312,6 +312,30 @@ impl StompClient {
         self.expect_receipt(&receipt).await
     }
 
+    /// `SUBSCRIBE` with a receipt and extra headers (`x-stream-offset`, …); waits for the
+    /// `RECEIPT`, keeping the `MESSAGE`s that come first (a resume's) for later.
+    ///
+    /// # Errors
+    ///
+    /// When the server answers with anything but the receipt.
+    pub async fn subscribe_with(
+        &mut self,
+        id: &str,
+        destination: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let receipt = format!("sub-{id}");
+        let mut frame = Frame::new(Command::Subscribe)
+            .with_header("id", id)
+            .with_header("destination", destination)
+            .with_header("receipt", receipt.as_str());
+        for (name, value) in headers {
+            frame = frame.with_header(*name, *value);
+        }
+        self.send(&frame).await?;
+        self.expect_receipt(&receipt).await
+    }
+
     /// Waits for `RECEIPT` `receipt-id`, keeping any `MESSAGE` that arrives first for later.
     ///
     /// # Errors

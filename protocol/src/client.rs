@@ -7,6 +7,7 @@
 
 use crate::frame::{Command, Frame};
 use crate::heartbeat::HeartBeat;
+use crate::stream::{self, StreamError, StreamStart};
 use bytes::Bytes;
 use thiserror::Error;
 
@@ -26,6 +27,9 @@ pub enum ClientCommand {
         id: String,
         destination: String,
         ack: Option<String>,
+        /// Where the subscription starts (`x-stream-offset`, `x-stream-epoch`); `None`: live
+        /// only, and no `lockstep.subscribed` frame.
+        stream: Option<StreamStart>,
     },
     Unsubscribe {
         id: String,
@@ -100,6 +104,8 @@ pub enum CommandError {
     },
     #[error("invalid heart-beat header '{0}'")]
     InvalidHeartBeat(String),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 impl TryFrom<Frame> for ClientFrame {
@@ -141,6 +147,10 @@ impl TryFrom<Frame> for ClientFrame {
                 // could not tell its subscriptions apart, so it is required here.
                 id: need("SUBSCRIBE", "id")?,
                 ack: frame.header("ack").map(str::to_owned),
+                stream: StreamStart::parse(
+                    frame.header(stream::OFFSET_HEADER),
+                    frame.header(stream::EPOCH_HEADER),
+                )?,
             },
             Command::Unsubscribe => ClientCommand::Unsubscribe {
                 id: need("UNSUBSCRIBE", "id")?,

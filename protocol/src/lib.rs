@@ -22,6 +22,8 @@
 //! - [`close`]: WebSocket close codes and reasons.
 //! - [`auth`]: JWT verification and the subscribe/publish rules ([`Principal`]).
 //! - [`rate`]: a token bucket for publish rate limits.
+//! - [`stream`]: stream positions (offset, epoch) in `MESSAGE` headers, `SUBSCRIBE`'s start
+//!   position, and the `lockstep.subscribed` and `lockstep.reset` frames.
 //! - [`session`]: session ids that carry a MAC over node, id and user ([`SessionKey`]).
 
 pub mod auth;
@@ -34,6 +36,7 @@ pub mod heartbeat;
 pub mod rate;
 pub mod server;
 pub mod session;
+pub mod stream;
 pub mod topic;
 
 pub use auth::{AuthError, Authenticator, Forbidden, Principal, Scope};
@@ -45,4 +48,5 @@ pub use frame::{Command, Frame};
 pub use heartbeat::HeartBeat;
 pub use server::MessageTemplate;
 pub use session::{SessionError, SessionKey};
+pub use stream::{Position, StreamStart};
 pub use topic::{EventType, Topic, TopicError, TopicKind};

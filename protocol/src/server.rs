@@ -67,6 +67,13 @@ impl MessageTemplate {
         frame
     }
 
+    /// The frame's body (the event's envelope JSON), without the NUL that ends the frame.
+    pub fn body(&self) -> &str {
+        self.tail
+            .split_once("\n\n")
+            .map_or("", |(_, body)| body.strip_suffix('\0').unwrap_or(body))
+    }
+
     /// Whether the tail holds escaped header characters, so that a STOMP 1.0 subscriber (no
     /// escaping) needs [`MessageTemplate::frame_for_unescaped`].
     pub fn has_escapes(&self) -> bool {

@@ -141,7 +141,7 @@ async fn three_nodes_deliver_exactly_once_through_redis() {
 async fn three_nodes_deliver_exactly_once_through_redis_cluster() {
     let cluster = RedisCluster::start(3);
     // Two team topics whose channels live on different shards.
-    let owner = |team: &str| cluster.owner(&format!("lockstep:/team/{team}"));
+    let owner = |team: &str| cluster.owner(&format!("lockstep:{{/team/{team}}}"));
     let first = "t1".to_owned();
     let second = (2..100)
         .map(|i| format!("t{i}"))
@@ -162,7 +162,7 @@ async fn three_nodes_deliver_exactly_once_through_redis_cluster() {
     let channels = cluster.shard_channels();
     for team in [&first, &second] {
         assert!(
-            channels.contains(&format!("lockstep:/team/{team}")),
+            channels.contains(&format!("lockstep:{{/team/{team}}}")),
             "{channels:?}"
         );
     }
@@ -305,6 +305,7 @@ async fn redis_restart_keeps_every_subscription() {
     let rejected: BTreeSet<u64> = refused.iter().map(|o| o.0).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         let mut seen = BTreeSet::new();
+        let mut resets = 0;
         // Read until every event accepted after the recovery arrived.
         while !after.is_subset(&seen) {
             let frame = c.expect_frame().await.unwrap_or_else(|e| {
@@ -313,6 +314,13 @@ async fn redis_restart_keeps_every_subscription() {
                     after.difference(&seen).collect::<Vec<_>>()
                 )
             });
+            // The restarted Redis kept nothing (no persistence): the topic's history and
+            // counter are gone, a new epoch begins, and the subscribers are told so once.
+            if frame.header("event-type") == Some("lockstep.reset") {
+                resets += 1;
+                assert_eq!(resets, 1, "client {i}: a second reset");
+                continue;
+            }
             let n = envelope(&frame, "t", "/team/t1")["data"]["n"]
                 .as_u64()
                 .unwrap();
@@ -322,6 +330,7 @@ async fn redis_restart_keeps_every_subscription() {
                 "client {i} got event {n}, which was refused with 503"
             );
         }
+        assert_eq!(resets, 1, "client {i}: the new epoch was not announced");
         let extra = tokio::time::timeout(Duration::from_millis(300), c.next()).await;
         assert!(
             !matches!(extra, Ok(Ok(Incoming::Frame(_)))),
@@ -332,7 +341,7 @@ async fn redis_restart_keeps_every_subscription() {
         redis
             .shard_channels()
             .iter()
-            .any(|c| c == "lockstep:/team/t1"),
+            .any(|c| c == "lockstep:{/team/t1}"),
         "/team/t1 was not resubscribed"
     );
 }
@@ -386,7 +395,7 @@ async fn subscription_churn_leaves_no_orphan_channels() {
             .filter(|c| !c.contains("probe:"))
             .collect::<BTreeSet<_>>()
     };
-    let wanted: BTreeSet<String> = ["lockstep:/team/t0", "lockstep:/user/keeper"]
+    let wanted: BTreeSet<String> = ["lockstep:{/team/t0}", "lockstep:{/user/keeper}"]
         .map(str::to_owned)
         .into();
     wait_for(

@@ -6,6 +6,7 @@ mod cluster;
 mod deploy;
 mod fanout;
 mod hardening;
+mod history;
 mod lifecycle;
 mod load;
 mod locks;

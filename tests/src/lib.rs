@@ -12,12 +12,14 @@
 //! - [`postgres`]: private PostgreSQL clusters on free ports.
 //! - [`s3`]: private S3-compatible servers (s3s-fs) on free ports.
 //! - [`nginx`]: a private nginx answering CORS in front of a storage server, for browsers.
+//! - [`streams`]: the checker that proves a subscriber never missed an event silently.
 //! - `it/`: the tests themselves, one binary, a module per area.
 
 pub mod nginx;
 pub mod postgres;
 pub mod redis;
 pub mod s3;
+pub mod streams;
 
 use anyhow::{Context as _, bail};
 use jsonwebtoken::{EncodingKey, Header};

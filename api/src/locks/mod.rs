@@ -271,10 +271,19 @@ pub(crate) struct BatchReleaseRequest {
     items: Vec<BatchReleaseItem>,
 }
 
-/// The live locks of a team, or the locks a batch granted.
+/// The locks a batch granted.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct LockList {
     locks: Vec<LockView>,
+}
+
+/// The live locks of a team, and where the team topic stood just before they were read:
+/// subscribe to `/team/{t}` from there (`x-stream-offset:offset=<offset>`,
+/// `x-stream-epoch:<epoch>`) and no change is missed or applied twice.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TeamLocks {
+    locks: Vec<LockView>,
+    position: crate::topics::PositionView,
 }
 
 /// What a batch release did for one item.
@@ -584,14 +593,26 @@ pub(crate) async fn get(
 
 /// Every live lock of a team.
 #[utoipa::path(get, path = "/api/v1/teams/{team}/locks",
-    responses((status = 200, description = "every live lock of the team", body = LockList)), security(("bearer" = [])))]
+    responses((status = 200, description = "every live lock of the team, and the team topic's position before they were read", body = TeamLocks)), security(("bearer" = [])))]
 pub(crate) async fn list(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     ApiPath(team): ApiPath<String>,
-) -> Result<Json<LockList>, ApiError> {
+) -> Result<Json<TeamLocks>, ApiError> {
     authorize(&caller, &team, &[])?;
     let locks = locks(&state)?;
+    // Read before the locks: a change committed after this position is announced after it, so
+    // a page that lists and then subscribes from here misses nothing. (A change announced
+    // between the two is in both: its event carries the same token, and applying it twice is
+    // harmless.)
+    let topic = protocol::Topic::team(&team).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let position = state
+        .inner
+        .publisher
+        .history(&topic, u64::MAX, 0)
+        .await
+        .map_err(|f| crate::topics::unavailable(&f))?
+        .top;
     let all: Vec<LockView> = locks
         .store
         .list(&team)
@@ -600,7 +621,10 @@ pub(crate) async fn list(
         .into_iter()
         .map(LockView::from)
         .collect();
-    Ok(Json(LockList { locks: all }))
+    Ok(Json(TeamLocks {
+        locks: all,
+        position: (&position).into(),
+    }))
 }
 
 /// Events a batch of `n` items may publish (one per item), for the caller's budget.

@@ -4,7 +4,7 @@
 
 use super::store::{LockStore, StoredEvent};
 use super::{LockConfig, millis};
-use crate::{EventPublisher, NodeSessions};
+use crate::{EventOptions, EventPublisher, NodeSessions};
 use protocol::{EventType, Topic};
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -33,9 +33,22 @@ pub(crate) async fn publish(
             done.push(event.id);
             continue;
         };
-        match publisher.publish(&topic, &event_type, &data).await {
-            Ok(_) => {
-                crate::metrics::lock_event(&event.topic, &event.event_type);
+        // Keyed by item and versioned by the outbox id, which grows with every change of the
+        // item in commit order: an event published late (by a slow node, or by the sweeper
+        // after its node died) cannot overtake a newer one; it is superseded instead, so every
+        // subscriber sees an item's lock events in token order.
+        let options = EventOptions {
+            key: lock_key(&event.data),
+            version: u64::try_from(event.id).ok(),
+            ..EventOptions::default()
+        };
+        match publisher.publish(&topic, &event_type, &data, options).await {
+            Ok(published) => {
+                if published.superseded {
+                    debug!(id = event.id, topic = %event.topic, "lock event superseded by a newer one of its item");
+                } else {
+                    crate::metrics::lock_event(&event.topic, &event.event_type);
+                }
                 done.push(event.id);
             }
             Err(err) => {
@@ -48,6 +61,18 @@ pub(crate) async fn publish(
         // They will be published again after their lease: at least once, never lost.
         warn!(%err, "could not delete published lock events");
     }
+}
+
+/// The key of a lock event: `lock:{item}`, from its data.
+fn lock_key(data: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Item<'a> {
+        #[serde(borrow)]
+        item: &'a str,
+    }
+    serde_json::from_str::<Item<'_>>(data)
+        .ok()
+        .map(|d| format!("lock:{}", d.item))
 }
 
 /// How many sweeps pass between two checks of this node's session-bound locks against the

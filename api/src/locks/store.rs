@@ -161,8 +161,8 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub struct LockStore {
     pool: AnyPool,
-    /// One connection of its own for the node's heartbeat: a node whose main pool is busy
-    /// with requests and sweeps must not look dead to the others.
+    /// One connection of its own for the node's heartbeat (PostgreSQL): a node whose main pool
+    /// is busy with requests and sweeps must not look dead to the others.
     heartbeat: AnyPool,
     dialect: Dialect,
     event_lease_ms: i64,
@@ -221,8 +221,6 @@ impl LockStore {
                 Dialect::Postgres => options
                     .max_connections(connections.max(1))
                     .connect_lazy(&config.url),
-                // One writer at a time is SQLite's nature; a second pool (the heartbeat) waits
-                // on the file lock for at most the busy timeout.
                 Dialect::Sqlite => options
                     .max_connections(1)
                     .after_connect(|conn, _| {
@@ -242,8 +240,15 @@ impl LockStore {
                     .connect_lazy(&config.url),
             }
         };
-        let heartbeat = pool(1)?;
-        let pool = pool(config.max_connections)?;
+        let main = pool(config.max_connections)?;
+        // SQLite serves one node, whose pauses stall every connection alike, and a second
+        // writer would make the main connection's read-then-write transactions fail with
+        // SQLITE_BUSY_SNAPSHOT: the heartbeat shares the one connection there.
+        let heartbeat = match dialect {
+            Dialect::Postgres => pool(1)?,
+            Dialect::Sqlite => main.clone(),
+        };
+        let pool = main;
         Ok(LockStore {
             pool,
             heartbeat,
