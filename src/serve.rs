@@ -474,9 +474,11 @@ impl EventPublisher for HubPublisher {
             key: options.key,
             version: options.version,
         };
+        // Called now, not when the future is first polled: the event takes its place in the
+        // topic's order here, so a caller may start several publishes and await them after.
+        let confirmed = self.0.publish(topic, event_type, data, options);
         Box::pin(async move {
-            self.0
-                .publish(topic, event_type, data, options)
+            confirmed
                 .await
                 .map(|p| PublishedEvent {
                     id: p.id.to_string(),

@@ -49,7 +49,9 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 /// Publishes events and reads topics' history for the API. The binary implements it over the
 /// hub.
 pub trait EventPublisher: Send + Sync + std::fmt::Debug + 'static {
-    /// Publishes one event; answers its id and position.
+    /// Publishes one event; answers its id and position. The event takes its place in its
+    /// topic's order when this is *called*, so a caller may start several publishes before
+    /// awaiting any, and they keep the order they were started in.
     fn publish<'a>(
         &'a self,
         topic: &'a Topic,

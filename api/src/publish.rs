@@ -144,13 +144,13 @@ pub(crate) async fn publish_batch(
         .inner
         .limiter
         .check(&caller, request.events.len() as u32)?;
-    let mut ids = Vec::with_capacity(validated.len());
-    let mut events = Vec::with_capacity(validated.len());
-    for ((topic, event_type), event) in validated.iter().zip(&request.events) {
-        let published = state
-            .inner
-            .publisher
-            .publish(
+    // Every event is handed to the broker first (in order: each takes its place when
+    // started), then the answers are awaited: one round trip for the batch, not one each.
+    let pending: Vec<_> = validated
+        .iter()
+        .zip(&request.events)
+        .map(|((topic, event_type), event)| {
+            state.inner.publisher.publish(
                 topic,
                 event_type,
                 &event.data,
@@ -159,10 +159,34 @@ pub(crate) async fn publish_batch(
                     ..EventOptions::default()
                 },
             )
-            .await
-            .map_err(|f| unavailable(&f, &ids))?;
-        ids.push(published.id.clone());
-        events.push(Published::from(published));
+        })
+        .collect();
+    let outcomes = futures_util::future::join_all(pending).await;
+    let mut ids = Vec::with_capacity(outcomes.len());
+    let mut events = Vec::with_capacity(outcomes.len());
+    let mut failed: Vec<(usize, PublishFailure)> = Vec::new();
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Ok(published) => {
+                ids.push(published.id.clone());
+                events.push(Published::from(published));
+            }
+            Err(failure) => failed.push((i, failure)),
+        }
+    }
+    if let Some((first, failure)) = failed.first() {
+        let indices: Vec<usize> = failed.iter().map(|(i, _)| *i).collect();
+        // Usually the failures are a suffix (the broker went away); say which ones either way.
+        if indices.iter().copied().eq(*first..failed.len() + first) && *first == ids.len() {
+            return Err(unavailable(failure, &ids));
+        }
+        let mut error = unavailable(failure, &[]);
+        if let ApiError::Unavailable { message, .. } = &mut error {
+            *message = format!(
+                "{failure}; events {indices:?} of the batch were not published, the others were"
+            );
+        }
+        return Err(error);
     }
     Ok((StatusCode::ACCEPTED, Json(BatchPublished { ids, events })))
 }

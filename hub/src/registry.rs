@@ -15,7 +15,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use protocol::{MessageTemplate, Position};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// A connection id, unique within this node.
 pub(crate) type ConnId = u64;
@@ -58,6 +58,9 @@ pub(crate) struct Recovery {
     /// mutex: held to push one frame or to take them all.
     held: Mutex<Option<Vec<Held>>>,
     capacity: usize,
+    /// Once live: events at or below this offset were already sent by the resume (history can
+    /// run ahead of this node's pub/sub delivery) and are dropped.
+    sent_through: AtomicU64,
 }
 
 impl Recovery {
@@ -66,6 +69,7 @@ impl Recovery {
             active: AtomicBool::new(true),
             held: Mutex::new(Some(Vec::new())),
             capacity,
+            sent_through: AtomicU64::new(0),
         }
     }
 
@@ -87,12 +91,22 @@ impl Recovery {
     }
 
     /// Takes what was held and turns the subscription live: from now on fan-out queues its
-    /// events as usual. Everything delivered before this call is in the result, everything
-    /// after it goes to the queue, so nothing is lost or doubled between the two.
-    pub(crate) fn go_live(&self) -> Vec<Held> {
+    /// events, except those at or below the offset `sent_through` computes from the held
+    /// events (what the resume sends itself). Everything delivered before this call is in the
+    /// result, everything after it goes to the queue, so nothing is lost or doubled between
+    /// the two.
+    pub(crate) fn go_live(&self, sent_through: impl FnOnce(&[Held]) -> u64) -> Vec<Held> {
         let mut guard = self.held.lock();
+        let held = guard.take().unwrap_or_default();
+        self.sent_through
+            .store(sent_through(&held), Ordering::Release);
         self.active.store(false, Ordering::Release);
-        guard.take().unwrap_or_default()
+        held
+    }
+
+    /// Whether a live event at `offset` was already sent by the resume.
+    fn already_sent(&self, offset: u64) -> bool {
+        offset <= self.sent_through.load(Ordering::Acquire)
     }
 }
 
@@ -285,6 +299,7 @@ impl Registry {
                         delivery.slow += 1;
                         continue;
                     }
+                    Err(Held::Event { offset, .. }) if recovery.already_sent(offset) => continue,
                     Err(Held::Event { frame, .. } | Held::Reset { frame, .. }) => frame,
                 },
                 None => frame,
@@ -332,7 +347,7 @@ mod tests {
         r.deliver("/team/t", 5, &m);
         r.deliver("/team/t", 6, &m);
         assert!(qa.pop().is_none(), "held, not queued");
-        let held = recovery.go_live();
+        let held = recovery.go_live(|_| 6);
         assert_eq!(
             held.iter()
                 .map(|h| match h {
@@ -342,6 +357,9 @@ mod tests {
                 .collect::<Vec<_>>(),
             [5, 6]
         );
+        // Live: what the resume sent already (history ran ahead) is dropped, the rest queued.
+        r.deliver("/team/t", 6, &m);
+        assert!(qa.pop().is_none(), "sent by the resume already");
         r.deliver("/team/t", 7, &m);
         assert!(qa.pop().is_some(), "live: queued");
         // Holding more than the capacity marks the connection slow.

@@ -888,8 +888,20 @@ impl Session {
             }
         };
         // From here on, live events of this subscription go to the queue, after everything
-        // written below.
-        let held = recovery.go_live();
+        // written below. History may be ahead of this node's live delivery: a live event the
+        // replay already holds (at or below the top it read) would come again, so it is
+        // dropped; likewise events below a position stated without a replay.
+        let top_offset = top.offset;
+        let replays = matches!(start, StreamStart::Last | StreamStart::After { .. });
+        let held = recovery.go_live(|held| {
+            if replays || held.is_empty() {
+                top_offset
+            } else {
+                // Held events continue the stream from the position stated (the first of
+                // them), and every later one is newer.
+                0
+            }
+        });
         let plan = Resumed::plan(&start, &top, replay, held);
         metrics::counter!(crate::metrics::RESUMES, "recovered" => if plan.recovered { "true" } else { "false" })
             .increment(1);

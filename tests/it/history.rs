@@ -240,6 +240,23 @@ async fn resume_across_nodes_on_redis() {
     crate::locks::wait_ready(&a, 200, Duration::from_secs(20)).await;
     crate::locks::wait_ready(&b, 200, Duration::from_secs(20)).await;
     resume_story(&a, &b, "/team/t1").await;
+    // An idempotent publish retried through another node publishes once.
+    let backend = a.token("backend", &["t1", "t2"], "publish");
+    let event = json!({"topic": "/team/t2", "type": "history.test", "data": {"n": 1}, "idempotency_key": "k-1"});
+    let (_, first) = crate::http_publish(&a, &backend, &event).await;
+    let (_, again) = crate::http_publish(&b, &backend, &event).await;
+    assert_eq!(
+        (&again["id"], &again["offset"], &again["duplicate"]),
+        (&first["id"], &first["offset"], &json!(true)),
+        "{first} {again}"
+    );
+    let (_, next) = crate::http_publish(
+        &b,
+        &backend,
+        &json!({"topic": "/team/t2", "type": "history.test", "data": {"n": 2}}),
+    )
+    .await;
+    assert_eq!(next["offset"], json!(first["offset"].as_u64().unwrap() + 1));
 }
 
 /// Every way a resume cannot be served is answered plainly, and nothing else is disturbed: an

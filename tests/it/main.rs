@@ -7,6 +7,7 @@ mod deploy;
 mod fanout;
 mod hardening;
 mod history;
+mod history_load;
 mod lifecycle;
 mod load;
 mod locks;
