@@ -10,6 +10,10 @@
 #                                   # against the single in-process node in the same run
 #   loadtest/compare.sh locks       # acquire+release pairs/s: SQLite, PostgreSQL 1 and 3 nodes, Redis SET NX PX
 #   loadtest/compare.sh presign     # presigned URLs/s on one core vs boto3, and through the HTTP API
+#   loadtest/compare.sh history    # history on vs off vs the commit before history (BASELINE, default
+#                                   # 4292fc8): fan-out on 1 node and 2 nodes + Redis, Redis CPU
+#                                   # per event; resume latency (1000 clients, 100 and 1000 missed);
+#                                   # memory per retained event (in-process ring, Redis stream)
 #   BASELINE=<git rev> loadtest/compare.sh ab
 #                                   # this tree against an earlier commit, alternating twice:
 #                                   # CPU per delivery, fanout p99, idle RSS per connection
@@ -56,7 +60,7 @@ start_lockstep() {
   secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
   # A backend publisher is not rate-limited like a browser connection.
   LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
-    LOCKSTEP_LOG_LEVEL="${LOG_LEVEL:-warn}" LOCKSTEP_DATA_DIR="$work/lockstep" env "${storage_env[@]}" \
+    LOCKSTEP_LOG_LEVEL="${LOG_LEVEL:-warn}" LOCKSTEP_DATA_DIR="$work/lockstep" env "${storage_env[@]}" "${extra_env[@]}" \
     "${lockstep_bin:-$bin/lockstep}" serve --listen 127.0.0.1:0 >"$work/lockstep.out" 2>"$work/lockstep.err" &
   lockstep_pid=$!; pids+=("$lockstep_pid")
   for _ in $(seq 1 100); do grep -q listening "$work/lockstep.out" && break; sleep 0.05; done
@@ -117,6 +121,9 @@ CONF
 }
 
 record() { tee -a "$OUT"; }
+
+# Extra LOCKSTEP_* settings for the nodes a scenario starts (empty: defaults).
+extra_env=()
 
 start_lockstep_pair() { # redis-url: two nodes sharing it; sets pair_url and pair_pids
   start_api_nodes 2 "" "$1"
@@ -286,8 +293,8 @@ start_api_nodes() { # count database-url redis-url: N nodes; sets api_http (comm
     # Empty URLs mean the defaults (SQLite in the data directory, the in-process broker).
     LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_HUB_PUBLISH_RATE=10000000 LOCKSTEP_HUB_PUBLISH_BURST=100000 \
       LOCKSTEP_LOG_LEVEL="${LOG_LEVEL:-warn}" LOCKSTEP_DATA_DIR="$work/api$i" \
-      LOCKSTEP_DATABASE_URL="$2" LOCKSTEP_REDIS_URL="$3" env "${storage_env[@]}" \
-      "$bin/lockstep" serve --listen 127.0.0.1:0 >"$out" 2>"$work/api$i.err" &
+      LOCKSTEP_DATABASE_URL="$2" LOCKSTEP_REDIS_URL="$3" env "${storage_env[@]}" "${extra_env[@]}" \
+      "${lockstep_bin:-$bin/lockstep}" serve --listen 127.0.0.1:0 >"$out" 2>"$work/api$i.err" &
     api_pids+=("$!"); pids+=("$!")
     for _ in $(seq 1 100); do grep -q listening "$out" && break; sleep 0.05; done
     local http
@@ -399,6 +406,84 @@ run_ab() {
   echo "idle RSS per connection, current / baseline = $(ratio "$c" "$b") ($c vs $b KiB)"
 }
 
+# History on against off (the same binary, history.enabled=false) and against the commit before
+# history existed (BASELINE): plain SPUBLISH, no offsets. Each variant gets fresh processes.
+run_history() {
+  local rev=${BASELINE:-4292fc8}
+  local tree="$work/baseline" rates="500,1000,1500,2000,2500"
+  git worktree add -q --detach "$tree" "$rev"
+  (cd "$tree" && cargo build --release --locked -q -p lockstep)
+  cp "$bin/lockstep" "$work/lockstep-baseline"
+  git worktree remove --force "$tree"
+  cargo build --release --locked -q -p lockstep -p loadtest
+  echo "== history: baseline $(git rev-parse --short "$rev") (no history), this tree with history off, and on"
+  stop_pids "$ceiling_pid" "$lockstep_pid"
+  local name
+  for name in baseline off on; do
+    lockstep_bin=$([ $name = baseline ] && echo "$work/lockstep-baseline" || echo "$bin/lockstep")
+    extra_env=()
+    [ $name = off ] && extra_env=(LOCKSTEP_HISTORY_ENABLED=false)
+    start_lockstep
+    "$bin/loadtest" fanout --url "$lockstep_url" --subscribers 1000 --topics 1 --rates "$rates" --duration 8s \
+      --cpu-pid lockstep="$lockstep_pid" 2>/dev/null | record >"$work/h.$name.single"
+    best <"$work/h.$name.single" >"$work/h.$name.single.best"
+    "$bin/loadtest" fanout --url "$lockstep_url" --subscribers 1000 --topics 10 --rates 2000 --payload 100 --duration 15s \
+      --cpu-pid lockstep="$lockstep_pid" 2>/dev/null | record >"$work/h.$name.ten"
+    stop_pids "$lockstep_pid"
+    start_redis
+    start_lockstep_pair "redis://127.0.0.1:$redis_port"
+    "$bin/loadtest" fanout --url "$pair_url" --subscribers 1000 --topics 1 --rates "$rates" --duration 8s \
+      --cpu-pid redis="$redis_pid" 2>/dev/null | record >"$work/h.$name.pair"
+    best <"$work/h.$name.pair" >"$work/h.$name.pair.best"
+    "$bin/loadtest" fanout --url "$pair_url" --subscribers 1000 --topics 10 --rates 2000 --payload 100 --duration 15s \
+      --cpu-pid redis="$redis_pid" 2>/dev/null | record >"$work/h.$name.pairten"
+    stop_pids "${pair_pids[@]}" "$redis_pid"
+    echo "$name: 1 node, 1 topic $(jq -r '"\(.deliveries_per_sec|floor)/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms, \(.cpu[0].us_per_delivery) µs CPU per delivery"' "$work/h.$name.single.best");" \
+      "10 topics $(jq -r '"\(.deliveries_per_sec|floor)/s, lost \(.lost), p99 \(.latency.p99_ms) ms"' "$work/h.$name.ten");" \
+      "2 nodes + Redis, 1 topic $(jq -r '"\(.deliveries_per_sec|floor)/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms, Redis \(.cpu[0].us_per_published) µs CPU per published event"' "$work/h.$name.pair.best");" \
+      "10 topics $(jq -r '"\(.deliveries_per_sec|floor)/s, lost \(.lost), p99 \(.latency.p99_ms) ms, Redis \(.cpu[0].us_per_published) µs CPU per event"' "$work/h.$name.pairten")"
+  done
+  local shape
+  for shape in single pair; do
+    echo "$shape, best deliveries/s: on / off = $(ratio "$(jq .deliveries_per_sec "$work/h.on.$shape.best")" "$(jq .deliveries_per_sec "$work/h.off.$shape.best")"), on / baseline = $(ratio "$(jq .deliveries_per_sec "$work/h.on.$shape.best")" "$(jq .deliveries_per_sec "$work/h.baseline.$shape.best")")"
+  done
+  echo "Redis CPU per published event at 2000 msg/s on 10 topics: on / baseline (plain SPUBLISH) = $(ratio "$(jq .cpu[0].us_per_published "$work/h.on.pairten")" "$(jq .cpu[0].us_per_published "$work/h.baseline.pairten")")"
+  lockstep_bin=""; extra_env=()
+
+  echo "== resume: 1000 clients resuming at once, 100 and 1000 missed events, 100-byte payloads"
+  start_redis
+  start_lockstep_pair "redis://127.0.0.1:$redis_port"
+  "$bin/loadtest" resume --url "$pair_url" --http "${api_http%%,*}" --clients 1000 --missed 100,1000 2>/dev/null | record >"$work/h.resume.pair"
+  stop_pids "${pair_pids[@]}" "$redis_pid"
+  start_lockstep
+  "$bin/loadtest" resume --url "$lockstep_url" --http "$lockstep_http" --clients 1000 --missed 100,1000 2>/dev/null | record >"$work/h.resume.single"
+  stop_pids "$lockstep_pid"
+  jq -r '"2 nodes + Redis: \(.missed) missed: \(.recovered)/\(.clients) recovered, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms"' "$work/h.resume.pair"
+  jq -r '"1 node: \(.missed) missed: \(.recovered)/\(.clients) recovered, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms"' "$work/h.resume.single"
+
+  echo "== memory per retained event: 50,000 events of ~100-byte data on one team topic"
+  local before after n=50000
+  extra_env=("LOCKSTEP_HISTORY_TEAM_EVENTS=$n" LOCKSTEP_API_PUBLISH_RATE=0)
+  for name in off on; do
+    [ $name = off ] && extra_env+=(LOCKSTEP_HISTORY_ENABLED=false)
+    start_lockstep
+    before=$(awk '/VmRSS/ {print $2}' "/proc/$lockstep_pid/status")
+    "$bin/loadtest" resume --url "$lockstep_url" --http "$lockstep_http" --clients 1 --missed $n 2>/dev/null >/dev/null || true
+    after=$(awk '/VmRSS/ {print $2}' "/proc/$lockstep_pid/status")
+    stop_pids "$lockstep_pid"
+    echo "in-process, history $name: RSS grew $(( after - before )) KiB for $n events ($(python3 -c "print(round(($after-$before)*1024/$n))") B per event)"
+  done
+  extra_env=(LOCKSTEP_API_PUBLISH_RATE=0)
+  start_redis
+  start_lockstep_pair "redis://127.0.0.1:$redis_port"
+  "$bin/loadtest" resume --url "$pair_url" --http "${api_http%%,*}" --clients 1 --missed 1000 2>/dev/null >/dev/null || true
+  local usage
+  usage=$(redis-cli -p "$redis_port" MEMORY USAGE "lockstep:{/team/t0}:s" SAMPLES 0)
+  echo "Redis stream of 1000 events: $usage bytes ($(( usage / 1000 )) B per event)"
+  stop_pids "${pair_pids[@]}" "$redis_pid"
+  extra_env=()
+}
+
 case "$scenario" in
   fanout) run_fanout ;;
   fanout10) run_fanout10 ;;
@@ -409,5 +494,6 @@ case "$scenario" in
   presign) run_presign ;;
   all) run_fanout; run_fanout10; run_connect; run_redis; run_locks; run_presign; run_idle ;;
   ab) run_ab ;;
+  history) run_history ;;
   *) echo "unknown scenario $scenario" >&2; exit 64 ;;
 esac

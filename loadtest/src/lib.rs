@@ -9,7 +9,8 @@
 //! - [`target`]: the servers under test (Lockstep, RabbitMQ Web-STOMP, the ceiling server)
 //!   and how each is spoken to.
 //! - [`stats`]: expected/delivered accounting, latency histograms, per-second timeline.
-//! - Scenarios: [`fanout`], [`idle`], [`connect`], and [`api_load`] (locks, presign, signing).
+//! - Scenarios: [`fanout`], [`idle`], [`connect`], [`resume`], and [`api_load`] (locks,
+//!   presign, signing).
 //! - [`ceiling`]: the reference broadcast server.
 
 pub mod api_load;
@@ -18,6 +19,7 @@ pub mod client;
 pub mod connect;
 pub mod fanout;
 pub mod idle;
+pub mod resume;
 pub mod stats;
 pub mod target;
 pub mod wire;

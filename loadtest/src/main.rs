@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use loadtest::target::{Target, TopicKind};
 use loadtest::wire::Endpoint;
-use loadtest::{api_load, ceiling, connect, fanout, idle};
+use loadtest::{api_load, ceiling, connect, fanout, idle, resume};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -76,6 +76,25 @@ enum Command {
         connections: usize,
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+    },
+    /// Many clients resuming at once: SUBSCRIBE with an offset `missed` events back, time to
+    /// the last replayed event.
+    Resume {
+        /// WebSocket URLs (comma-separated; client i uses URL i mod n).
+        #[arg(long, value_delimiter = ',', required = true)]
+        url: Vec<String>,
+        /// HTTP base URL to publish through.
+        #[arg(long)]
+        http: String,
+        #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "")]
+        jwt_secret: String,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Events missed; several values run one after another.
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        missed: Vec<u64>,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
     },
     /// Acquire+release pairs per second through the HTTP API (or Redis SET NX PX + DEL).
     Locks {
@@ -311,6 +330,36 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 report.setup_latency.p99_ms
             );
             emit(&report)?;
+        }
+        Command::Resume {
+            url,
+            http,
+            jwt_secret,
+            clients,
+            missed,
+            payload,
+        } => {
+            for missed in missed {
+                let config = resume::ResumeConfig {
+                    ws: url.clone(),
+                    http: http.clone(),
+                    secret: jwt_secret.clone(),
+                    clients,
+                    missed,
+                    payload,
+                };
+                let report = resume::run(&config).await?;
+                eprintln!(
+                    "resume: {} clients, {} missed: {} recovered, {} failed, p50 {} ms, p99 {} ms",
+                    report.clients,
+                    report.missed,
+                    report.recovered,
+                    report.failed,
+                    report.latency.p50_ms,
+                    report.latency.p99_ms
+                );
+                emit(&report)?;
+            }
         }
         Command::Locks {
             http,

@@ -85,6 +85,11 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// Percentiles of a histogram of microseconds.
+    pub fn from_micros(h: &Histogram<u64>) -> Latency {
+        Latency::of(h)
+    }
+
     fn of(h: &Histogram<u64>) -> Latency {
         if h.is_empty() {
             return Latency::default();

@@ -124,3 +124,31 @@ fn stompjs_flooding_its_own_topic_keeps_receiving() {
     let node = flood_node();
     run(&node, "node", "node/flood.mjs", &flood_config(&node));
 }
+
+/// Resume from an offset with real clients (DESIGN §12): live events, a disconnect, a resume
+/// with exactly the missed events and then live ones, `last`, a quiet topic, and an unknown
+/// epoch answered `x-recovered:false` (the scenario is `shared/resume_scenario.mjs` and
+/// `python/resume.py`).
+#[test]
+fn stompjs_in_node_resumes_from_an_offset() {
+    let node = node(None);
+    run(&node, "node", "node/resume.mjs", &config(&node, None));
+}
+
+#[test]
+fn stompjs_in_headless_chromium_resumes_from_an_offset() {
+    let page_port = free_port();
+    let node = node(Some(page_port));
+    run(
+        &node,
+        "node",
+        "browser/resume.mjs",
+        &config(&node, Some(page_port)),
+    );
+}
+
+#[test]
+fn stomp_py_resumes_from_an_offset() {
+    let node = node(None);
+    run(&node, "python3", "python/resume.py", &config(&node, None));
+}

@@ -1,0 +1,135 @@
+//! `loadtest resume`: how long resuming takes when many clients resume at once (DESIGN §12).
+//!
+//! `missed` events are published to one team topic over HTTP; then `clients` connections,
+//! all open first, each send `SUBSCRIBE` with `x-stream-offset:offset=<top - missed>` at the
+//! same moment. The latency of one client is from sending its `SUBSCRIBE` to receiving the last
+//! replayed event (offset `top`), so it covers the history read, the merge and writing every
+//! replayed frame.
+
+use crate::client::StompClient;
+use crate::stats::Latency;
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use protocol::{Command, Frame};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Barrier;
+use tokio::task::JoinSet;
+
+#[derive(Debug, Clone)]
+pub struct ResumeConfig {
+    /// WebSocket URLs; client i connects to URL i mod n.
+    pub ws: Vec<String>,
+    /// The HTTP base URL events are published through.
+    pub http: String,
+    pub secret: String,
+    pub clients: usize,
+    /// Events each client missed.
+    pub missed: u64,
+    pub payload: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResumeReport {
+    pub scenario: &'static str,
+    pub clients: usize,
+    pub missed: u64,
+    pub recovered: u64,
+    pub failed: u64,
+    /// From `SUBSCRIBE` to the last replayed event.
+    pub latency: Latency,
+    pub elapsed_s: f64,
+}
+
+/// # Errors
+///
+/// Setup errors (publishing, tokens); failed resumes are counted.
+pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
+    let topic = "/team/t0";
+    let publisher = crate::target::token_with_scope(&config.secret, "loadtest-publisher", &[0], "publish")?;
+    let http = reqwest::Client::new();
+    let pad = "x".repeat(config.payload);
+    let mut answer = serde_json::Value::Null;
+    let mut left = config.missed;
+    while left > 0 {
+        let n = left.min(100);
+        let events: Vec<_> = (0..n)
+            .map(|i| serde_json::json!({"topic": topic, "type": "load.resume", "data": {"i": i, "pad": pad}}))
+            .collect();
+        let response = http
+            .post(format!("{}/api/v1/publish/batch", config.http))
+            .bearer_auth(&publisher)
+            .json(&serde_json::json!({ "events": events }))
+            .send()
+            .await?;
+        anyhow::ensure!(response.status().as_u16() == 202, "publish: {}", response.status());
+        answer = response.json().await?;
+        left -= n;
+    }
+    let last = &answer["events"][answer["events"].as_array().map_or(0, Vec::len).saturating_sub(1)];
+    let top = last["offset"].as_u64().context("no offset in the publish answer")?;
+    let epoch = last["epoch"].as_str().context("no epoch")?.to_owned();
+    let from = top - config.missed;
+
+    let token = crate::target::token(&config.secret, "loadtest-resume", &[0])?;
+    let barrier = Arc::new(Barrier::new(config.clients));
+    let mut tasks = JoinSet::new();
+    for i in 0..config.clients {
+        let (url, token, epoch, barrier) = (
+            config.ws[i % config.ws.len()].clone(),
+            token.clone(),
+            epoch.clone(),
+            barrier.clone(),
+        );
+        tasks.spawn(async move {
+            let connected = StompClient::connect(&url, &token).await;
+            // Everyone waits for everyone, connected or not, so the resumes start together.
+            barrier.wait().await;
+            let (mut client, _) = connected.ok()?;
+            let frame = Frame::new(Command::Subscribe)
+                .with_header("id", "r")
+                .with_header("destination", topic)
+                .with_header("x-stream-offset", format!("offset={from}"))
+                .with_header("x-stream-epoch", epoch.as_str());
+            let begun = Instant::now();
+            client.send(&frame).await.ok()?;
+            let mut recovered = false;
+            loop {
+                let frame = client.expect_frame_within(Duration::from_secs(60)).await.ok()?;
+                if frame.header("event-type") == Some("lockstep.subscribed") {
+                    recovered = frame.header("x-recovered") == Some("true");
+                    if !recovered {
+                        return Some((begun.elapsed(), false));
+                    }
+                    continue;
+                }
+                let offset: u64 = frame.header("x-stream-offset")?.parse().ok()?;
+                if offset >= top {
+                    return Some((begun.elapsed(), recovered));
+                }
+            }
+        });
+    }
+    let started = Instant::now();
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 2)?;
+    let (mut recovered, mut failed) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        match result.ok().flatten() {
+            Some((took, true)) => {
+                recovered += 1;
+                histogram.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1))?;
+            }
+            _ => failed += 1,
+        }
+    }
+    Ok(ResumeReport {
+        scenario: "resume",
+        clients: config.clients,
+        missed: config.missed,
+        recovered,
+        failed,
+        latency: Latency::from_micros(&histogram),
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
