@@ -47,7 +47,8 @@ pub struct ResumeReport {
 /// Setup errors (publishing, tokens); failed resumes are counted.
 pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
     let topic = "/team/t0";
-    let publisher = crate::target::token_with_scope(&config.secret, "loadtest-publisher", &[0], "publish")?;
+    let publisher =
+        crate::target::token_with_scope(&config.secret, "loadtest-publisher", &[0], "publish")?;
     let http = reqwest::Client::new();
     let pad = "x".repeat(config.payload);
     let mut answer = serde_json::Value::Null;
@@ -63,12 +64,21 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
             .json(&serde_json::json!({ "events": events }))
             .send()
             .await?;
-        anyhow::ensure!(response.status().as_u16() == 202, "publish: {}", response.status());
+        anyhow::ensure!(
+            response.status().as_u16() == 202,
+            "publish: {}",
+            response.status()
+        );
         answer = response.json().await?;
         left -= n;
     }
-    let last = &answer["events"][answer["events"].as_array().map_or(0, Vec::len).saturating_sub(1)];
-    let top = last["offset"].as_u64().context("no offset in the publish answer")?;
+    let last = &answer["events"][answer["events"]
+        .as_array()
+        .map_or(0, Vec::len)
+        .saturating_sub(1)];
+    let top = last["offset"]
+        .as_u64()
+        .context("no offset in the publish answer")?;
     let epoch = last["epoch"].as_str().context("no epoch")?.to_owned();
     let from = top - config.missed;
 
@@ -96,7 +106,10 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
             client.send(&frame).await.ok()?;
             let mut recovered = false;
             loop {
-                let frame = client.expect_frame_within(Duration::from_secs(60)).await.ok()?;
+                let frame = client
+                    .expect_frame_within(Duration::from_secs(60))
+                    .await
+                    .ok()?;
                 if frame.header("event-type") == Some("lockstep.subscribed") {
                     recovered = frame.header("x-recovered") == Some("true");
                     if !recovered {
