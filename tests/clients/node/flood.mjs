@@ -24,20 +24,17 @@
 // line and a redacted stompjs trace on stderr.
 
 import { Client } from '@stomp/stompjs';
-import { WebSocket } from 'ws';
-import { createRequire } from 'node:module';
-import { readFileSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
+import { ISO_UTC } from '../shared/common.mjs';
+import { makeTrace, packageVersion, runMain, useWsAsWebSocket } from '../shared/node_harness.mjs';
 
-// Node 20 has no global WebSocket; stompjs opens `new WebSocket(brokerURL, ['v12.stomp', …])`.
-Object.assign(globalThis, { WebSocket });
+useWsAsWebSocket();
 
 const WAIT_MS = 10_000; // connect, the SUBSCRIBE receipt, deactivate()
 const CHUNK = 100; // SENDs between two turns of the event loop
 const SUB_ID = 's-flood';
 const EVENT = 'flood.msg';
 const END_EVENT = 'flood.end';
-const ISO_UTC = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$/;
 const TRACE_LINES = 200;
 
 class Failure extends Error {}
@@ -50,24 +47,6 @@ const show = (v) => {
 };
 const now = () => performance.now();
 const secs = (ms) => (ms === null || ms === undefined ? null : Math.round(ms) / 1000);
-
-function packageVersion(name) {
-  try {
-    let dir = createRequire(import.meta.url).resolve(name);
-    for (let i = 0; i < 6; i++) {
-      dir = dir.slice(0, dir.lastIndexOf('/'));
-      try {
-        const pkg = JSON.parse(readFileSync(`${dir}/package.json`, 'utf8'));
-        if (pkg.name === name) return pkg.version;
-      } catch (_) {
-        // keep walking
-      }
-    }
-  } catch (_) {
-    // unknown
-  }
-  return 'unknown';
-}
 
 function parseConfig(argv) {
   if (argv.length < 3) fail("usage: node node/flood.mjs '<json config>'");
@@ -150,11 +129,7 @@ async function main() {
     return 1;
   }
   const redact = (line) => String(line).split(cfg.token).join('<token>');
-  const trace = [];
-  const log = (line) => {
-    trace.push(`${new Date().toISOString()} ${redact(line).slice(0, 300)}`);
-    if (trace.length > TRACE_LINES) trace.shift();
-  };
+  const { lines: trace, log } = makeTrace(redact, TRACE_LINES, 300);
   const topic = `/user/${cfg.user}`;
   const floodBudgetMs = (cfg.count / cfg.rate + cfg.timeout_s) * 1000;
 
@@ -419,9 +394,4 @@ async function main() {
   }
 }
 
-process.on('unhandledRejection', (e) => {
-  process.stderr.write(`FAIL [node] unhandled rejection: ${e && e.stack ? e.stack : e}\n`);
-  process.exit(1);
-});
-
-main().then((code) => process.exit(code));
+runMain(main);

@@ -6,85 +6,17 @@
 //     "heartbeat_ms":500}'
 //
 // Exit 0 after printing `OK {summary}` on stdout; exit 1 with the reason (and a stompjs trace) on
-// stderr. The scenario itself is shared with the browser run: ../shared/scenario.mjs.
+// stderr. The scenario itself is shared with the browser run: ../shared/scenario.mjs; the Node
+// harness (config, `ws` as the WebSocket, watchdog, reporting) is ../shared/node_harness.mjs.
 
-import { readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { Client } from '@stomp/stompjs';
-import { WebSocket } from 'ws';
-import { runScenario, makeRedactor, WAIT_MS } from '../shared/scenario.mjs';
+import { WAIT_MS } from '../shared/common.mjs';
+import { runScenarioInNode } from '../shared/node_harness.mjs';
+import { runScenario } from '../shared/scenario.mjs';
 
-// Node 20 has no global WebSocket; stompjs opens `new WebSocket(brokerURL, ['v12.stomp', …])`.
-Object.assign(globalThis, { WebSocket });
-
-const TRACE_LINES = 300;
-
-function packageVersion(name) {
-  try {
-    const require = createRequire(import.meta.url);
-    let dir = require.resolve(name);
-    // walk up to the package root
-    for (let i = 0; i < 6; i++) {
-      dir = dir.slice(0, dir.lastIndexOf('/'));
-      try {
-        const pkg = JSON.parse(readFileSync(`${dir}/package.json`, 'utf8'));
-        if (pkg.name === name) return pkg.version;
-      } catch (_) {
-        // keep walking
-      }
-    }
-  } catch (_) {
-    // unknown
-  }
-  return 'unknown';
-}
-
-async function main() {
-  if (process.argv.length < 3) {
-    process.stderr.write('usage: node node/stompjs.mjs \'<json config>\'\n');
-    return 1;
-  }
-  let cfg;
-  try {
-    cfg = JSON.parse(process.argv[2]);
-  } catch (e) {
-    process.stderr.write(`FAIL config argument is not JSON: ${e.message}\n`);
-    return 1;
-  }
-  const redact = makeRedactor(cfg.tokens);
-  const trace = [];
-  const log = (line) => {
-    trace.push(`${new Date().toISOString()} ${redact(line)}`);
-    if (trace.length > TRACE_LINES) trace.shift();
-  };
-
-  // Belt and braces: every wait inside the scenario is bounded, this bounds the whole run.
-  const overallMs = 8 * WAIT_MS + (cfg.heartbeat_ms || 0) * 4 + 500;
-  const watchdog = setTimeout(() => {
-    process.stderr.write(`FAIL [node] whole scenario exceeded ${overallMs} ms\n--- stompjs trace ---\n${trace.join('\n')}\n`);
-    process.exit(1);
-  }, overallMs);
-
-  try {
-    const summary = await runScenario({ Client, cfg, fetch: globalThis.fetch, log, platform: 'node' });
-    summary.node = process.version;
-    summary.stompjs = packageVersion('@stomp/stompjs');
-    summary.ws = packageVersion('ws');
-    process.stdout.write(`OK ${JSON.stringify(summary)}\n`);
-    return 0;
-  } catch (e) {
-    process.stderr.write(`FAIL [node] ${redact(e && e.message ? e.message : e)}\n`);
-    if (e && e.name !== 'ScenarioFailure' && e.stack) process.stderr.write(`${redact(e.stack)}\n`);
-    process.stderr.write(`--- stompjs trace (last ${trace.length} lines) ---\n${trace.join('\n')}\n`);
-    return 1;
-  } finally {
-    clearTimeout(watchdog);
-  }
-}
-
-process.on('unhandledRejection', (e) => {
-  process.stderr.write(`FAIL [node] unhandled rejection: ${e && e.stack ? e.stack : e}\n`);
-  process.exit(1);
+runScenarioInNode({
+  script: 'node/stompjs.mjs',
+  configFail: 'FAIL',
+  scenario: runScenario,
+  overallMs: (cfg) => 8 * WAIT_MS + (cfg.heartbeat_ms || 0) * 4 + 500,
+  versions: { stompjs: '@stomp/stompjs', ws: 'ws' },
 });
-
-main().then((code) => process.exit(code));

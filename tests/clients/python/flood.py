@@ -30,103 +30,54 @@ otherwise. STOMP_DEBUG=1 logs stomp.py's frames on stderr.
 
 import collections
 import json
-import logging
-import os
-import re
-import sys
 import threading
 import time
-import traceback
-import urllib.parse
 
-try:
-    import stomp
-    import websocket
-except ImportError as exc:  # pragma: no cover - environment problem, reported clearly
-    sys.stderr.write(
-        "FAIL [setup]: cannot import stomp.py/websocket-client (%s); run: pip install -r %s\n"
-        % (exc, os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements.txt"))
-    )
-    sys.exit(1)
+import harness
+from harness import (WAIT_S, ISO_Z_RE, CheckFailed, Listener, check, client_versions, config_arg,
+                     disconnect_aside, ok, reported, send_connect, set_step,
+                     start, start_watchdog, ws_connection)
+import websocket  # after harness, which reports a missing stomp.py/websocket-client
 
-WAIT_S = 10.0  # bound for connect, the SUBSCRIBE receipt and the DISCONNECT receipt
 SUB_ID = "s-flood"
 EVENT = "flood.msg"
 END_EVENT = "flood.end"
-ISO_Z_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 
-_step = "setup"
 _observed = {}  # filled as the run goes; printed with any failure
 
 
-class CheckFailed(Exception):
-    pass
-
-
-def set_step(name):
-    global _step
-    _step = name
-
-
-def check(cond, reason):
-    if not cond:
-        raise CheckFailed(reason)
-
-
 def short(value, limit=300):
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(%d chars)" % len(text)
+    return harness.short(value, limit)
 
 
 def die(reason, rec=None):
-    """Report a failure on stderr and exit 1 without waiting on any library thread."""
-    out = ["FAIL [%s]: %s" % (_step, reason)]
+    """FAIL [step]: reason, the `observed {json}` line, then the connection's last events."""
     if rec is not None:
         try:
             _observed.update(rec.observed())
         except Exception:  # never let reporting hide the failure
             pass
-    out.append("observed " + json.dumps(_observed, sort_keys=True))
-    if rec is not None:
-        out.append("--- last events on the connection ---")
-        out.extend("  " + line for line in rec.tail())
-    sys.stderr.write("\n".join(out) + "\n")
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(1)
+    harness.die(reason, [rec] if rec is not None else (), "last events on the connection", _observed)
 
 
-class Recorder(stomp.ConnectionListener):
+class Recorder(Listener):
     """Everything stomp.py reports for the connection; the main thread waits on `cond`."""
 
+    TAIL = 30
+    QUIET = ("SEND",)  # thousands of them
+
     def __init__(self):
-        self.cond = threading.Condition()
-        self.t0 = time.monotonic()
-        self.connected_frame = None
-        self.receipts = []
+        super().__init__()
         self.messages = []  # (monotonic arrival time, headers, body) of flood.msg / other frames
         self.end_marker = None  # (time, headers, body) of the flood.end MESSAGE
         self.after_end = []  # anything delivered after the end marker
-        self.errors = []
         self.disconnected = None  # {"t", "thread", "messages"} when on_disconnected fired
         self.close_frame = None  # {"code", "reason", "at_s"} of a WebSocket close from the server
-        self.heartbeat_timeouts = 0
-        self.heartbeats_received = 0
-        self.heartbeats_sent = 0
         self.closing = False  # set just before our own DISCONNECT
         self.first_send = None
         self.sends_done = 0
         self.send_error = None
         self.send_finished = None
-        self._log = []
-
-    def _note(self, text):
-        self._log.append("%8.3f %s" % (time.monotonic() - self.t0, text))
-        del self._log[:-30]
-
-    def tail(self):
-        with self.cond:
-            return list(self._log)
 
     def since_first_send(self, t):
         return None if self.first_send is None or t is None else round(t - self.first_send, 3)
@@ -151,18 +102,6 @@ class Recorder(stomp.ConnectionListener):
             }
 
     # -- stomp.py callbacks (receiver / heart-beat / sender threads) ---------------------------
-    def on_connected(self, frame):
-        with self.cond:
-            self._note("CONNECTED %r" % (frame.headers,))
-            self.connected_frame = frame
-            self.cond.notify_all()
-
-    def on_receipt(self, frame):
-        with self.cond:
-            self._note("RECEIPT %r" % (frame.headers,))
-            self.receipts.append(frame.headers.get("receipt-id"))
-            self.cond.notify_all()
-
     def on_message(self, frame):
         now = time.monotonic()
         body = frame.body.decode("utf-8") if isinstance(frame.body, bytes) else frame.body
@@ -181,12 +120,6 @@ class Recorder(stomp.ConnectionListener):
                     self._note("MESSAGE #%d %s" % (n, short(body, 120)))
             self.cond.notify_all()
 
-    def on_error(self, frame):
-        with self.cond:
-            self._note("ERROR %r body=%s" % (frame.headers, short(frame.body, 200)))
-            self.errors.append(frame)
-            self.cond.notify_all()
-
     def on_disconnected(self):
         now = time.monotonic()
         with self.cond:
@@ -202,27 +135,6 @@ class Recorder(stomp.ConnectionListener):
                     "expected": self.closing,
                 }
             self.cond.notify_all()
-
-    def on_heartbeat_timeout(self):
-        with self.cond:
-            self._note("heart-beat timeout: stomp.py saw nothing from the server in time and closed")
-            self.heartbeat_timeouts += 1
-            self.cond.notify_all()
-
-    def on_heartbeat(self):
-        with self.cond:
-            self.heartbeats_received += 1
-
-    def on_send(self, frame):
-        if frame.cmd is None:  # stomp.py's outgoing heart-beat (a lone EOL)
-            with self.cond:
-                self.heartbeats_sent += 1
-        elif frame.cmd != "SEND":
-            with self.cond:
-                hdrs = dict(frame.headers)
-                if "passcode" in hdrs:
-                    hdrs["passcode"] = "<%d chars>" % len(str(hdrs["passcode"]))
-                self._note("sent %s %r" % (frame.cmd, hdrs))
 
     # -- waiting (main thread) -----------------------------------------------------------------
     def trouble(self):
@@ -247,17 +159,12 @@ class Recorder(stomp.ConnectionListener):
         return None
 
     def wait_for(self, predicate, what, deadline, allow_closing=False):
-        with self.cond:
-            while True:
-                if predicate():
-                    return
-                why = self.trouble()
-                if why and not (allow_closing and self.closing):
-                    raise CheckFailed("%s while waiting for %s" % (why, what))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise CheckFailed("timed out waiting for %s" % what)
-                self.cond.wait(left)
+        def trouble():
+            why = self.trouble()
+            if why and not (allow_closing and self.closing):
+                return "%s while waiting for %s" % (why, what)
+            return None
+        self.wait_until(predicate, deadline, trouble, lambda: "timed out waiting for %s" % what)
 
 
 def watch_close_frame(conn, rec):
@@ -290,12 +197,7 @@ def seq_of(body):
 
 
 def parse_args(argv):
-    if len(argv) != 2:
-        raise CheckFailed("usage: flood.py '<json config>'")
-    try:
-        cfg = json.loads(argv[1])
-    except ValueError as exc:
-        raise CheckFailed("argument is not JSON: %s" % exc)
+    cfg = config_arg(argv, "flood.py")
     check(isinstance(cfg, dict), "config is not a JSON object")
     for key in ("ws", "token", "user"):
         check(isinstance(cfg.get(key), str) and cfg[key], "config.%s must be a non-empty string" % key)
@@ -312,15 +214,6 @@ def parse_args(argv):
         check(cfg[key] is None or (isinstance(cfg[key], (int, float)) and cfg[key] > 0),
               "config.%s must be a positive number when set" % key)
     return cfg
-
-
-def ws_endpoint(url):
-    u = urllib.parse.urlsplit(url)
-    check(u.scheme in ("ws", "wss"), "ws url must be ws:// or wss://, got %r" % url)
-    check(u.hostname, "ws url has no host: %r" % url)
-    port = u.port or (443 if u.scheme == "wss" else 80)
-    path = (u.path or "/") + ("?" + u.query if u.query else "")
-    return (u.hostname, port), path, u.scheme == "wss"
 
 
 def check_flood(messages, topic, count):
@@ -361,13 +254,7 @@ def check_flood(messages, topic, count):
 
 
 def main():
-    if os.environ.get("STOMP_DEBUG"):
-        logging.basicConfig(stream=sys.stderr, level=logging.DEBUG,
-                            format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = parse_args(sys.argv)
-    except CheckFailed as exc:
-        die(str(exc))
+    cfg = start(parse_args, die)
     count, rate, hb = cfg["count"], cfg["rate"], cfg["heartbeat_ms"]
     topic = "/user/%s" % cfg["user"]
     flood_budget = count / float(rate) + cfg["timeout_s"]
@@ -375,24 +262,12 @@ def main():
 
     rec = Recorder()
     budget = 3 * WAIT_S + flood_budget + 5
-    watchdog = threading.Timer(budget, lambda: die("overall watchdog: run exceeded %.0f s" % budget, rec))
-    watchdog.daemon = True
-    watchdog.start()
+    watchdog = start_watchdog(budget, lambda: die("overall watchdog: run exceeded %.0f s" % budget, rec))
 
-    try:
+    with reported(lambda reason: die(reason, rec)):
         set_step("connect")
-        host_port, path, tls = ws_endpoint(cfg["ws"])
-        conn = stomp.WSStompConnection(host_and_ports=[host_port], ws_path=path,
-                                       heartbeats=(hb, hb), reconnect_attempts_max=1)
-        if tls:
-            conn.set_ssl(for_hosts=[host_port])
-        conn.set_listener("recorder", rec)
-        try:
-            # wait=False: stomp.py's own wait has no timeout; we wait on the listener instead.
-            conn.connect(username=cfg["user"], passcode=cfg["token"], wait=False)
-        except Exception as exc:
-            raise CheckFailed("stomp.py could not open the WebSocket / send CONNECT: %s: %s"
-                              % (type(exc).__name__, exc))
+        conn = ws_connection(cfg["ws"], rec, (hb, hb))
+        send_connect(conn, cfg["user"], cfg["token"])
         watch_close_frame(conn, rec)
         rec.wait_for(lambda: rec.connected_frame is not None, "CONNECTED", time.monotonic() + WAIT_S)
         connected = dict(rec.connected_frame.headers)
@@ -444,18 +319,9 @@ def main():
         gap, gap_after = max((times[i + 1] - times[i], i - 1) for i in range(len(times) - 1))
 
         set_step("disconnect")
-        errors = []
-
-        def run_disconnect():
-            try:
-                conn.disconnect(receipt="r-disc")
-            except Exception as exc:
-                errors.append(exc)
-
         with rec.cond:
             rec.closing = True
-        t_disc = threading.Thread(target=run_disconnect, name="disconnect", daemon=True)
-        t_disc.start()
+        t_disc, errors = disconnect_aside(conn, "r-disc", "disconnect")
         rec.wait_for(lambda: "r-disc" in rec.receipts, "RECEIPT r-disc for DISCONNECT",
                      time.monotonic() + WAIT_S, allow_closing=True)
         rec.wait_for(lambda: rec.disconnected is not None, "the socket to close after DISCONNECT",
@@ -471,10 +337,8 @@ def main():
                      short(rec.after_end[0][2]) if rec.after_end else ""))
             hbs = {"sent": rec.heartbeats_sent, "received": rec.heartbeats_received}
 
-        stomp_version = (".".join(str(x) for x in stomp.__version__)
-                         if isinstance(stomp.__version__, tuple) else stomp.__version__)
         summary = {
-            "client": "stomp.py %s / websocket-client %s" % (stomp_version, websocket.__version__),
+            "client": client_versions(),
             "server_heart_beat": connected.get("heart-beat"),
             "count": count,
             "rate": rate,
@@ -502,17 +366,9 @@ def main():
             check(summary["arrival_rate"] >= cfg["min_rate"],
                   "arrival rate %.1f msgs/s is below min_rate %s" % (summary["arrival_rate"], cfg["min_rate"]))
         watchdog.cancel()
-        sys.stdout.write("OK " + json.dumps(summary, sort_keys=True) + "\n")
-        sys.stdout.flush()
+        ok(summary)
         return 0
-    except CheckFailed as exc:
-        die(str(exc), rec)
-    except Exception:
-        die("unexpected exception:\n" + traceback.format_exc(), rec)
 
 
 if __name__ == "__main__":
-    main()
-    # stomp.py's threads are daemons; exit without joining anything.
-    sys.stdout.flush()
-    os._exit(0)
+    harness.run(main)

@@ -38,94 +38,39 @@ stderr. Every wait is bounded (threading.Condition with a deadline); nothing sle
 STOMP_DEBUG=1 logs stomp.py's frames on stderr.
 """
 
-import datetime
 import json
-import logging
-import os
 import re
-import sys
-import threading
 import time
-import traceback
-import urllib.error
-import urllib.parse
-import urllib.request
 
-try:
-    import stomp
-    import websocket
-except ImportError as exc:  # pragma: no cover - environment problem, reported clearly
-    sys.stderr.write(
-        "FAIL [setup]: cannot import stomp.py/websocket-client (%s); run: pip install -r %s\n"
-        % (exc, os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements.txt"))
-    )
-    sys.exit(1)
+import harness
+from harness import (WAIT_S, ISO_Z_RE, CheckFailed, Listener, check, client_versions, config_arg,
+                     disconnect_aside, ok, post_json, reported, send_connect, set_step,
+                     start, start_watchdog, valid_utc_ts, ws_connection)
 
-WAIT_S = 10.0  # bound for every awaited thing
 EVENT_TYPE = "resume.test"
 SUBSCRIBED = "lockstep.subscribed"
-ISO_Z_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 OFFSET_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 EPOCH_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-_step = "setup"
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def set_step(name):
-    global _step
-    _step = name
-
-
-def check(cond, reason):
-    if not cond:
-        raise CheckFailed(reason)
-
 
 def short(value, limit=600):
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True) \
-        if isinstance(value, (dict, list)) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(%d chars)" % len(text)
+    return harness.short(value, limit)
 
 
 def die(reason, recorders=()):
-    """Report a failure on stderr and exit 1 without waiting on any library thread."""
-    out = ["FAIL [%s]: %s" % (_step, reason)]
-    for rec in recorders:
-        out.append("--- last events seen by %s ---" % rec.name)
-        out.extend("  " + line for line in rec.tail())
-    sys.stderr.write("\n".join(out) + "\n")
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(1)
+    harness.die(reason, recorders)
 
 
-class Recorder(stomp.ConnectionListener):
+class Recorder(Listener):
     """Everything stomp.py reports for one connection, MESSAGEs grouped by subscription."""
 
+    TAIL = 60
+
     def __init__(self, name):
-        self.name = name
-        self.cond = threading.Condition()
-        self.connected_frame = None
-        self.receipts = set()
+        super().__init__(name)
         self.subs = {}  # subscription id -> list of (headers, body)
         self.strays = []  # MESSAGEs whose subscription header names none of ours
-        self.errors = []
-        self.disconnected = False
         self.closing = False
-        self.heartbeat_timeouts = 0
-        self._log = []
-
-    def _note(self, text):
-        self._log.append("%.3f %s" % (time.monotonic(), text))
-        del self._log[:-60]
-
-    def tail(self):
-        with self.cond:
-            return list(self._log)
 
     def expect(self, sub_id):
         with self.cond:
@@ -134,19 +79,6 @@ class Recorder(stomp.ConnectionListener):
     def frames(self, sub_id):
         with self.cond:
             return list(self.subs[sub_id])
-
-    # -- stomp.py callbacks (receiver / heart-beat threads) ------------------------------------
-    def on_connected(self, frame):
-        with self.cond:
-            self._note("CONNECTED %r" % (frame.headers,))
-            self.connected_frame = frame
-            self.cond.notify_all()
-
-    def on_receipt(self, frame):
-        with self.cond:
-            self._note("RECEIPT %r" % (frame.headers,))
-            self.receipts.add(frame.headers.get("receipt-id"))
-            self.cond.notify_all()
 
     def on_message(self, frame):
         body = frame.body.decode("utf-8") if isinstance(frame.body, bytes) else frame.body
@@ -159,33 +91,6 @@ class Recorder(stomp.ConnectionListener):
             else:
                 self.strays.append((headers, body))
             self.cond.notify_all()
-
-    def on_error(self, frame):
-        with self.cond:
-            self._note("ERROR %r body=%s" % (frame.headers, short(frame.body, 200)))
-            self.errors.append(frame)
-            self.cond.notify_all()
-
-    def on_disconnected(self):
-        with self.cond:
-            self._note("disconnected")
-            self.disconnected = True
-            self.cond.notify_all()
-
-    def on_heartbeat_timeout(self):
-        with self.cond:
-            self._note("heart-beat timeout")
-            self.heartbeat_timeouts += 1
-            self.cond.notify_all()
-
-    def on_send(self, frame):
-        if frame.cmd is None:
-            return
-        hdrs = dict(frame.headers)
-        if "passcode" in hdrs:
-            hdrs["passcode"] = "<%d chars>" % len(str(hdrs["passcode"]))
-        with self.cond:
-            self._note("sent %s %r" % (frame.cmd, hdrs))
 
     # -- waiting (main thread) -----------------------------------------------------------------
     def trouble(self):
@@ -203,31 +108,19 @@ class Recorder(stomp.ConnectionListener):
         return None
 
     def wait_for(self, predicate, what):
-        deadline = time.monotonic() + WAIT_S
-        with self.cond:
-            while True:
-                if predicate():
-                    return
-                why = self.trouble()
-                if why:
-                    raise CheckFailed("%s connection: %s, while waiting for %s" % (self.name, why, what))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise CheckFailed("%s connection: timed out after %.0f s waiting for %s"
-                                      % (self.name, WAIT_S, what() if callable(what) else what))
-                self.cond.wait(left)
+        def trouble():
+            why = self.trouble()
+            return why and "%s connection: %s, while waiting for %s" % (self.name, why, what)
+        self.wait_until(predicate, time.monotonic() + WAIT_S, trouble,
+                        lambda: "%s connection: timed out after %.0f s waiting for %s"
+                        % (self.name, WAIT_S, what() if callable(what) else what))
 
 
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
 def parse_args(argv):
-    if len(argv) != 2:
-        raise CheckFailed("usage: resume.py '<json config>'")
-    try:
-        cfg = json.loads(argv[1])
-    except ValueError as exc:
-        raise CheckFailed("argument is not JSON: %s" % exc)
+    cfg = config_arg(argv, "resume.py")
     check(isinstance(cfg, dict), "config is not a JSON object")
     for key in ("http", "ws", "user", "team"):
         check(isinstance(cfg.get(key), str) and cfg[key], "config.%s must be a non-empty string" % key)
@@ -241,31 +134,12 @@ def parse_args(argv):
     return cfg
 
 
-def ws_endpoint(url):
-    u = urllib.parse.urlsplit(url)
-    check(u.scheme in ("ws", "wss"), "ws url must be ws:// or wss://, got %r" % url)
-    check(u.hostname, "ws url has no host: %r" % url)
-    port = u.port or (443 if u.scheme == "wss" else 80)
-    path = (u.path or "/") + ("?" + u.query if u.query else "")
-    return (u.hostname, port), path, u.scheme == "wss"
-
-
 def open_conn(cfg, name, recorders):
-    host_port, path, tls = ws_endpoint(cfg["ws"])
-    hb = cfg["heartbeat_ms"]
-    conn = stomp.WSStompConnection(host_and_ports=[host_port], ws_path=path, heartbeats=(hb, hb),
-                                   reconnect_attempts_max=1)
-    if tls:
-        conn.set_ssl(for_hosts=[host_port])
     rec = Recorder(name)
+    hb = cfg["heartbeat_ms"]
+    conn = ws_connection(cfg["ws"], rec, (hb, hb))
     recorders.append(rec)
-    conn.set_listener("recorder", rec)
-    try:
-        # wait=False: stomp.py's own wait has no timeout; we wait on the listener instead.
-        conn.connect(username=cfg["user"], passcode=cfg["tokens"]["subscriber"], wait=False)
-    except Exception as exc:
-        raise CheckFailed("stomp.py could not open the WebSocket / send CONNECT: %s: %s"
-                          % (type(exc).__name__, exc))
+    send_connect(conn, cfg["user"], cfg["tokens"]["subscriber"])
     rec.wait_for(lambda: rec.connected_frame is not None, "CONNECTED")
     version = rec.connected_frame.headers.get("version")
     check(version == "1.2", "%s: CONNECTED version %r, expected '1.2'" % (name, version))
@@ -298,19 +172,9 @@ def await_sub(rec, sub, count):
 
 
 def disconnect_cleanly(conn, rec, receipt):
-    """conn.disconnect(receipt=...) blocks in transport.stop() without a timeout: run it aside."""
-    errors = []
     with rec.cond:
         rec.closing = True
-
-    def run():
-        try:
-            conn.disconnect(receipt=receipt)
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    t = threading.Thread(target=run, name="disconnect-" + rec.name, daemon=True)
-    t.start()
+    t, errors = disconnect_aside(conn, receipt, "disconnect-" + rec.name)
     rec.wait_for(lambda: receipt in rec.receipts, "RECEIPT %r for DISCONNECT" % receipt)
     rec.wait_for(lambda: rec.disconnected, "the socket to close after the DISCONNECT receipt")
     t.join(WAIT_S)
@@ -323,20 +187,8 @@ def disconnect_cleanly(conn, rec, receipt):
 def http_publish(cfg, topic, n):
     payload = {"topic": topic, "type": EVENT_TYPE, "data": {"n": n}}
     what = "POST /api/v1/publish %s" % json.dumps(payload)
-    req = urllib.request.Request(
-        cfg["http"].rstrip("/") + "/api/v1/publish",
-        data=json.dumps(payload).encode("utf-8"),
-        method="POST",
-        headers={"Authorization": "Bearer " + cfg["tokens"]["publisher"],
-                 "Content-Type": "application/json", "Accept": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=WAIT_S) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except Exception as exc:
-        raise CheckFailed("%s failed: %s: %s" % (what, type(exc).__name__, exc))
+    status, raw = post_json(cfg["http"].rstrip("/") + "/api/v1/publish", cfg["tokens"]["publisher"],
+                            payload, what)
     text = raw.decode("utf-8", "replace")
     check(status == 202, "%s answered %d, expected 202: %s" % (what, status, short(text)))
     try:
@@ -397,10 +249,7 @@ def check_common(h, body, sub, where):
     check(env["topic"] == sub.topic, "%s: envelope topic %r, expected %r" % (we, env["topic"], sub.topic))
     ts = env["ts"]
     check(isinstance(ts, str) and ISO_Z_RE.match(ts), "%s: envelope ts %r is not ISO-8601 UTC" % (we, ts))
-    try:
-        datetime.datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", ts[:-1]) + "+00:00")
-    except ValueError:
-        raise CheckFailed("%s: envelope ts %r is not a valid date-time" % (we, ts))
+    check(valid_utc_ts(ts), "%s: envelope ts %r is not a valid date-time" % (we, ts))
     return env, int(off), epoch
 
 
@@ -474,22 +323,14 @@ def check_exactly(rec, sub, expected, label):
 # scenario
 # ------------------------------------------------------------------------------------------
 def main():
-    if os.environ.get("STOMP_DEBUG"):
-        logging.basicConfig(stream=sys.stderr, level=logging.DEBUG,
-                            format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = parse_args(sys.argv)
-    except CheckFailed as exc:
-        die(str(exc))
+    cfg = start(parse_args, die)
     team, user = "/team/%s" % cfg["team"], "/user/%s" % cfg["user"]
     recorders = []
     started = time.monotonic()
 
     # Every wait is bounded by WAIT_S; this bounds the whole run (about 25 waits).
     budget = 4 * WAIT_S
-    watchdog = threading.Timer(budget, lambda: die("overall watchdog: scenario exceeded %.0f s" % budget, recorders))
-    watchdog.daemon = True
-    watchdog.start()
+    watchdog = start_watchdog(budget, lambda: die("overall watchdog: scenario exceeded %.0f s" % budget, recorders))
 
     published = {}
 
@@ -505,7 +346,7 @@ def main():
     def ev(n):
         return ("event", published[n])
 
-    try:
+    with reported(lambda reason: die(reason, recorders)):
         # a. connection 1, x-stream-offset:next ---------------------------------------------------
         set_step("a subscribe next")
         c1, r1 = open_conn(cfg, "connection-1", recorders)
@@ -609,9 +450,7 @@ def main():
                       "%s: %s" % (rec.name, rec.trouble()))
 
         summary = {
-            "client": "stomp.py %s / websocket-client %s" % (
-                ".".join(str(x) for x in stomp.__version__) if isinstance(stomp.__version__, tuple)
-                else stomp.__version__, websocket.__version__),
+            "client": client_versions(),
             "team_topic": team,
             "epoch": epoch,
             "p0": p0,
@@ -625,17 +464,9 @@ def main():
             "elapsed_s": round(time.monotonic() - started, 3),
         }
         watchdog.cancel()
-        sys.stdout.write("OK " + json.dumps(summary, ensure_ascii=False, sort_keys=True) + "\n")
-        sys.stdout.flush()
+        ok(summary)
         return 0
-    except CheckFailed as exc:
-        die(str(exc), recorders)
-    except Exception:
-        die("unexpected exception:\n" + traceback.format_exc(), recorders)
 
 
 if __name__ == "__main__":
-    main()
-    # stomp.py's threads are daemons; exit without joining anything.
-    sys.stdout.flush()
-    os._exit(0)
+    harness.run(main)

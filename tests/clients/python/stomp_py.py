@@ -20,108 +20,29 @@ is the deliberate idle period of step 6. Set STOMP_DEBUG=1 for stomp.py's debug 
 (every frame sent and received) on stderr.
 """
 
-import datetime
 import json
-import logging
-import os
 import re
-import sys
-import threading
 import time
-import traceback
-import urllib.error
-import urllib.parse
-import urllib.request
 
-try:
-    import stomp
-    import websocket
-except ImportError as exc:  # pragma: no cover - environment problem, reported clearly
-    sys.stderr.write(
-        "FAIL [setup]: cannot import stomp.py/websocket-client (%s); "
-        "run: pip install -r %s\n"
-        % (exc, os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements.txt"))
-    )
-    sys.exit(1)
+import harness
+from harness import (WAIT_S, ISO_Z_RE, CheckFailed, Listener, check, client_versions, config_arg,
+                     disconnect_aside, ok, post_json, reported, send_connect, set_step,
+                     short, start, start_watchdog, valid_utc_ts, ws_connection)
 
-WAIT_S = 10.0  # bound for every awaitable thing (connect, receipts, messages, HTTP)
-ISO_Z_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 HEART_BEAT_RE = re.compile(r"^\s*\d+\s*,\s*\d+\s*$")
-
-_step = "setup"
-_connections = []
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def set_step(name):
-    global _step
-    _step = name
-
-
-def check(cond, reason):
-    if not cond:
-        raise CheckFailed(reason)
 
 
 def die(reason, recorders=()):
-    """Report a failure on stderr and exit 1 without waiting on any library thread."""
-    out = ["FAIL [%s]: %s" % (_step, reason)]
-    for rec in recorders:
-        out.append("--- last events seen by %s connection ---" % rec.name)
-        out.extend("  " + line for line in rec.tail())
-    sys.stderr.write("\n".join(out) + "\n")
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(1)
+    harness.die(reason, recorders, "last events seen by {name} connection")
 
 
-def short(value, limit=400):
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "...(%d chars)" % len(text)
-
-
-class Recorder(stomp.ConnectionListener):
-    """Records everything stomp.py reports for one connection; lets the main thread wait on it."""
+class Recorder(Listener):
+    """Records everything stomp.py reports for one connection; lets the main thread wait on it.
+    `troubled` (an Event) is set on ERROR, disconnect or heart-beat timeout."""
 
     def __init__(self, name):
-        self.name = name
-        self.cond = threading.Condition()
-        self.connected_frame = None
-        self.receipts = []
+        super().__init__(name)
         self.messages = []
-        self.errors = []
-        self.disconnected = False
-        self.heartbeat_timeouts = 0
-        self.heartbeats_received = 0
-        self.heartbeats_sent = 0
-        self.frames_sent = []
-        self.trouble = threading.Event()  # set on ERROR, disconnect or heart-beat timeout
-        self._log = []
-
-    # -- bookkeeping -------------------------------------------------------------------------
-    def _note(self, text):
-        self._log.append("%.3f %s" % (time.monotonic(), text))
-        del self._log[:-40]
-
-    def tail(self):
-        with self.cond:
-            return list(self._log)
-
-    # -- stomp.py callbacks (run on stomp.py's receiver / heart-beat threads) ------------------
-    def on_connected(self, frame):
-        with self.cond:
-            self._note("CONNECTED %r" % (frame.headers,))
-            self.connected_frame = frame
-            self.cond.notify_all()
-
-    def on_receipt(self, frame):
-        with self.cond:
-            self._note("RECEIPT %r" % (frame.headers,))
-            self.receipts.append(frame.headers.get("receipt-id"))
-            self.cond.notify_all()
 
     def on_message(self, frame):
         with self.cond:
@@ -129,85 +50,37 @@ class Recorder(stomp.ConnectionListener):
             self.messages.append(frame)
             self.cond.notify_all()
 
-    def on_error(self, frame):
-        with self.cond:
-            self._note("ERROR %r body=%s" % (frame.headers, short(frame.body, 200)))
-            self.errors.append(frame)
-            self.trouble.set()
-            self.cond.notify_all()
-
-    def on_disconnected(self):
-        with self.cond:
-            self._note("disconnected")
-            self.disconnected = True
-            self.trouble.set()
-            self.cond.notify_all()
-
-    def on_heartbeat_timeout(self):
-        with self.cond:
-            self._note("heart-beat timeout (stomp.py saw no data from the server in time)")
-            self.heartbeat_timeouts += 1
-            self.trouble.set()
-            self.cond.notify_all()
-
-    def on_heartbeat(self):
-        with self.cond:
-            self.heartbeats_received += 1
-
-    def on_send(self, frame):
-        with self.cond:
-            if frame.cmd is None:  # stomp.py's outgoing heart-beat (a lone EOL)
-                self.heartbeats_sent += 1
-            else:
-                hdrs = dict(frame.headers)
-                if "passcode" in hdrs:
-                    hdrs["passcode"] = "<%d chars>" % len(str(hdrs["passcode"]))
-                self.frames_sent.append((frame.cmd, hdrs))
-                self._note("sent %s %r" % (frame.cmd, hdrs))
-
     # -- waiting helpers (main thread) ---------------------------------------------------------
     def wait_for(self, predicate, what, timeout=WAIT_S, allow_trouble=False):
         """Wait until predicate() holds (called under the lock); fail on ERROR/disconnect."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                if predicate():
-                    return
-                if not allow_trouble:
-                    self._raise_on_trouble(what)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise CheckFailed("timed out after %.1f s waiting for %s on the %s connection"
-                                      % (timeout, what, self.name))
-                self.cond.wait(left)
+        self.wait_until(
+            predicate, time.monotonic() + timeout,
+            lambda: None if allow_trouble else self._trouble(what),
+            lambda: "timed out after %.1f s waiting for %s on the %s connection" % (timeout, what, self.name))
 
-    def _raise_on_trouble(self, what):
+    def _trouble(self, what):
         if self.errors:
             f = self.errors[0]
-            raise CheckFailed("server sent ERROR while waiting for %s on the %s connection: "
-                              "headers=%r body=%s" % (what, self.name, f.headers, short(f.body)))
+            return ("server sent ERROR while waiting for %s on the %s connection: "
+                    "headers=%r body=%s" % (what, self.name, f.headers, short(f.body)))
         if self.heartbeat_timeouts:
-            raise CheckFailed("stomp.py declared a heart-beat timeout (no heart-beat from the server) "
-                              "while waiting for %s on the %s connection" % (what, self.name))
+            return ("stomp.py declared a heart-beat timeout (no heart-beat from the server) "
+                    "while waiting for %s on the %s connection" % (what, self.name))
         if self.disconnected:
-            raise CheckFailed("connection closed while waiting for %s on the %s connection"
-                              % (what, self.name))
+            return "connection closed while waiting for %s on the %s connection" % (what, self.name)
+        return None
 
     def assert_healthy(self, what):
         with self.cond:
-            self._raise_on_trouble(what)
+            why = self._trouble(what)
+        check(why is None, why)
 
 
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
 def parse_args(argv):
-    if len(argv) != 2:
-        raise CheckFailed("usage: stomp_py.py '<json config>'")
-    try:
-        cfg = json.loads(argv[1])
-    except ValueError as exc:
-        raise CheckFailed("argument is not JSON: %s" % exc)
+    cfg = config_arg(argv, "stomp_py.py")
     for key in ("http", "ws", "user", "team", "tokens", "heartbeat_ms"):
         check(key in cfg, "config is missing %r" % key)
     for key in ("subscriber", "publisher", "sender"):
@@ -217,64 +90,20 @@ def parse_args(argv):
     return cfg
 
 
-def ws_endpoint(url):
-    """Split ws://host:port/path into stomp.py's host_and_ports + ws_path."""
-    u = urllib.parse.urlsplit(url)
-    check(u.scheme in ("ws", "wss"), "ws url must be ws:// or wss://, got %r" % url)
-    check(u.hostname, "ws url has no host: %r" % url)
-    port = u.port or (443 if u.scheme == "wss" else 80)
-    path = u.path or "/"
-    if u.query:
-        path += "?" + u.query
-    return (u.hostname, port), path, u.scheme == "wss"
-
-
 def make_conn(cfg, name, heartbeats):
-    host_port, path, tls = ws_endpoint(cfg["ws"])
-    conn = stomp.WSStompConnection(
-        host_and_ports=[host_port],
-        ws_path=path,
-        heartbeats=heartbeats,
-        reconnect_attempts_max=1,
-    )
-    if tls:
-        conn.set_ssl(for_hosts=[host_port])
     rec = Recorder(name)
-    conn.set_listener("recorder", rec)
-    _connections.append(conn)
-    return conn, rec
+    return ws_connection(cfg["ws"], rec, heartbeats), rec
 
 
 def stomp_connect(conn, rec, login, token, **kwargs):
-    try:
-        # wait=False: stomp.py's own wait has no timeout; we wait on our listener instead.
-        conn.connect(username=login, passcode=token, wait=False, **kwargs)
-    except Exception as exc:
-        raise CheckFailed("stomp.py could not open the WebSocket / send CONNECT: %s: %s"
-                          % (type(exc).__name__, exc))
+    send_connect(conn, login, token, **kwargs)
     rec.wait_for(lambda: rec.connected_frame is not None, "CONNECTED")
     return rec.connected_frame
 
 
 def http_publish(cfg, topic, etype, data):
-    body = json.dumps({"topic": topic, "type": etype, "data": data}, ensure_ascii=False).encode("utf-8")
-    req = urllib.request.Request(
-        cfg["http"].rstrip("/") + "/api/v1/publish",
-        data=body,
-        method="POST",
-        headers={
-            "Authorization": "Bearer " + cfg["tokens"]["publisher"],
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        },
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=WAIT_S) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except Exception as exc:
-        raise CheckFailed("HTTP publish to %s failed: %s: %s" % (topic, type(exc).__name__, exc))
+    status, raw = post_json(cfg["http"].rstrip("/") + "/api/v1/publish", cfg["tokens"]["publisher"],
+                            {"topic": topic, "type": etype, "data": data}, "HTTP publish to %s" % topic)
     check(status == 202, "POST /api/v1/publish (topic %s) answered %d, expected 202; body: %s"
           % (topic, status, short(raw.decode("utf-8", "replace"))))
     try:
@@ -324,10 +153,7 @@ def check_message(frame, expected):
     ts = env["ts"]
     check(isinstance(ts, str) and ISO_Z_RE.match(ts),
           "%s: envelope ts %r is not ISO-8601 UTC ending in Z" % (where, ts))
-    try:
-        datetime.datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", ts[:-1]) + "+00:00")
-    except ValueError:
-        raise CheckFailed("%s: envelope ts %r is not a valid date-time" % (where, ts))
+    check(valid_utc_ts(ts), "%s: envelope ts %r is not a valid date-time" % (where, ts))
     check(env["data"] == expected["data"],
           "%s: data changed in transit:\n   sent     %s\n   received %s"
           % (where, json.dumps(expected["data"], ensure_ascii=False, sort_keys=True),
@@ -339,17 +165,7 @@ def check_message(frame, expected):
 
 
 def disconnect_cleanly(conn, rec, receipt):
-    """conn.disconnect(receipt=...) blocks in transport.stop() without a timeout: run it aside."""
-    errors = []
-
-    def run():
-        try:
-            conn.disconnect(receipt=receipt)
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    t = threading.Thread(target=run, name="disconnect-" + rec.name, daemon=True)
-    t.start()
+    t, errors = disconnect_aside(conn, receipt, "disconnect-" + rec.name)
     rec.wait_for(lambda: receipt in rec.receipts or rec.errors, "RECEIPT %r for DISCONNECT" % receipt,
                  allow_trouble=True)
     with rec.cond:
@@ -369,28 +185,18 @@ def disconnect_cleanly(conn, rec, receipt):
 # scenario
 # ------------------------------------------------------------------------------------------
 def main():
-    if os.environ.get("STOMP_DEBUG"):
-        logging.basicConfig(stream=sys.stderr, level=logging.DEBUG,
-                            format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
-
-    try:
-        cfg = parse_args(sys.argv)
-    except CheckFailed as exc:
-        die(str(exc))
+    cfg = start(parse_args, die)
     hb = cfg["heartbeat_ms"]
     user, team = cfg["user"], cfg["team"]
     t_user, t_team, t_global = "/user/%s" % user, "/team/%s" % team, "/global"
     sub_ids = {t_user: "s-user", t_team: "s-team", t_global: "s-global"}
     recorders = []
 
-    # Watchdog: whatever hangs (a library call without a timeout), the script still ends.
     budget = 8 * WAIT_S + (hb * 4 + 500) / 1000.0
-    watchdog = threading.Timer(budget, lambda: die("overall watchdog: scenario exceeded %.0f s" % budget,
-                                                   recorders))
-    watchdog.daemon = True
-    watchdog.start()
+    watchdog = start_watchdog(budget, lambda: die("overall watchdog: scenario exceeded %.0f s" % budget,
+                                                  recorders))
 
-    try:
+    with reported(lambda reason: die(reason, recorders)):
         # 1. connect the subscriber -------------------------------------------------------------
         set_step("1 connect subscriber")
         sub, srec = make_conn(cfg, "subscriber", (hb, hb))
@@ -485,7 +291,7 @@ def main():
             hb_sent0, hb_recv0 = srec.heartbeats_sent, srec.heartbeats_received
         t0 = time.monotonic()
         # The one deliberate timed wait; it ends early (and fails) on ERROR/disconnect/timeout.
-        if srec.trouble.wait(idle_s) or nrec.trouble.wait(0):
+        if srec.troubled.wait(idle_s) or nrec.troubled.wait(0):
             srec.assert_healthy("the idle period (%.1f s into it)" % (time.monotonic() - t0))
             nrec.assert_healthy("the idle period (%.1f s into it)" % (time.monotonic() - t0))
         check(sub.is_connected(), "subscriber connection is no longer connected after the idle period")
@@ -527,9 +333,7 @@ def main():
                 check(not rec.heartbeat_timeouts, "%s connection had a heart-beat timeout" % rec.name)
 
         summary = {
-            "client": "stomp.py %s / websocket-client %s" % (
-                ".".join(str(x) for x in stomp.__version__) if isinstance(stomp.__version__, tuple)
-                else stomp.__version__, websocket.__version__),
+            "client": client_versions(),
             "session": ch.get("session"),
             "server": ch.get("server"),
             "server_heart_beat": ch.get("heart-beat"),
@@ -540,17 +344,9 @@ def main():
             "message_ids": seen_ids + [late_id],
         }
         watchdog.cancel()
-        sys.stdout.write("OK " + json.dumps(summary, ensure_ascii=False, sort_keys=True) + "\n")
-        sys.stdout.flush()
+        ok(summary)
         return 0
-    except CheckFailed as exc:
-        die(str(exc), recorders)
-    except Exception:
-        die("unexpected exception:\n" + traceback.format_exc(), recorders)
 
 
 if __name__ == "__main__":
-    main()
-    # stomp.py's threads are daemons; exit without joining anything.
-    sys.stdout.flush()
-    os._exit(0)
+    harness.run(main)

@@ -2,9 +2,10 @@
 //
 // One implementation, run twice: from Node (node/resume.mjs, `ws` as the global WebSocket) and in
 // headless Chromium (browser/resume.mjs serves browser/page.html, whose `import … from
-// '/scenario.mjs'` it answers with this file). It therefore imports nothing and uses only what
-// both platforms have: Promise, setTimeout, fetch, JSON, Date. It exports the same names the page
-// uses from scenario.mjs: runScenario and makeRedactor.
+// '/scenario.mjs'` it answers with this file). It therefore uses only what both platforms have
+// (Promise, setTimeout, fetch, JSON, Date) and imports only ./common.mjs, which the browser run
+// serves beside it. It exports the same names the page uses from scenario.mjs: runScenario and
+// makeRedactor.
 //
 // Wire contract under test:
 // - every MESSAGE carries `x-stream-offset:<n>` (its offset in the topic, contiguous from 1) and
@@ -36,19 +37,15 @@
 // runScenario() resolves with a JSON-able summary or rejects with an Error naming the step and
 // the exact frames seen. Every wait is bounded (WAIT_MS); nothing sleeps.
 
-export const WAIT_MS = 10_000;
+import { WAIT_MS, ISO_UTC, ScenarioFailure, makeRedactor, forceClose } from './common.mjs';
+
+// browser/page.html imports makeRedactor from its /scenario.mjs, which is this module in the resume run.
+export { makeRedactor };
+
 const EVENT_TYPE = 'resume.test';
 const SUBSCRIBED = 'lockstep.subscribed';
-const ISO_UTC = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$/;
 const OFFSET_RE = /^(0|[1-9][0-9]*)$/;
 const EPOCH_RE = /^[A-Za-z0-9_-]{1,64}$/;
-
-export class ScenarioFailure extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'ScenarioFailure';
-  }
-}
 
 let currentStep = 'setup';
 
@@ -63,16 +60,6 @@ function show(value) {
 
 function sameKeys(obj, keys) {
   return !!obj && typeof obj === 'object' && !Array.isArray(obj) && Object.keys(obj).sort().join(',') === [...keys].sort().join(',');
-}
-
-// Replaces the tokens in trace lines so failure output never carries them.
-export function makeRedactor(tokens) {
-  const pairs = Object.entries(tokens || {}).filter(([, v]) => typeof v === 'string' && v.length > 8);
-  return (line) => {
-    let s = String(line);
-    for (const [k, v] of pairs) s = s.split(v).join(`<${k}-token>`);
-    return s.replace(/(passcode:|authorization:\s*bearer\s+)[^\s\x00]+/gi, '$1<redacted>');
-  };
 }
 
 // The first fatal event (ERROR frame, unexpected close, …) fails every pending wait; `changed()`
@@ -525,16 +512,7 @@ export async function runResumeScenario({ Client, cfg, fetch: fetchImpl, log = (
       elapsed_ms: Date.now() - started,
     };
   } finally {
-    for (const c of conns) {
-      if (!c.closing) {
-        c.closing = true;
-        try {
-          void c.client.deactivate({ force: true });
-        } catch (_) {
-          // best effort on the failure path
-        }
-      }
-    }
+    forceClose(conns);
   }
 }
 

@@ -3,22 +3,19 @@
 // One implementation, run twice: from Node (node/stompjs.mjs, with `ws` as the global
 // WebSocket) and inside headless Chromium (browser/page.html, with the stompjs UMD bundle and the
 // browser's own WebSocket and fetch). It therefore uses nothing but what both platforms have:
-// Promise, setTimeout, fetch, JSON, Date.
+// Promise, setTimeout, fetch, JSON, Date, and imports only ./common.mjs (which the browser
+// runner serves beside it).
 //
 // runScenario() resolves with a JSON-able summary, or rejects with an Error whose message says
 // precisely which expectation failed. Every wait is bounded (WAIT_MS); the only timed wait that is
 // not waiting *for* something is the deliberate idle period of step 6.
 
-export const WAIT_MS = 10_000;
-const SUBPROTOCOL = 'v12.stomp';
-const ISO_UTC = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$/;
+import { WAIT_MS, ISO_UTC, ScenarioFailure, makeRedactor, forceClose } from './common.mjs';
 
-export class ScenarioFailure extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'ScenarioFailure';
-  }
-}
+// browser/page.html imports makeRedactor from here (this module is its /scenario.mjs).
+export { makeRedactor };
+
+const SUBPROTOCOL = 'v12.stomp';
 
 function fail(message) {
   throw new ScenarioFailure(message);
@@ -537,25 +534,6 @@ export async function runScenario({ Client, cfg, fetch: fetchImpl, log = () => {
       elapsed_ms: Date.now() - started,
     };
   } finally {
-    for (const c of conns) {
-      if (!c.closing) {
-        c.closing = true;
-        try {
-          void c.client.deactivate({ force: true });
-        } catch (_) {
-          // best effort on the failure path
-        }
-      }
-    }
+    forceClose(conns);
   }
-}
-
-// Replaces the tokens in trace lines so failure output never carries them.
-export function makeRedactor(tokens) {
-  const pairs = Object.entries(tokens || {}).filter(([, v]) => typeof v === 'string' && v.length > 8);
-  return (line) => {
-    let s = String(line);
-    for (const [k, v] of pairs) s = s.split(v).join(`<${k}-token>`);
-    return s.replace(/(passcode:|authorization:\s*bearer\s+)[^\s\x00]+/gi, '$1<redacted>');
-  };
 }
