@@ -728,3 +728,100 @@ async fn raw_text(client: &mut StompClient) -> String {
         }
     }
 }
+
+/// A decision that waited for an item's row judges expiry by the database's clock when it got
+/// the row, not when it started waiting: Ana's 1 s lock is held open (a row lock from another
+/// transaction) past its expiry while Bob's acquire waits; once the row is free, Bob gets the
+/// item. (The clock used to be read in the row-locking query itself, before the wait, so Bob was
+/// told Ana still held it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_that_waited_for_the_row_uses_the_time_it_got_it() {
+    use std::io::{BufRead as _, Write as _};
+    let pg = Postgres::start();
+    let node = node(Some(&pg.database("clock")), &[]).await;
+    let ana = node.token("ana", &["t1"], "locks");
+    let bob = node.token("bob", &["t1"], "locks");
+    let (s, held) = call(
+        &node,
+        "POST",
+        &lock_path("t1", "w"),
+        &ana,
+        Some(json!({"ttl_ms": 1000})),
+    )
+    .await;
+    assert_eq!(s, 200, "{held}");
+    let mut psql = pg.interactive("clock");
+    let mut input = psql.stdin.take().unwrap();
+    let mut output = std::io::BufReader::new(psql.stdout.take().unwrap());
+    writeln!(
+        input,
+        "BEGIN; SELECT token FROM locks WHERE team = 't1' AND item = 'w' FOR UPDATE;"
+    )
+    .unwrap();
+    let mut line = String::new();
+    output.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "1", "psql holds the row");
+    let waiting = {
+        let (url, path, bob) = (node.http(), lock_path("t1", "w"), bob.clone());
+        tokio::spawn(async move {
+            crate::locks::request(&reqwest::Client::new(), &url, "POST", &path, &bob, None).await
+        })
+    };
+    // The scenario: the row stays locked until Ana's lock has expired.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "Bob's decision did not wait for the row"
+    );
+    writeln!(input, "COMMIT;").unwrap();
+    drop(input);
+    let (s, body) = waiting.await.unwrap().unwrap();
+    assert_eq!(
+        (s, &body["holder"]),
+        (200, &json!("bob")),
+        "Bob was judged by the time he started waiting: {body}"
+    );
+    assert_eq!(token_of(&body), 2);
+    let _ = psql.wait();
+}
+
+/// The public key file is read again when it changes: a key added to the JWKS is accepted
+/// within the reload interval, without a restart.
+#[tokio::test]
+async fn a_rotated_jwks_takes_effect_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    let testdata = tests::workspace().join("protocol/src/auth/testdata");
+    std::fs::copy(testdata.join("jwks.json"), &jwks).unwrap();
+    let node = Lockstep::start_with(
+        Options::default()
+            .env("LOCKSTEP_JWT_PUBLIC_KEYS", jwks.display())
+            .env("LOCKSTEP_JWT_RELOAD_INTERVAL", "100ms"),
+    );
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(
+        &std::fs::read(testdata.join("rsa2_private.pem")).unwrap(),
+    )
+    .unwrap();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &json!({"sub": "ana", "teams": ["t1"], "scope": "locks", "exp": tests::now() + 600}),
+        &key,
+    )
+    .unwrap();
+    let (s, _) = call(&node, "GET", "/api/v1/teams/t1/locks", &token, None).await;
+    assert_eq!(s, 401, "a key the node does not have yet");
+    std::fs::copy(testdata.join("jwks_rotation.json"), &jwks).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, body) = call(&node, "GET", "/api/v1/teams/t1/locks", &token, None).await;
+        if s == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new key was not picked up: {s} {body}\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -173,6 +173,33 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// A psql session reading statements from its stdin and writing unaligned rows to its
+    /// stdout, for tests that must hold a transaction open while something else runs.
+    ///
+    /// # Panics
+    ///
+    /// When psql cannot be started.
+    pub fn interactive(&self, database: &str) -> std::process::Child {
+        Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql")
+    }
+
     /// Runs SQL with psql; returns its unaligned output.
     ///
     /// # Errors
