@@ -14,6 +14,8 @@
 #                                   # 4292fc8): fan-out on 1 node and 2 nodes + Redis, Redis CPU
 #                                   # per event; resume latency (1000 clients, 100 and 1000 missed);
 #                                   # memory per retained event (in-process ring, Redis stream)
+#   loadtest/compare.sh keyed      # keyed publishing (10 keys per publisher) against unkeyed, back to
+#                                   # back, 1 node and 2 nodes + Redis; snapshot latency for 1000 keys
 #   BASELINE=<git rev> loadtest/compare.sh ab
 #                                   # this tree against an earlier commit, alternating twice:
 #                                   # CPU per delivery, fanout p99, idle RSS per connection
@@ -484,6 +486,47 @@ run_history() {
   extra_env=()
 }
 
+# Keyed state (DESIGN §13): the same binary publishing keyed events (each also its key's latest)
+# against unkeyed ones, back to back in fresh processes; then how long a snapshot of 1000 keys
+# takes when 100 clients ask at once.
+run_keyed() {
+  local rates="1000,1500,2000,2500" name keys
+  echo "== keyed: 1000 subscribers on 1 topic, unkeyed vs keyed (10 keys per publisher), 8 s per rate"
+  extra_env=()
+  for name in unkeyed keyed; do
+    keys=0; [ $name = keyed ] && keys=10
+    start_lockstep
+    "$bin/loadtest" fanout --url "$lockstep_url" --subscribers 1000 --topics 1 --rates "$rates" --duration 8s --keys $keys \
+      --cpu-pid lockstep="$lockstep_pid" 2>/dev/null | record >"$work/k.$name.single"
+    best <"$work/k.$name.single" >"$work/k.$name.single.best"
+    stop_pids "$lockstep_pid"
+    start_redis
+    start_lockstep_pair "redis://127.0.0.1:$redis_port"
+    "$bin/loadtest" fanout --url "$pair_url" --subscribers 1000 --topics 1 --rates "$rates" --duration 8s --keys $keys \
+      --cpu-pid redis="$redis_pid" 2>/dev/null | record >"$work/k.$name.pair"
+    best <"$work/k.$name.pair" >"$work/k.$name.pair.best"
+    stop_pids "${pair_pids[@]}" "$redis_pid"
+    echo "$name: 1 node $(jq -r '"\(.deliveries_per_sec|floor)/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms, \(.cpu[0].us_per_delivery) µs CPU per delivery"' "$work/k.$name.single.best");" \
+      "2 nodes + Redis $(jq -r '"\(.deliveries_per_sec|floor)/s at \(.rate) msg/s, p99 \(.latency.p99_ms) ms, Redis \(.cpu[0].us_per_published) µs CPU per published event"' "$work/k.$name.pair.best")"
+  done
+  local shape
+  for shape in single pair; do
+    echo "$shape, best deliveries/s: keyed / unkeyed = $(ratio "$(jq .deliveries_per_sec "$work/k.keyed.$shape.best")" "$(jq .deliveries_per_sec "$work/k.unkeyed.$shape.best")")"
+  done
+  echo "Redis CPU per published event at the best rate: keyed / unkeyed = $(ratio "$(jq .cpu[0].us_per_published "$work/k.keyed.pair.best")" "$(jq .cpu[0].us_per_published "$work/k.unkeyed.pair.best")")"
+
+  echo "== snapshot: 1000 keys, 100 clients subscribing with x-stream-offset:snapshot at once"
+  start_lockstep
+  "$bin/loadtest" resume --snapshot --url "$lockstep_url" --http "$lockstep_http" --clients 100 --missed 1000 2>/dev/null | record >"$work/k.snap.single"
+  stop_pids "$lockstep_pid"
+  start_redis
+  start_lockstep_pair "redis://127.0.0.1:$redis_port"
+  "$bin/loadtest" resume --snapshot --url "$pair_url" --http "${api_http%%,*}" --clients 100 --missed 1000 2>/dev/null | record >"$work/k.snap.pair"
+  stop_pids "${pair_pids[@]}" "$redis_pid"
+  jq -r '"1 node: \(.recovered)/\(.clients) complete, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms"' "$work/k.snap.single"
+  jq -r '"2 nodes + Redis: \(.recovered)/\(.clients) complete, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms"' "$work/k.snap.pair"
+}
+
 case "$scenario" in
   fanout) run_fanout ;;
   fanout10) run_fanout10 ;;
@@ -495,5 +538,6 @@ case "$scenario" in
   all) run_fanout; run_fanout10; run_connect; run_redis; run_locks; run_presign; run_idle ;;
   ab) run_ab ;;
   history) run_history ;;
+  keyed) run_keyed ;;
   *) echo "unknown scenario $scenario" >&2; exit 64 ;;
 esac

@@ -45,6 +45,7 @@ macro_rules! keys {
 
 keys! {
     "listen", "127.0.0.1:8080", "Address to bind; the WebSocket endpoint and the HTTP API share it.";
+    "send_buffer_bytes", "0", "Kernel send buffer of each accepted connection (`SO_SNDBUF`); 0: the OS sizes it. What the kernel holds can no longer be conflated: on a slow link the latest value of a key waits behind about this plus half of `hub.outbound_queue_bytes`, so lower it where browsers sit on slow links and want fresh progress.";
     "data_dir", "./lockstep-data", "Embedded state: the SQLite lock store (when no database is configured) and the generated JWT secret.";
     "allowed_origins", "", "Comma-separated Origins allowed to open WebSockets and call the API from a browser; `*` for any. Empty: same-origin only.";
     "shutdown_grace", "10s", "How long a SIGTERM/SIGINT shutdown may take: clients get 4010 closes, in-flight requests finish.";
@@ -86,6 +87,8 @@ keys! {
     "history.max_age", "10m", "Events older than this are dropped from history; idempotency keys are remembered this long.";
     "history.meta_ttl", "7d", "How long a topic's epoch and offset outlive its last event, so a quiet topic still answers \"nothing missed\" (Redis key TTL; the in-process broker forgets idle topics after it).";
     "history.max_replay", "1000", "Most events one resume (or one HTTP history page) returns; a client further behind gets `x-recovered:false`.";
+    "history.max_keys", "1000", "Keys per topic whose latest event is kept for `x-stream-offset:snapshot` (the least recently updated goes first).";
+    "history.key_idle", "1h", "A key not updated for this long is forgotten: its latest event leaves the snapshot.";
     "history.memory_bytes", "268435456", "Bytes of history the in-process broker keeps over all topics (oldest dropped first). With Redis, Redis's own memory settings bound it.";
     "redis.url", "", "Cluster broker: `redis://host:port` (standalone) or `redis-cluster://host:port,host:port` (Redis Cluster, sharded pub/sub). Empty: the in-process broker (a single node).";
     "redis.channel_prefix", "lockstep:", "Prefix of the Redis key and channel names, so several deployments can share one Redis (no `{` or `}`: each topic's keys share a hash tag).";
@@ -142,6 +145,7 @@ impl LogFormat {
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) listen: SocketAddr,
+    pub(crate) send_buffer_bytes: usize,
     pub(crate) data_dir: PathBuf,
     pub(crate) shutdown_grace: Duration,
     pub(crate) log_format: LogFormat,
@@ -218,6 +222,30 @@ impl Config {
             self.redis
                 .as_ref()
                 .map_or_else(|| "in-process (single node)".to_owned(), |r| redact(&r.url)),
+        );
+        let history = &self.hub.history;
+        line(
+            "history",
+            if history.enabled {
+                format!(
+                    "{} events per team topic, {} per user topic, {} for /global, at most {}; a resume replays at most {}; offsets kept {} after a topic's last event; latest event of up to {} keys per topic, {} idle; {}",
+                    history.team_events,
+                    history.user_events,
+                    history.global_events,
+                    humantime::format_duration(history.max_age),
+                    history.max_replay,
+                    humantime::format_duration(history.meta_ttl),
+                    history.max_keys,
+                    humantime::format_duration(history.key_idle),
+                    if self.redis.is_some() {
+                        "in Redis: a Redis restarted without persistence (or flushed) starts a new epoch"
+                    } else {
+                        "in memory: a restart of this node starts a new epoch"
+                    }
+                )
+            } else {
+                "off: offsets only; every resume answers x-recovered:false".to_owned()
+            },
         );
         line("lock store", redact(&self.database.url));
         line(
@@ -447,6 +475,8 @@ impl Sources {
                 meta_ttl: p.duration("history.meta_ttl"),
                 max_replay: p.positive("history.max_replay"),
                 memory_bytes: p.positive("history.memory_bytes"),
+                max_keys: p.positive("history.max_keys"),
+                key_idle: p.duration("history.key_idle"),
             },
             // Both set by `serve`, which makes the node's id and knows the secrets.
             ..HubConfig::default()
@@ -492,6 +522,7 @@ impl Sources {
         }
         let config = Config {
             listen: p.listen(),
+            send_buffer_bytes: p.get("send_buffer_bytes"),
             data_dir: PathBuf::from(p.raw("data_dir")),
             shutdown_grace: p.duration("shutdown_grace"),
             log_format,

@@ -6,7 +6,7 @@ use api::locks::store::LockStore;
 use api::locks::{LockNode, Locks};
 use api::{
     ApiState, EventOptions, EventPage, EventPublisher, NodeSessions, PublishFailure,
-    PublishedEvent, ReadinessCheck,
+    PublishedEvent, ReadinessCheck, StatePage,
 };
 use axum::Router;
 use axum::serve::ListenerExt as _;
@@ -263,11 +263,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     info!(addr = %local, hub = config.hub_enabled, api = config.api_enabled, "lockstep listening");
 
     let stop = CancellationToken::new();
-    let listener = listener.tap_io(|tcp| {
+    let send_buffer = config.send_buffer_bytes;
+    let listener = listener.tap_io(move |tcp| {
         // Events are small and latency matters more than packet count; writes are already
         // coalesced per wake-up.
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(%err, "could not set TCP_NODELAY");
+        }
+        // A backlog kept in the hub's queue can still be conflated; in the kernel it cannot.
+        if send_buffer > 0
+            && let Err(err) = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer)
+        {
+            tracing::debug!(%err, "could not set SO_SNDBUF");
         }
     });
     let server = axum::serve(
@@ -493,6 +500,30 @@ impl EventPublisher for HubPublisher {
                         PublishFailure::TooLarge { size, limit }
                     }
                 })
+        })
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        topic: &'a Topic,
+    ) -> BoxFuture<'a, Result<StatePage, PublishFailure>> {
+        Box::pin(async move {
+            let snapshot = self
+                .0
+                .snapshot(topic)
+                .await
+                .map_err(|e| PublishFailure::Unavailable(e.to_string()))?;
+            Ok(StatePage {
+                top: snapshot.top,
+                events: snapshot
+                    .events
+                    .into_iter()
+                    .filter_map(|e| {
+                        let key = e.message.key()?;
+                        Some((e.offset, key, e.message.body().to_owned()))
+                    })
+                    .collect(),
+            })
         })
     }
 

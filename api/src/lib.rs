@@ -67,6 +67,10 @@ pub trait EventPublisher: Send + Sync + std::fmt::Debug + 'static {
         after: u64,
         limit: usize,
     ) -> BoxFuture<'a, Result<EventPage, PublishFailure>>;
+
+    /// The latest event of every key of `topic`, with the position they were taken at.
+    fn snapshot<'a>(&'a self, topic: &'a Topic)
+    -> BoxFuture<'a, Result<StatePage, PublishFailure>>;
 }
 
 /// What a publish asks for besides the event.
@@ -102,6 +106,15 @@ pub struct EventPage {
     pub first: u64,
     /// (offset, envelope JSON), oldest first.
     pub events: Vec<(u64, String)>,
+}
+
+/// A topic's state: the latest event of every key, taken at one position.
+#[derive(Debug, Clone)]
+pub struct StatePage {
+    /// The topic's position when it was taken; live events continue after it.
+    pub top: Position,
+    /// (offset, key, envelope JSON), in offset order.
+    pub events: Vec<(u64, String, String)>,
 }
 
 /// Why an event could not be published.
@@ -269,6 +282,7 @@ pub fn app(state: ApiState) -> Router {
         )
         .route("/topics/{topic}/position", get(topics::position))
         .route("/topics/{topic}/events", get(topics::events))
+        .route("/topics/{topic}/snapshot", get(topics::snapshot))
         .route("/openapi.json", get(openapi::document))
         .fallback(not_found);
     let timeout = config.request_timeout;

@@ -31,6 +31,7 @@ use utoipa::{Modify, OpenApi};
         crate::presign::commit,
         crate::topics::position,
         crate::topics::events,
+        crate::topics::snapshot,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&BearerAuth)

@@ -41,6 +41,12 @@ pub(crate) struct PublishRequest {
     /// Publish at most once per key: a retry with the same key answers the first publish.
     #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,128}$")]
     idempotency_key: Option<String>,
+    /// The event's key in its topic (`x-key`): the topic keeps the latest event of each key
+    /// for `x-stream-offset:snapshot`, and a slow subscriber may get only the latest.
+    /// `job.*` events with a `job_id` default to `job:{job_id}`; `lock:` and `presence:` keys
+    /// are Lockstep's own.
+    #[schema(example = "job:import-42", pattern = r"^[A-Za-z0-9_.:-]{1,128}$")]
+    key: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -103,6 +109,7 @@ pub(crate) async fn publish(
             &request.data,
             EventOptions {
                 idempotency_key: scoped_key(&caller, request.idempotency_key.as_deref()),
+                key: request.key.clone(),
                 ..EventOptions::default()
             },
         )
@@ -156,6 +163,7 @@ pub(crate) async fn publish_batch(
                 &event.data,
                 EventOptions {
                     idempotency_key: scoped_key(&caller, event.idempotency_key.as_deref()),
+                    key: event.key.clone(),
                     ..EventOptions::default()
                 },
             )
@@ -241,6 +249,9 @@ fn validate(
             "invalid_idempotency_key",
             "idempotency_key must match [A-Za-z0-9_.:-]{1,128}".to_owned(),
         ));
+    }
+    if let Some(key) = &request.key {
+        protocol::stream::check_event_key(key).map_err(|e| Refusal::Invalid("invalid_key", e))?;
     }
     let event_type = EventType::parse(&request.event_type)
         .map_err(|e| Refusal::Invalid("invalid_event_type", e.to_string()))?;

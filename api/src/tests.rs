@@ -49,6 +49,17 @@ mod recording {
             Box::pin(std::future::ready(result))
         }
 
+        fn snapshot<'a>(
+            &'a self,
+            _topic: &'a Topic,
+        ) -> BoxFuture<'a, Result<StatePage, PublishFailure>> {
+            let top = Position::new(self.events.lock().unwrap().len() as u64, "E");
+            Box::pin(std::future::ready(Ok(StatePage {
+                top,
+                events: Vec::new(),
+            })))
+        }
+
         fn history<'a>(
             &'a self,
             _topic: &'a Topic,

@@ -1,13 +1,13 @@
-//! `GET /api/v1/topics/{topic}/position` and `GET /api/v1/topics/{topic}/events` (DESIGN §12):
-//! where a topic's stream stands, and its recent history, for backends, bots and pages that
-//! load state over HTTP and then subscribe from exactly there.
+//! `GET /api/v1/topics/{topic}/position`, `…/events` and `…/snapshot` (DESIGN §12, §13): where
+//! a topic's stream stands, its recent history and the latest event of every key, for
+//! backends, bots and pages that load state over HTTP and then subscribe from exactly there.
 //!
 //! `{topic}` is the whole topic as one percent-encoded path segment (`%2Fteam%2Ft1`). Reading a
 //! topic needs what subscribing to it needs.
 
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery, Caller};
-use crate::{ApiState, EventPage, PublishFailure};
+use crate::{ApiState, EventPage, PublishFailure, StatePage};
 use axum::Json;
 use axum::extract::State;
 use protocol::{Position, Principal, Topic};
@@ -69,6 +69,27 @@ pub(crate) struct Events {
     events: Vec<StoredEvent>,
     /// More events follow the last one returned.
     more: bool,
+}
+
+/// One key's latest event.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct KeyedEvent {
+    offset: u64,
+    /// The event's key (`x-key`): `job:{job_id}`, `lock:{item}`, or the publisher's own.
+    key: String,
+    /// The event's envelope, as subscribers got it.
+    #[schema(value_type = Object)]
+    event: Box<RawValue>,
+}
+
+/// A topic's state.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TopicState {
+    /// The position the state was taken at: subscribe with `x-stream-offset:offset=<offset>`
+    /// and `x-stream-epoch:<epoch>` to continue from exactly there.
+    position: PositionView,
+    /// The latest event of every key, oldest first.
+    events: Vec<KeyedEvent>,
 }
 
 /// The topic a request names, once the caller may read it.
@@ -135,6 +156,37 @@ pub(crate) async fn events(
         .await
         .map_err(|f| unavailable(&f))?;
     Ok(Json(events_view(page, &query, limit)))
+}
+
+/// The latest event of every key of a topic (each running job's progress, each item's lock
+/// state), and the position it was taken at.
+#[utoipa::path(get, path = "/api/v1/topics/{topic}/snapshot",
+    responses((status = 200, description = "the latest event of every key, oldest first", body = TopicState)),
+    security(("bearer" = [])))]
+pub(crate) async fn snapshot(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(topic): ApiPath<String>,
+) -> Result<Json<TopicState>, ApiError> {
+    let topic = readable(&caller, &topic)?;
+    let page: StatePage = state
+        .inner
+        .publisher
+        .snapshot(&topic)
+        .await
+        .map_err(|f| unavailable(&f))?;
+    Ok(Json(TopicState {
+        position: (&page.top).into(),
+        events: page
+            .events
+            .into_iter()
+            .filter_map(|(offset, key, json)| {
+                RawValue::from_string(json)
+                    .ok()
+                    .map(|event| KeyedEvent { offset, key, event })
+            })
+            .collect(),
+    }))
 }
 
 fn events_view(page: EventPage, query: &EventsQuery, limit: usize) -> Events {

@@ -99,6 +99,15 @@ pub struct History {
     pub events: Vec<StreamEvent>,
 }
 
+/// The latest event of every key of a topic, taken at one position.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The topic's position when the snapshot was taken: live delivery continues after it.
+    pub top: Position,
+    /// The latest event of each key, in offset order.
+    pub events: Vec<StreamEvent>,
+}
+
 /// Receives the events a broker delivers to this node, in offset order per topic as the broker
 /// saw them (gaps are the receiver's business).
 pub trait Delivery: Send + Sync + std::fmt::Debug + 'static {
@@ -139,6 +148,10 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
         after: u64,
         limit: usize,
     ) -> BoxFuture<'a, Result<History, BrokerError>>;
+
+    /// The latest event of every key of `topic` and the position they were taken at, as one
+    /// atomic read.
+    fn snapshot<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Snapshot, BrokerError>>;
 
     /// Whether the broker is reachable and its subscriptions are live.
     fn is_ready(&self) -> bool;
@@ -196,6 +209,10 @@ struct TopicStream {
     idempotent: HashMap<String, (Published, Instant)>,
     /// Key → the newest version published, and when.
     versions: HashMap<String, (u64, Instant)>,
+    /// Key → its latest event and when it came; `latest_order` indexes them by offset, so the
+    /// least recently updated (the lowest offset) is found first.
+    latest: HashMap<String, (StreamEvent, Instant)>,
+    latest_order: std::collections::BTreeMap<u64, String>,
     /// When the topic was last published to or read.
     used: Option<Instant>,
 }
@@ -246,6 +263,38 @@ impl MemoryBroker {
             stream
                 .versions
                 .retain(|_, (_, at)| now.duration_since(*at) <= ttl.min(age));
+        }
+    }
+
+    /// Makes `event` the latest of `key`, within `max_keys` (the least recently updated key
+    /// goes first).
+    fn keep_latest(&self, stream: &mut TopicStream, key: &str, event: &StreamEvent, now: Instant) {
+        if let Some((old, _)) = stream.latest.insert(key.to_owned(), (event.clone(), now)) {
+            stream.latest_order.remove(&old.offset);
+        }
+        stream.latest_order.insert(event.offset, key.to_owned());
+        while stream.latest.len() > self.config.max_keys {
+            let Some((_, oldest)) = stream.latest_order.pop_first() else {
+                break;
+            };
+            stream.latest.remove(&oldest);
+        }
+    }
+
+    /// Forgets keys not updated for `key_idle`. Updates come in offset order, so the idle
+    /// ones are the first by offset.
+    fn forget_idle_keys(&self, stream: &mut TopicStream, now: Instant) {
+        while let Some((_, key)) = stream.latest_order.first_key_value() {
+            let idle = stream
+                .latest
+                .get(key)
+                .is_none_or(|(_, at)| now.duration_since(*at) > self.config.key_idle);
+            if !idle {
+                break;
+            }
+            if let Some((_, key)) = stream.latest_order.pop_first() {
+                stream.latest.remove(&key);
+            }
         }
     }
 
@@ -341,6 +390,9 @@ impl Broker for MemoryBroker {
         }
         // Delivered under the topic's lock: events of one topic reach the node in offset order.
         self.delivery.deliver(topic, event.clone());
+        if let Some(key) = &options.key {
+            self.keep_latest(&mut stream, key, &event, now);
+        }
         let bytes = event.message.tail().len();
         if self.config.enabled {
             stream.events.push_back(Kept { event, at: now });
@@ -396,6 +448,27 @@ impl Broker for MemoryBroker {
             events,
         };
         Box::pin(std::future::ready(Ok(history)))
+    }
+
+    fn snapshot<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Snapshot, BrokerError>> {
+        let now = Instant::now();
+        let handle = self.topic(topic);
+        let mut stream = handle.lock();
+        stream.used = Some(now);
+        self.forget_idle_keys(&mut stream, now);
+        let events = stream
+            .latest_order
+            .values()
+            .filter_map(|key| stream.latest.get(key).map(|(e, _)| e.clone()))
+            .collect();
+        let snapshot = Snapshot {
+            top: Position {
+                offset: stream.top,
+                epoch: self.epoch.clone(),
+            },
+            events,
+        };
+        Box::pin(std::future::ready(Ok(snapshot)))
     }
 
     fn is_ready(&self) -> bool {
@@ -548,6 +621,46 @@ mod tests {
         assert!(!versioned("d", "lock:2", 1).superseded);
         assert!(!versioned("e", "lock:1", 6).superseded);
         assert_eq!(recorder.0.lock().len(), 3);
+    }
+
+    #[test]
+    fn a_snapshot_holds_the_latest_event_of_each_key_within_bounds() {
+        let config = HistoryConfig {
+            max_keys: 2,
+            ..HistoryConfig::default()
+        };
+        let broker = MemoryBroker::new(Arc::new(Recorder::default()), config);
+        let keyed = |id: &str, key: Option<&str>| {
+            let options = PublishOptions {
+                key: key.map(str::to_owned),
+                ..PublishOptions::default()
+            };
+            futures_util::FutureExt::now_or_never(broker.publish("/team/t1", &message(id), options))
+                .unwrap()
+                .unwrap()
+        };
+        keyed("a1", Some("job:a"));
+        keyed("b1", Some("job:b"));
+        keyed("x", None);
+        keyed("a2", Some("job:a"));
+        let snapshot = futures_util::FutureExt::now_or_never(broker.snapshot("/team/t1"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(snapshot.top.offset, 4);
+        // In offset order: b1 (2), a2 (4); a1 was replaced, x has no key.
+        assert_eq!(
+            snapshot.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            [2, 4]
+        );
+        // A third key evicts the least recently updated (job:b).
+        keyed("c1", Some("job:c"));
+        let snapshot = futures_util::FutureExt::now_or_never(broker.snapshot("/team/t1"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            snapshot.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            [4, 5]
+        );
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub struct HistoryConfig {
     pub max_replay: usize,
     /// Bytes of history the in-process broker keeps over all topics (oldest dropped first).
     pub memory_bytes: usize,
+    /// Keys whose latest event a topic keeps for `snapshot` (DESIGN §13); past it the least
+    /// recently updated key is forgotten.
+    pub max_keys: usize,
+    /// A key not updated for this long is forgotten.
+    pub key_idle: Duration,
 }
 
 impl Default for HistoryConfig {
@@ -48,6 +53,8 @@ impl Default for HistoryConfig {
             meta_ttl: Duration::from_secs(7 * 24 * 3600),
             max_replay: 1000,
             memory_bytes: 256 * 1024 * 1024,
+            max_keys: 1000,
+            key_idle: Duration::from_secs(3600),
         }
     }
 }

@@ -72,6 +72,19 @@ impl Fanout {
         self.broker.get().and_then(Weak::upgrade)
     }
 
+    /// A subscription read where `topic` stands from the broker: the first live event this
+    /// node sees for it is compared with that, so a new epoch (Redis flushed meanwhile) is a
+    /// reset rather than offsets that silently start again below what the subscriber was told.
+    pub(crate) fn observe(&self, topic: &str, position: &Position) {
+        if !self.registry.has_subscribers(topic) {
+            return;
+        }
+        let mut cursor = self.cursors.entry(topic.to_owned()).or_default();
+        if cursor.last.is_none() && cursor.held.is_none() {
+            cursor.last = Some(position.clone());
+        }
+    }
+
     /// The topic has no local subscriber any more: its position is forgotten, so a later
     /// subscription starts fresh instead of "filling" what nobody here missed.
     pub(crate) fn forget(&self, topic: &str) {
@@ -134,7 +147,8 @@ impl Fanout {
             {
                 for event in h.events {
                     if event.offset == next.offset + 1 {
-                        self.registry.deliver(topic, event.offset, &event.message);
+                        self.registry
+                            .deliver(topic, &event.position(), &event.message);
                         next = event.position();
                     }
                 }
@@ -177,7 +191,8 @@ impl Fanout {
                 );
                 broken = false;
             }
-            self.registry.deliver(topic, event.offset, &event.message);
+            self.registry
+                .deliver(topic, &event.position(), &event.message);
             next = event.position();
         }
         cursor.last = Some(next);
@@ -210,7 +225,8 @@ impl Delivery for Fanout {
         }
         let Some(last) = cursor.last.clone() else {
             // The first event this node sees for the topic: nothing to compare with.
-            self.registry.deliver(topic, event.offset, &event.message);
+            self.registry
+                .deliver(topic, &event.position(), &event.message);
             cursor.last = Some(event.position());
             return;
         };
@@ -241,7 +257,8 @@ impl Delivery for Fanout {
             }
             return;
         }
-        self.registry.deliver(topic, event.offset, &event.message);
+        self.registry
+            .deliver(topic, &event.position(), &event.message);
         cursor.last = Some(event.position());
     }
 

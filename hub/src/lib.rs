@@ -35,7 +35,7 @@ mod session;
 mod subscriptions;
 mod upgrade;
 
-pub use broker::{Broker, BrokerError, History, MemoryBroker, PublishOptions, Published};
+pub use broker::{Broker, BrokerError, History, MemoryBroker, PublishOptions, Published, Snapshot};
 pub use config::{HistoryConfig, HubConfig, OriginPolicy};
 pub use fanout::Fanout;
 pub use registry::Registry;
@@ -75,6 +75,8 @@ struct Inner {
     auth: Arc<Authenticator>,
     registry: Arc<Registry>,
     broker: Arc<dyn Broker>,
+    /// Told where a topic stands when a subscription reads it from the broker.
+    fanout: Arc<Fanout>,
     subscriptions: Arc<Subscriptions>,
     /// One permit per authenticated WebSocket (taken at `CONNECT`); `max_connections` in all.
     slots: Arc<Semaphore>,
@@ -133,7 +135,7 @@ impl Hub {
         tokio::spawn(subscriptions.clone().run(
             registry.clone(),
             broker.clone(),
-            fanout,
+            fanout.clone(),
             shutdown.clone(),
         ));
         Hub {
@@ -147,6 +149,7 @@ impl Hub {
                 auth,
                 registry,
                 broker,
+                fanout,
                 subscriptions,
                 shutdown,
                 tracker: TaskTracker::new(),
@@ -169,7 +172,7 @@ impl Hub {
         topic: &Topic,
         event_type: &EventType,
         data: &RawValue,
-        options: PublishOptions,
+        mut options: PublishOptions,
     ) -> BoxFuture<'static, Result<Published, PublishError>> {
         if self.inner.shutdown.is_cancelled() {
             return Box::pin(std::future::ready(Err(PublishError::ShuttingDown)));
@@ -193,7 +196,16 @@ impl Hub {
             data,
         }
         .to_json();
-        let message = MessageTemplate::new(topic.as_str(), &id, event_type.as_str(), &json);
+        if options.key.is_none() {
+            options.key = default_key(event_type, data);
+        }
+        let message = MessageTemplate::keyed(
+            topic.as_str(),
+            &id,
+            event_type.as_str(),
+            options.key.as_deref(),
+            &json,
+        );
         let started = std::time::Instant::now();
         let confirmed = self.inner.broker.publish(topic.as_str(), &message, options);
         let inner = self.inner.clone();
@@ -234,6 +246,20 @@ impl Hub {
         )
         .await
         .map_err(|_| BrokerError::Unavailable("history read timed out".to_owned()))?
+    }
+
+    /// The latest event of every key of `topic`, and the position it was taken at.
+    ///
+    /// # Errors
+    ///
+    /// When the broker does not answer in time.
+    pub async fn snapshot(&self, topic: &Topic) -> Result<Snapshot, BrokerError> {
+        tokio::time::timeout(
+            broker::HISTORY_TIMEOUT,
+            self.inner.broker.snapshot(topic.as_str()),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("snapshot read timed out".to_owned()))?
     }
 
     /// The topic's latest position.
@@ -321,6 +347,29 @@ impl Hub {
     fn next_conn_id(&self) -> u64 {
         self.inner.next_conn.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// The key an event gets when its publisher gave none (DESIGN §13): a job's progress,
+/// completion and failure are keyed by the job, `job:{data.job_id}`, so a topic keeps each
+/// running job's latest state.
+fn default_key(event_type: &EventType, data: &RawValue) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Job {
+        job_id: Option<serde_json::Value>,
+    }
+    if !matches!(
+        event_type.as_str(),
+        "job.progress" | "job.completed" | "job.failed"
+    ) {
+        return None;
+    }
+    let job = serde_json::from_str::<Job>(data.get()).ok()?.job_id?;
+    let id = match job {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    protocol::topic::is_valid_id(&id).then(|| format!("job:{id}"))
 }
 
 /// The hub's routes: `GET /ws`.

@@ -16,6 +16,7 @@ pub const PENDING_CONNECTIONS: &str = "lockstep_ws_pending_connections";
 pub const PENDING_EVICTED: &str = "lockstep_ws_pending_evicted_total";
 pub const SEND_THROTTLED: &str = "lockstep_send_throttled_total";
 pub const GAPS: &str = "lockstep_stream_gaps_total";
+pub const CONFLATED: &str = "lockstep_deliveries_conflated_total";
 pub const RESETS: &str = "lockstep_stream_resets_total";
 pub const RESUMES: &str = "lockstep_resumes_total";
 pub const REPLAYED: &str = "lockstep_replayed_events_total";
@@ -48,6 +49,10 @@ pub fn describe() {
     describe_counter!(
         PENDING_EVICTED,
         "Connections closed before CONNECT because the pool of waiting connections was full (the oldest makes room)."
+    );
+    describe_counter!(
+        CONFLATED,
+        "Keyed events that replaced their key's queued event for a slow subscriber (x-conflated) instead of queueing behind it."
     );
     describe_counter!(
         GAPS,
@@ -131,6 +136,7 @@ pub fn describe() {
         GAPS,
         RESETS,
         REPLAYED,
+        CONFLATED,
         DELIVERIES,
         DELIVERIES_DROPPED,
         EVENTS_PUBLISHED,

@@ -25,7 +25,7 @@
 //! interval must come back, or the subscriber connection is forced to reconnect.
 
 use crate::broker::{
-    self, Broker, BrokerError, Delivery, History, PublishOptions, Published, StreamEvent,
+    self, Broker, BrokerError, Delivery, History, PublishOptions, Published, Snapshot, StreamEvent,
 };
 use crate::config::HistoryConfig;
 use fred::prelude::*;
@@ -146,6 +146,10 @@ const READ_LUA: &str = concat!(
     include_str!("redis/trim.lua"),
     include_str!("redis/read.lua")
 );
+const SNAPSHOT_LUA: &str = concat!(
+    include_str!("redis/trim.lua"),
+    include_str!("redis/snapshot.lua")
+);
 
 /// A script and its SHA1, which `EVALSHA` names it by.
 #[derive(Debug)]
@@ -188,6 +192,8 @@ struct TopicKeys {
     stream: String,
     meta: String,
     versions: String,
+    latest: String,
+    updated: String,
     slot: u16,
 }
 
@@ -200,6 +206,8 @@ impl TopicKeys {
             stream: format!("{channel}:s"),
             meta: format!("{channel}:m"),
             versions: format!("{channel}:v"),
+            latest: format!("{channel}:k"),
+            updated: format!("{channel}:kt"),
             slot: fred::util::redis_keyslot(channel.as_bytes()),
             channel,
         }
@@ -230,6 +238,7 @@ pub struct RedisBroker {
     prefix: String,
     history: HistoryConfig,
     read: Arc<Script>,
+    snapshot: Arc<Script>,
     state: Arc<State>,
 }
 
@@ -324,6 +333,7 @@ impl RedisBroker {
             prefix: settings.channel_prefix.clone(),
             history: history.clone(),
             read: Arc::new(Script::new(READ_LUA)),
+            snapshot: Arc::new(Script::new(SNAPSHOT_LUA)),
             state,
         });
         tokio::spawn(publish_batches(
@@ -730,12 +740,14 @@ impl Publisher {
         let (command, head) = self.script.command(keys.slot, load);
         let history = &self.history;
         let max_age = millis(history.max_age);
-        let mut args = Vec::with_capacity(2 + 3 + jobs.len() + 7 + 5 * jobs.len());
+        let mut args = Vec::with_capacity(2 + 5 + jobs.len() + 9 + 5 * jobs.len());
         args.push(head);
-        args.push(Value::from(3 + jobs.len() as i64));
+        args.push(Value::from(5 + jobs.len() as i64));
         args.push(Value::from(keys.stream.as_str()));
         args.push(Value::from(keys.meta.as_str()));
         args.push(Value::from(keys.versions.as_str()));
+        args.push(Value::from(keys.latest.as_str()));
+        args.push(Value::from(keys.updated.as_str()));
         for job in jobs {
             args.push(Value::from(
                 keys.idempotency(job.idempotency_key.as_deref()),
@@ -749,6 +761,8 @@ impl Publisher {
         // An idempotency key lives as long as history; at least a second (PX must be > 0).
         args.push(Value::from(max_age.max(1000)));
         args.push(Value::from(if history.enabled { "1" } else { "0" }));
+        args.push(Value::from(history.max_keys as i64));
+        args.push(Value::from(millis(history.key_idle).max(1)));
         for job in jobs {
             args.push(Value::from(&*job.tail));
             args.push(Value::from(if job.idempotency_key.is_some() {
@@ -902,9 +916,11 @@ impl Broker for RedisBroker {
                 let (command, head) = self.read.command(keys.slot, load);
                 let args = vec![
                     head,
-                    Value::from(2),
+                    Value::from(4),
                     Value::from(keys.stream.as_str()),
                     Value::from(keys.meta.as_str()),
+                    Value::from(keys.latest.as_str()),
+                    Value::from(keys.updated.as_str()),
                     Value::from(&*broker::new_epoch()),
                     Value::from(after.to_string()),
                     Value::from(limit as i64),
@@ -921,6 +937,42 @@ impl Broker for RedisBroker {
             .map_err(|e| unavailable(&e))?;
             parse_history(&reply).ok_or_else(|| {
                 BrokerError::Unavailable("unexpected reply from the history script".to_owned())
+            })
+        })
+    }
+
+    fn snapshot<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Snapshot, BrokerError>> {
+        Box::pin(async move {
+            let Some(client) = self.publisher.current() else {
+                return Err(BrokerError::Unavailable(
+                    "not connected to Redis".to_owned(),
+                ));
+            };
+            let keys = TopicKeys::new(&self.prefix, topic);
+            let read = |load: bool| {
+                let (command, head) = self.snapshot.command(keys.slot, load);
+                let args = vec![
+                    head,
+                    Value::from(4),
+                    Value::from(keys.stream.as_str()),
+                    Value::from(keys.meta.as_str()),
+                    Value::from(keys.latest.as_str()),
+                    Value::from(keys.updated.as_str()),
+                    Value::from(&*broker::new_epoch()),
+                    Value::from(millis(self.history.key_idle).max(1)),
+                    Value::from(self.history.max_keys as i64),
+                    Value::from(millis(self.history.meta_ttl)),
+                ];
+                let client = client.clone();
+                async move { client.custom::<Value, Value>(command, args).await }
+            };
+            let reply = match read(false).await {
+                Err(err) if no_script(&err) => read(true).await,
+                other => other,
+            }
+            .map_err(|e| unavailable(&e))?;
+            parse_snapshot(&reply).ok_or_else(|| {
+                BrokerError::Unavailable("unexpected reply from the snapshot script".to_owned())
             })
         })
     }
@@ -951,6 +1003,24 @@ fn parse_history(reply: &Value) -> Option<History> {
     Some(History {
         top: Position::new(top, epoch),
         first,
+        events,
+    })
+}
+
+/// `{epoch, top, tail…}` → the snapshot it describes, in offset order.
+fn parse_snapshot(reply: &Value) -> Option<Snapshot> {
+    let Value::Array(items) = reply else {
+        return None;
+    };
+    let epoch: Arc<str> = items.first()?.as_string()?.into();
+    let top = items.get(1)?.as_u64()?;
+    let mut events = items[2..]
+        .iter()
+        .map(|tail| StreamEvent::from_tail(&tail.as_string()?))
+        .collect::<Option<Vec<_>>>()?;
+    events.sort_by_key(|e| e.offset);
+    Some(Snapshot {
+        top: Position::new(top, epoch),
         events,
     })
 }

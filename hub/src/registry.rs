@@ -39,6 +39,7 @@ pub(crate) struct Subscriber {
 pub(crate) enum Held {
     Event {
         offset: u64,
+        epoch: Arc<str>,
         frame: Utf8Bytes,
     },
     /// The node could not deliver part of the stream; what follows continues after `position`.
@@ -61,6 +62,9 @@ pub(crate) struct Recovery {
     /// Once live: events at or below this offset were already sent by the resume (history can
     /// run ahead of this node's pub/sub delivery) and are dropped.
     sent_through: AtomicU64,
+    /// The epoch `sent_through` counts in: an event of another epoch (Redis flushed since)
+    /// was never sent, whatever its offset. Set once, when the subscription goes live.
+    sent_epoch: std::sync::OnceLock<Arc<str>>,
 }
 
 impl Recovery {
@@ -70,6 +74,7 @@ impl Recovery {
             held: Mutex::new(Some(Vec::new())),
             capacity,
             sent_through: AtomicU64::new(0),
+            sent_epoch: std::sync::OnceLock::new(),
         }
     }
 
@@ -95,18 +100,24 @@ impl Recovery {
     /// events (what the resume sends itself). Everything delivered before this call is in the
     /// result, everything after it goes to the queue, so nothing is lost or doubled between
     /// the two.
-    pub(crate) fn go_live(&self, sent_through: impl FnOnce(&[Held]) -> u64) -> Vec<Held> {
+    pub(crate) fn go_live(
+        &self,
+        epoch: &Arc<str>,
+        sent_through: impl FnOnce(&[Held]) -> u64,
+    ) -> Vec<Held> {
         let mut guard = self.held.lock();
         let held = guard.take().unwrap_or_default();
+        let _ = self.sent_epoch.set(epoch.clone());
         self.sent_through
             .store(sent_through(&held), Ordering::Release);
         self.active.store(false, Ordering::Release);
         held
     }
 
-    /// Whether a live event at `offset` was already sent by the resume.
-    fn already_sent(&self, offset: u64) -> bool {
-        offset <= self.sent_through.load(Ordering::Acquire)
+    /// Whether a live event at `offset` of `epoch` was already sent by the resume.
+    fn already_sent(&self, offset: u64, epoch: &str) -> bool {
+        self.sent_epoch.get().is_some_and(|e| **e == *epoch)
+            && offset <= self.sent_through.load(Ordering::Acquire)
     }
 }
 
@@ -135,6 +146,8 @@ pub struct Registry {
     /// closed as slow). Resolved once: fan-out counts every event.
     deliveries: metrics::Counter,
     dropped: metrics::Counter,
+    /// Keyed events that replaced their key's queued event.
+    conflated: metrics::Counter,
 }
 
 impl Default for Registry {
@@ -143,6 +156,7 @@ impl Default for Registry {
             topics: DashMap::new(),
             deliveries: metrics::counter!(crate::metrics::DELIVERIES),
             dropped: metrics::counter!(crate::metrics::DELIVERIES_DROPPED),
+            conflated: metrics::counter!(crate::metrics::CONFLATED),
         }
     }
 }
@@ -238,8 +252,17 @@ impl Registry {
     /// Queues an event for every local subscriber of `topic` (or holds it for a recovering
     /// one). Never blocks: a subscriber whose queue is full is marked slow and will be
     /// disconnected; the others are unaffected.
-    pub fn deliver(&self, topic: &str, offset: u64, message: &MessageTemplate) -> Delivered {
-        self.fan_out(topic, message, |frame| Held::Event { offset, frame })
+    pub fn deliver(
+        &self,
+        topic: &str,
+        position: &Position,
+        message: &MessageTemplate,
+    ) -> Delivered {
+        self.fan_out(topic, message, |frame| Held::Event {
+            offset: position.offset,
+            epoch: position.epoch.clone(),
+            frame,
+        })
     }
 
     /// Queues a `lockstep.reset` for every local subscriber of `topic`.
@@ -268,6 +291,8 @@ impl Registry {
         let mut cache: Vec<(&Arc<str>, bool, Utf8Bytes)> = Vec::new();
         // Asked only when a STOMP 1.0 subscriber shows up.
         let mut has_escapes = None;
+        // A keyed event may replace its key's queued event in a full-ish queue.
+        let key: Option<Arc<str>> = message.key().map(Into::into);
         for sub in &entry.subscribers {
             let unescaped =
                 sub.unescaped && *has_escapes.get_or_insert_with(|| message.has_escapes());
@@ -299,13 +324,32 @@ impl Registry {
                         delivery.slow += 1;
                         continue;
                     }
-                    Err(Held::Event { offset, .. }) if recovery.already_sent(offset) => continue,
+                    Err(Held::Event { offset, epoch, .. })
+                        if recovery.already_sent(offset, &epoch) =>
+                    {
+                        continue;
+                    }
                     Err(Held::Event { frame, .. } | Held::Reset { frame, .. }) => frame,
                 },
                 None => frame,
             };
-            match sub.queue.push(frame) {
+            let pushed = match &key {
+                Some(key) => sub.queue.push_keyed(frame, &sub.sub_id, key, |n| {
+                    let conflated = format!("{}:{n}\n", protocol::server::CONFLATED_HEADER);
+                    Utf8Bytes::from(if unescaped {
+                        message.frame_with_unescaped(&sub.prefix, &conflated)
+                    } else {
+                        message.frame_with(&sub.prefix, &conflated)
+                    })
+                }),
+                _ => sub.queue.push(frame),
+            };
+            match pushed {
                 Pushed::Queued => delivery.queued += 1,
+                Pushed::Conflated => {
+                    delivery.queued += 1;
+                    self.conflated.increment(1);
+                }
                 Pushed::Full => delivery.slow += 1,
                 // The session is ending and will remove its subscriptions.
                 Pushed::Closed => {}
@@ -344,10 +388,10 @@ mod tests {
         a.recovery = Some(recovery.clone());
         r.add("/team/t", a);
         let m = MessageTemplate::new("/team/t", "1", "x.y", "{}");
-        r.deliver("/team/t", 5, &m);
-        r.deliver("/team/t", 6, &m);
+        r.deliver("/team/t", &Position::new(5, "E"), &m);
+        r.deliver("/team/t", &Position::new(6, "E"), &m);
         assert!(qa.pop().is_none(), "held, not queued");
-        let held = recovery.go_live(|_| 6);
+        let held = recovery.go_live(&"E".into(), |_| 6);
         assert_eq!(
             held.iter()
                 .map(|h| match h {
@@ -358,17 +402,17 @@ mod tests {
             [5, 6]
         );
         // Live: what the resume sent already (history ran ahead) is dropped, the rest queued.
-        r.deliver("/team/t", 6, &m);
+        r.deliver("/team/t", &Position::new(6, "E"), &m);
         assert!(qa.pop().is_none(), "sent by the resume already");
-        r.deliver("/team/t", 7, &m);
+        r.deliver("/team/t", &Position::new(7, "E"), &m);
         assert!(qa.pop().is_some(), "live: queued");
         // Holding more than the capacity marks the connection slow.
         let (mut b, qb) = subscriber(2, "s", 8);
         b.recovery = Some(Arc::new(Recovery::new(1)));
         r.add("/team/t", b);
-        r.deliver("/team/t", 8, &m);
+        r.deliver("/team/t", &Position::new(8, "E"), &m);
         assert!(!qb.is_slow());
-        r.deliver("/team/t", 9, &m);
+        r.deliver("/team/t", &Position::new(9, "E"), &m);
         assert!(qb.is_slow());
     }
 
@@ -397,11 +441,11 @@ mod tests {
         r.add("/team/t", c);
         let m = MessageTemplate::new("/team/t", "1", "x.y", "{}");
         assert_eq!(
-            r.deliver("/team/t", 1, &m),
+            r.deliver("/team/t", &Position::new(1, "E"), &m),
             Delivered { queued: 3, slow: 0 }
         );
         assert_eq!(
-            r.deliver("/team/t", 2, &m),
+            r.deliver("/team/t", &Position::new(2, "E"), &m),
             Delivered { queued: 2, slow: 1 }
         );
         assert!(rc.is_slow() && !ra.is_slow());
@@ -416,6 +460,9 @@ mod tests {
                 .as_str()
                 .starts_with("MESSAGE\nsubscription:other\n")
         );
-        assert_eq!(r.deliver("/team/none", 3, &m), Delivered::default());
+        assert_eq!(
+            r.deliver("/team/none", &Position::new(3, "E"), &m),
+            Delivered::default()
+        );
     }
 }

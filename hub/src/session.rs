@@ -141,6 +141,8 @@ struct HeldSend {
     topic: Topic,
     event_type: EventType,
     data: Box<RawValue>,
+    /// The `x-key` header: the event's key in its topic.
+    key: Option<String>,
     receipt: Option<String>,
     until: Instant,
 }
@@ -165,6 +167,10 @@ struct Session {
     started: Instant,
     last_read: Instant,
     last_write: Instant,
+    /// Frames the next write may take from the queue: `MAX_BATCH` while the socket keeps up,
+    /// one after a write had to wait. A slow client's backlog then stays in the queue, where
+    /// keyed events conflate, instead of in the WebSocket's write buffer, where they cannot.
+    batch: usize,
     /// A ping went out and nothing was read since.
     pinged: bool,
 }
@@ -203,6 +209,7 @@ pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
         started: now,
         last_read: now,
         last_write: now,
+        batch: MAX_BATCH,
         pinged: false,
     };
     metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
@@ -388,7 +395,14 @@ impl Session {
         {
             return Err(token_expired());
         }
-        let Session { ws, queue, hub, .. } = self;
+        let Session {
+            ws,
+            queue,
+            hub,
+            batch,
+            ..
+        } = self;
+        let limit = *batch;
         let write = async {
             let mut written = 0;
             if let Some(message) = first {
@@ -396,7 +410,7 @@ impl Session {
                 written += 1;
             }
             let mut messages = 0;
-            while written < MAX_BATCH {
+            while written < limit {
                 let Some(frame) = queue.pop() else { break };
                 ws.feed(Message::Text(frame)).await?;
                 written += 1;
@@ -409,9 +423,15 @@ impl Session {
         // Usually the socket takes the batch at once; only a write that has to wait gets the
         // timeout and the slow-consumer and shutdown checks (and their timers).
         let result = match (&mut write).now_or_never() {
-            Some(result) => result,
+            Some(result) => {
+                *batch = (*batch * 2).min(MAX_BATCH);
+                result
+            }
             None => tokio::select! {
-                result = &mut write => result,
+                result = &mut write => {
+                    *batch = 1;
+                    result
+                }
                 () = std::future::poll_fn(|cx| queue.poll_slow(cx)) => {
                     return Err(Ending::close(Disconnect::SLOW_CONSUMER));
                 }
@@ -573,6 +593,7 @@ impl Session {
             ClientCommand::Send {
                 destination,
                 event_type,
+                key,
                 content_type,
                 body,
             } => {
@@ -580,6 +601,7 @@ impl Session {
                 return self.on_send(
                     &destination,
                     event_type.as_deref(),
+                    key,
                     content_type.as_deref(),
                     &body,
                     receipt,
@@ -754,14 +776,6 @@ impl Session {
                 receipt,
             ));
         }
-        if stream == Some(StreamStart::Snapshot) {
-            return Err(Ending::error(
-                Disconnect::PROTOCOL_ERROR,
-                "snapshot not supported",
-                "x-stream-offset:snapshot needs the latest event per key, which this node does not keep yet; use last or offset=<n>",
-                receipt,
-            ));
-        }
         // A subscription that resumes holds its live events until its history is sent.
         let recovery = stream
             .as_ref()
@@ -853,14 +867,25 @@ impl Session {
             )
         };
         let topic = target.topic;
-        let (after, limit) = match &start {
-            StreamStart::After { offset, .. } => (*offset, max.saturating_add(1)),
-            _ => (u64::MAX, 0),
+        // A snapshot: the latest event of every key, read with the position it stands at.
+        let mut state = Vec::new();
+        let history = if start == StreamStart::Snapshot {
+            let snapshot = hub.snapshot(topic).await.map_err(|e| unavailable(&e))?;
+            state = snapshot.events;
+            History {
+                first: snapshot.top.offset + 1,
+                top: snapshot.top,
+                events: Vec::new(),
+            }
+        } else {
+            let (after, limit) = match &start {
+                StreamStart::After { offset, .. } => (*offset, max.saturating_add(1)),
+                _ => (u64::MAX, 0),
+            };
+            hub.history(topic, after, limit)
+                .await
+                .map_err(|e| unavailable(&e))?
         };
-        let history = hub
-            .history(topic, after, limit)
-            .await
-            .map_err(|e| unavailable(&e))?;
         let top = history.top.clone();
         let replay: Option<Vec<StreamEvent>> = match &start {
             StreamStart::Next | StreamStart::Snapshot => Some(Vec::new()),
@@ -892,8 +917,12 @@ impl Session {
         // replay already holds (at or below the top it read) would come again, so it is
         // dropped; likewise events below a position stated without a replay.
         let top_offset = top.offset;
-        let replays = matches!(start, StreamStart::Last | StreamStart::After { .. });
-        let held = recovery.go_live(|held| {
+        let replays = matches!(
+            start,
+            StreamStart::Last | StreamStart::After { .. } | StreamStart::Snapshot
+        );
+        hub.inner.fanout.observe(topic.as_str(), &top);
+        let held = recovery.go_live(&top.epoch, |held| {
             if replays || held.is_empty() {
                 top_offset
             } else {
@@ -914,8 +943,18 @@ impl Session {
             plan.recovered,
             &plan.position,
         );
-        let mut frames = Vec::with_capacity(1 + plan.replay.len() + plan.held.len());
+        let mut frames = Vec::with_capacity(1 + state.len() + plan.replay.len() + plan.held.len());
         frames.push(frame_for(&first, target));
+        // The snapshot's events are state (each the latest of its key, at or below the stated
+        // position), marked so, before the stream continues after the position.
+        if plan.recovered {
+            let marked = format!("{}:true\n", server::SNAPSHOT_HEADER);
+            frames.extend(
+                state
+                    .iter()
+                    .map(|e| frame_with(&e.message, target, &marked)),
+            );
+        }
         frames.extend(plan.replay.iter().map(|e| frame_for(&e.message, target)));
         frames.extend(plan.held);
         self.write_frames(frames).await
@@ -935,6 +974,7 @@ impl Session {
         &mut self,
         destination: &str,
         event_type: Option<&str>,
+        key: Option<String>,
         content_type: Option<&str>,
         body: &[u8],
         receipt: Option<&str>,
@@ -961,6 +1001,10 @@ impl Session {
         })?;
         let event_type = EventType::parse(event_type)
             .map_err(|e| protocol_error("invalid event-type", e.to_string()))?;
+        if let Some(key) = &key {
+            protocol::stream::check_event_key(key)
+                .map_err(|e| protocol_error("invalid x-key", e))?;
+        }
         if let Some(ct) = content_type
             && !ct.trim_start().starts_with("application/json")
         {
@@ -979,6 +1023,7 @@ impl Session {
             topic,
             event_type,
             data,
+            key,
             receipt: receipt.map(str::to_owned),
             until: Instant::now(),
         };
@@ -1000,7 +1045,10 @@ impl Session {
             &send.topic,
             &send.event_type,
             &send.data,
-            PublishOptions::default(),
+            PublishOptions {
+                key: send.key.take(),
+                ..PublishOptions::default()
+            },
         );
         self.pending.push_back((send.receipt, confirmed));
         Ok(())
@@ -1119,10 +1167,15 @@ struct Target<'a> {
 
 /// `message` framed for the subscription.
 fn frame_for(message: &MessageTemplate, target: &Target<'_>) -> Utf8Bytes {
+    frame_with(message, target, "")
+}
+
+/// [`frame_for`] with header lines of the subscription's own (`x-snapshot:true\n`).
+fn frame_with(message: &MessageTemplate, target: &Target<'_>, own: &str) -> Utf8Bytes {
     Utf8Bytes::from(if target.unescaped && message.has_escapes() {
-        message.frame_for_unescaped(target.prefix)
+        message.frame_with_unescaped(target.prefix, own)
     } else {
-        message.frame_for(target.prefix)
+        message.frame_with(target.prefix, own)
     })
 }
 
@@ -1175,7 +1228,7 @@ impl Resumed {
         let events: Vec<(u64, Utf8Bytes)> = held
             .into_iter()
             .filter_map(|h| match h {
-                Held::Event { offset, frame } => Some((offset, frame)),
+                Held::Event { offset, frame, .. } => Some((offset, frame)),
                 Held::Reset { .. } => None,
             })
             .collect();
@@ -1203,7 +1256,9 @@ impl Resumed {
         let from = match start {
             StreamStart::After { offset, .. } => *offset,
             StreamStart::Last => replay.first().map_or(top.offset, |e| e.offset - 1),
-            StreamStart::Next | StreamStart::Snapshot => {
+            // The snapshot stands at the top; the stream continues right after it.
+            StreamStart::Snapshot => top.offset,
+            StreamStart::Next => {
                 let mut plan = live(top.clone());
                 plan.recovered = true;
                 return plan;

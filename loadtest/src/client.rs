@@ -29,6 +29,9 @@ pub struct OpenOptions {
     pub source: Option<IpAddr>,
     /// A small read buffer keeps thousands of idle clients cheap.
     pub read_buffer: Option<usize>,
+    /// The socket's kernel receive buffer (`SO_RCVBUF`), to play a slow link: a reader that
+    /// does not read then holds back the server within a few frames, not megabytes.
+    pub recv_buffer: Option<u32>,
 }
 
 /// Something that came from the server.
@@ -88,6 +91,9 @@ impl StompClient {
         };
         if let Some(source) = options.source {
             socket.bind(SocketAddr::new(source, 0))?;
+        }
+        if let Some(size) = options.recv_buffer {
+            socket.set_recv_buffer_size(size)?;
         }
         let stream = socket
             .connect(addr)

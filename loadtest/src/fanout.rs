@@ -45,6 +45,8 @@ pub struct FanoutConfig {
     pub connect_concurrency: usize,
     /// Processes whose CPU time is reported per step (`name`, PID): servers, Redis.
     pub cpu_pids: Vec<(String, u32)>,
+    /// Events carry one of this many keys per publisher (`x-key`, `--via stomp`); 0: unkeyed.
+    pub keys: usize,
 }
 
 /// One step's result: one JSON line.
@@ -303,6 +305,7 @@ async fn publish(
         let duration = config.duration;
         let per_topic = per_topic.to_vec();
         let kind = config.kind;
+        let keys = config.keys;
         let http = http.clone();
         let token = match &target {
             Target::Lockstep { secret, .. } => {
@@ -336,7 +339,10 @@ async fn publish(
                     let body = format!(r#"{{"t":{},"p":{p},"s":{},"x":"{padding}"}}"#, unix_ns(), seq_base + sent);
                     let destination = target.destination(kind, topic);
                     match &http {
-                        None => target.queue_publish(&mut ws, &destination, &body),
+                        None => {
+                            let key = (keys > 0).then(|| format!("p{p}-k{}", sent as usize % keys));
+                            target.queue_publish(&mut ws, &destination, &body, key.as_deref());
+                        }
                         Some((client, base)) => {
                             let request = client
                                 .post(format!("{base}/api/v1/publish"))

@@ -51,6 +51,9 @@ enum Command {
         /// Report a process's CPU use per step: NAME=PID (repeatable).
         #[arg(long = "cpu-pid", value_parser = parse_cpu_pid)]
         cpu_pids: Vec<(String, u32)>,
+        /// Key every event with one of this many keys per publisher (`x-key`); 0: unkeyed.
+        #[arg(long, default_value_t = 0)]
+        keys: usize,
     },
     /// N connections x K subscriptions held with heart-beats; server RSS per connection.
     Idle {
@@ -95,6 +98,10 @@ enum Command {
         missed: Vec<u64>,
         #[arg(long, default_value_t = 100)]
         payload: usize,
+        /// Instead of missed events, publish one event for each of `missed` keys and subscribe
+        /// with `x-stream-offset:snapshot`: the latency is to the last state frame.
+        #[arg(long)]
+        snapshot: bool,
     },
     /// Acquire+release pairs per second through the HTTP API (or Redis SET NX PX + DEL).
     Locks {
@@ -250,6 +257,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             via,
             http,
             cpu_pids,
+            keys,
         } => {
             let config = fanout::FanoutConfig {
                 subscribers,
@@ -264,6 +272,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 sources: target.sources(),
                 connect_concurrency: target.connect_concurrency,
                 cpu_pids,
+                keys,
             };
             let t = target.target().await?;
             for report in fanout::run(&t, &config).await? {
@@ -338,6 +347,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             clients,
             missed,
             payload,
+            snapshot,
         } => {
             for missed in missed {
                 let config = resume::ResumeConfig {
@@ -347,10 +357,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     clients,
                     missed,
                     payload,
+                    snapshot,
                 };
                 let report = resume::run(&config).await?;
                 eprintln!(
-                    "resume: {} clients, {} missed: {} recovered, {} failed, p50 {} ms, p99 {} ms",
+                    "{}: {} clients, {} missed/keys: {} recovered, {} failed, p50 {} ms, p99 {} ms",
+                    report.scenario,
                     report.clients,
                     report.missed,
                     report.recovered,

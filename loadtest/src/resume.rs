@@ -5,6 +5,10 @@
 //! same moment. The latency of one client is from sending its `SUBSCRIBE` to receiving the last
 //! replayed event (offset `top`), so it covers the history read, the merge and writing every
 //! replayed frame.
+//!
+//! With `snapshot`, `missed` is a number of keys instead: one event is published for each key
+//! (`x-key`), and the clients subscribe with `x-stream-offset:snapshot`; a client's latency is
+//! to its last state frame (DESIGN §13).
 
 use crate::client::StompClient;
 use crate::stats::Latency;
@@ -28,6 +32,8 @@ pub struct ResumeConfig {
     /// Events each client missed.
     pub missed: u64,
     pub payload: usize,
+    /// Keys and `snapshot` instead of missed events and `offset=`.
+    pub snapshot: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,7 +62,13 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
     while left > 0 {
         let n = left.min(100);
         let events: Vec<_> = (0..n)
-            .map(|i| serde_json::json!({"topic": topic, "type": "load.resume", "data": {"i": i, "pad": pad}}))
+            .map(|i| {
+                let mut event = serde_json::json!({"topic": topic, "type": "load.resume", "data": {"i": i, "pad": pad}});
+                if config.snapshot {
+                    event["key"] = serde_json::json!(format!("k{}", config.missed - left + i));
+                }
+                event
+            })
             .collect();
         let response = http
             .post(format!("{}/api/v1/publish/batch", config.http))
@@ -92,16 +104,25 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
             epoch.clone(),
             barrier.clone(),
         );
+        let (snapshot, keys) = (config.snapshot, config.missed);
         tasks.spawn(async move {
             let connected = StompClient::connect(&url, &token).await;
             // Everyone waits for everyone, connected or not, so the resumes start together.
             barrier.wait().await;
             let (mut client, _) = connected.ok()?;
-            let frame = Frame::new(Command::Subscribe)
-                .with_header("id", "r")
-                .with_header("destination", topic)
-                .with_header("x-stream-offset", format!("offset={from}"))
-                .with_header("x-stream-epoch", epoch.as_str());
+            let frame = if snapshot {
+                Frame::new(Command::Subscribe)
+                    .with_header("id", "r")
+                    .with_header("destination", topic)
+                    .with_header("x-stream-offset", "snapshot")
+            } else {
+                Frame::new(Command::Subscribe)
+                    .with_header("id", "r")
+                    .with_header("destination", topic)
+                    .with_header("x-stream-offset", format!("offset={from}"))
+                    .with_header("x-stream-epoch", epoch.as_str())
+            };
+            let mut state = 0;
             let begun = Instant::now();
             client.send(&frame).await.ok()?;
             let mut recovered = false;
@@ -114,6 +135,15 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
                     recovered = frame.header("x-recovered") == Some("true");
                     if !recovered {
                         return Some((begun.elapsed(), false));
+                    }
+                    continue;
+                }
+                if snapshot {
+                    if frame.header("x-snapshot") == Some("true") {
+                        state += 1;
+                    }
+                    if state >= keys {
+                        return Some((begun.elapsed(), recovered));
                     }
                     continue;
                 }
@@ -137,7 +167,11 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
         }
     }
     Ok(ResumeReport {
-        scenario: "resume",
+        scenario: if config.snapshot {
+            "snapshot"
+        } else {
+            "resume"
+        },
         clients: config.clients,
         missed: config.missed,
         recovered,

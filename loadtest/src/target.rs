@@ -146,16 +146,22 @@ impl Target {
     }
 
     /// Queues one publish of `body` (JSON) to `destination` on `ws`.
-    pub fn queue_publish(&self, ws: &mut RawWs, destination: &str, body: &str) {
+    pub fn queue_publish(&self, ws: &mut RawWs, destination: &str, body: &str, key: Option<&str>) {
         match self {
-            Target::Ceiling { .. } => ws.queue_text(format!("pub {destination}\n{body}").as_bytes()),
-            _ => ws.queue_text(
-                format!(
-                    "SEND\ndestination:{destination}\nevent-type:load.test\ncontent-type:application/json\ncontent-length:{}\n\n{body}\0",
-                    body.len()
-                )
-                .as_bytes(),
-            ),
+            Target::Ceiling { .. } => {
+                ws.queue_text(format!("pub {destination}\n{body}").as_bytes());
+            }
+            _ => {
+                // An id needs no escaping; a keyed event keeps its key's latest (DESIGN §13).
+                let key = key.map(|k| format!("x-key:{k}\n")).unwrap_or_default();
+                ws.queue_text(
+                    format!(
+                        "SEND\ndestination:{destination}\nevent-type:load.test\n{key}content-type:application/json\ncontent-length:{}\n\n{body}\0",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
         }
     }
 

@@ -38,6 +38,8 @@ pub enum ClientCommand {
         destination: String,
         /// The `event-type` header: the envelope's `type`.
         event_type: Option<String>,
+        /// The `x-key` header: the event's key in its topic.
+        key: Option<String>,
         content_type: Option<String>,
         body: Bytes,
     },
@@ -158,6 +160,7 @@ impl TryFrom<Frame> for ClientFrame {
             Command::Send => ClientCommand::Send {
                 destination: need("SEND", "destination")?,
                 event_type: frame.header("event-type").map(str::to_owned),
+                key: frame.header(crate::server::KEY_HEADER).map(str::to_owned),
                 content_type: frame.header("content-type").map(str::to_owned),
                 body: frame.body.clone(),
             },

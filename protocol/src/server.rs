@@ -10,6 +10,14 @@ use crate::frame::{Command, Frame, escape_header, unescape_header};
 use crate::heartbeat::HeartBeat;
 use std::sync::Arc;
 
+/// The header naming an event's key.
+pub const KEY_HEADER: &str = "x-key";
+/// The header a conflated event carries: how many older events of its key it replaced.
+pub const CONFLATED_HEADER: &str = "x-conflated";
+/// The header of the events a `snapshot` subscription starts with (they are state, each the
+/// latest of its key, not a contiguous part of the stream).
+pub const SNAPSHOT_HEADER: &str = "x-snapshot";
+
 /// The server name sent in `CONNECTED`.
 pub const SERVER: &str = concat!("lockstep/", env!("CARGO_PKG_VERSION"));
 
@@ -27,13 +35,27 @@ impl MessageTemplate {
         event_type: &str,
         envelope_json: &str,
     ) -> MessageTemplate {
-        let mut tail = String::with_capacity(envelope_json.len() + 128);
+        MessageTemplate::keyed(destination, message_id, event_type, None, envelope_json)
+    }
+
+    /// [`MessageTemplate::new`] for an event with a key (`x-key`), the latest of which its
+    /// topic keeps (DESIGN §13).
+    pub fn keyed(
+        destination: &str,
+        message_id: &str,
+        event_type: &str,
+        key: Option<&str>,
+        envelope_json: &str,
+    ) -> MessageTemplate {
+        let mut tail = String::with_capacity(envelope_json.len() + 160);
         for (name, value) in [
-            ("destination", destination),
-            ("message-id", message_id),
-            ("content-type", "application/json"),
-            ("event-type", event_type),
+            ("destination", Some(destination)),
+            ("message-id", Some(message_id)),
+            ("content-type", Some("application/json")),
+            ("event-type", Some(event_type)),
+            (KEY_HEADER, key),
         ] {
+            let Some(value) = value else { continue };
             tail.push_str(name);
             tail.push(':');
             tail.push_str(&escape_header(value));
@@ -61,10 +83,25 @@ impl MessageTemplate {
     /// The whole `MESSAGE` frame for one subscription. `prefix` comes from
     /// [`subscription_prefix`].
     pub fn frame_for(&self, prefix: &str) -> String {
-        let mut frame = String::with_capacity(prefix.len() + self.tail.len());
+        self.frame_with(prefix, "")
+    }
+
+    /// [`MessageTemplate::frame_for`] with header lines of this subscription's own (each ending
+    /// in `\n`: `x-conflated:3\n`, `x-snapshot:true\n`) after the `subscription` line.
+    pub fn frame_with(&self, prefix: &str, headers: &str) -> String {
+        let mut frame = String::with_capacity(prefix.len() + headers.len() + self.tail.len());
         frame.push_str(prefix);
+        frame.push_str(headers);
         frame.push_str(&self.tail);
         frame
+    }
+
+    /// The event's key (`x-key`), if it has one.
+    pub fn key(&self) -> Option<String> {
+        self.headers()
+            .split('\n')
+            .find_map(|line| line.strip_prefix(KEY_HEADER)?.strip_prefix(':'))
+            .map(unescape_header)
     }
 
     /// The frame's body (the event's envelope JSON), without the NUL that ends the frame.
@@ -89,9 +126,16 @@ impl MessageTemplate {
     /// The whole `MESSAGE` frame for a STOMP 1.0 subscription, whose headers carry no escape
     /// sequences (1.0 has none: `:` in a value is literal). Rare, so it re-encodes.
     pub fn frame_for_unescaped(&self, prefix: &str) -> String {
+        self.frame_with_unescaped(prefix, "")
+    }
+
+    /// [`MessageTemplate::frame_for_unescaped`] with header lines of the subscription's own,
+    /// as [`MessageTemplate::frame_with`].
+    pub fn frame_with_unescaped(&self, prefix: &str, own: &str) -> String {
         let (headers, rest) = self.tail.split_once("\n\n").unwrap_or((&self.tail[..], ""));
-        let mut frame = String::with_capacity(prefix.len() + self.tail.len());
+        let mut frame = String::with_capacity(prefix.len() + own.len() + self.tail.len());
         frame.push_str(prefix);
+        frame.push_str(own);
         for line in headers.split('\n') {
             frame.push_str(&unescape_header(line));
             frame.push('\n');
@@ -188,6 +232,24 @@ mod tests {
         );
         assert!(text.ends_with("\n\n{}\0"), "{text}");
         assert!(!MessageTemplate::new("/team/t1", "01", "job.progress", "{}").has_escapes());
+    }
+
+    #[test]
+    fn keyed_messages_name_their_key() {
+        let t = MessageTemplate::keyed("/team/t1", "01", "job.progress", Some("job:7"), "{}");
+        assert_eq!(t.key().as_deref(), Some("job:7"));
+        assert_eq!(
+            MessageTemplate::new("/team/t1", "01", "a.b", "{}").key(),
+            None
+        );
+        let text = t.frame_with(&subscription_prefix("s"), "x-conflated:2\n");
+        let frame = Decoder::new(Limits::default())
+            .decode(&mut BytesMut::from(text.as_bytes()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.header("x-key"), Some("job:7"));
+        assert_eq!(frame.header("x-conflated"), Some("2"));
+        assert_eq!(frame.header("subscription"), Some("s"));
     }
 
     #[test]

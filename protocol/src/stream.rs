@@ -116,6 +116,31 @@ pub fn is_epoch(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Key prefixes only Lockstep's own events carry (lock state, presence): a publisher's event
+/// under one would stand in a snapshot for state it does not own.
+const RESERVED_KEY_PREFIXES: [&str; 2] = ["lock:", "presence:"];
+
+/// Checks a key a publisher gave an event (HTTP `key`, STOMP `x-key`): an id, and not one of
+/// Lockstep's own.
+///
+/// # Errors
+///
+/// Says why the key is refused.
+pub fn check_event_key(key: &str) -> Result<(), String> {
+    if !crate::topic::is_valid_id(key) {
+        return Err(format!(
+            "key '{}' must match [A-Za-z0-9_.:-]{{1,128}}",
+            shown(key)
+        ));
+    }
+    if let Some(prefix) = RESERVED_KEY_PREFIXES.iter().find(|p| key.starts_with(**p)) {
+        return Err(format!(
+            "keys starting with '{prefix}' are Lockstep's own (its lock and presence events)"
+        ));
+    }
+    Ok(())
+}
+
 /// The position headers, as they start a positioned tail.
 fn headers(offset: u64, epoch: &str) -> String {
     format!(
@@ -313,5 +338,18 @@ mod tests {
         let tails: Vec<&str> = split_batch(&batch).collect();
         assert_eq!(tails.len(), 2);
         assert_eq!(position_of(tails[1]), Some((43, "E1")));
+    }
+
+    #[test]
+    fn publishers_keys_are_ids_outside_lockstep_own() {
+        assert!(check_event_key("job:import-42").is_ok());
+        assert!(
+            check_event_key("lock:item-1")
+                .unwrap_err()
+                .contains("Lockstep's own")
+        );
+        assert!(check_event_key("presence:u1").is_err());
+        assert!(check_event_key("a b").unwrap_err().contains("must match"));
+        assert!(check_event_key("").is_err());
     }
 }

@@ -152,3 +152,33 @@ fn stomp_py_resumes_from_an_offset() {
     let node = node(None);
     run(&node, "python3", "python/resume.py", &config(&node, None));
 }
+
+/// A dashboard opened in the middle of a run (DESIGN §13): the script is the platform backend
+/// (job progress at ~200 events/s over HTTP batches, 30 locks taken by three users, some
+/// released and retaken) and opens a page in headless Chromium whose @stomp/stompjs subscribes
+/// with `x-stream-offset:snapshot` mid-run: the state frames are exactly each key's latest
+/// event as of the snapshot's offset, live frames follow from the next offset with no gap or
+/// duplicate, and the dashboard ends equal to the backend's state
+/// (`shared/dashboard_scenario.mjs`).
+#[test]
+fn stompjs_in_headless_chromium_opens_a_dashboard_mid_run() {
+    let page_port = free_port();
+    let node = node(Some(page_port));
+    let config = json!({
+        "http": node.http(),
+        "ws": node.ws(),
+        "user": "ana",
+        "team": "t1",
+        "tokens": {
+            "subscriber": node.token("ana", &["t1"], ""),
+            "publisher": node.token("backend", &["t1"], "publish"),
+            "holder-ivan": node.token("ivan", &["t1"], "locks"),
+            "holder-mei": node.token("mei", &["t1"], "locks"),
+            "holder-olu": node.token("olu", &["t1"], "locks"),
+        },
+        "heartbeat_ms": HEARTBEAT_MS,
+        "page_port": page_port,
+    })
+    .to_string();
+    run(&node, "node", "browser/dashboard.mjs", &config);
+}

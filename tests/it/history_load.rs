@@ -145,6 +145,7 @@ async fn run(url: &str) -> Outcome {
                                     offset,
                                     epoch: epoch.clone(),
                                     conflated: 0,
+                                    keyed: frame.header("x-key").is_some(),
                                 });
                             }
                             last = Some((offset, epoch));

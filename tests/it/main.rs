@@ -14,6 +14,7 @@ mod locks;
 mod openapi;
 mod ops;
 mod presign;
+mod snapshot;
 mod stomp;
 
 use loadtest::client::StompClient;

@@ -1,6 +1,7 @@
 -- Reads a topic's position and the events after an offset.
 --
--- KEYS: 1 stream {T}:s, 2 meta {T}:m.
+-- KEYS: 1 stream {T}:s, 2 meta {T}:m, 3 latest {T}:k, 4 updated {T}:kt (dropped with a new
+--   epoch, like the stream).
 -- ARGV: 1 epoch candidate (a topic never published to gets its epoch now, so its first
 --   subscriber and its first event agree on it), 2 after (offset), 3 limit (0: position
 --   only), 4 max age ms, 5 meta TTL ms.
@@ -12,7 +13,7 @@ local m = redis.call('HMGET', meta, 'e', 'o', 'd')
 local epoch, top, due = m[1], tonumber(m[2] or '0'), m[3]
 if not epoch then
   epoch = ARGV[1]
-  redis.call('DEL', stream)
+  redis.call('DEL', stream, KEYS[3], KEYS[4])
   redis.call('HSET', meta, 'e', epoch)
   top, due = 0, nil
 end

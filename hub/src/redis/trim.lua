@@ -47,6 +47,25 @@ local function trim(stream, meta, now, max_age, due)
   redis.call('HSET', meta, 'd', keep_t + max_age + math.floor(max_age / 16))
 end
 
+-- forget_keys(latest, updated, now, idle, max): forgets the keys not updated for idle ms, then
+-- the least recently updated beyond max, and lets both structures expire with the last key.
+local function forget_keys(latest, updated, now, idle, max)
+  local stale = redis.call('ZRANGEBYSCORE', updated, '-inf', now - idle)
+  for _, key in ipairs(stale) do
+    redis.call('ZREM', updated, key)
+    redis.call('HDEL', latest, key)
+  end
+  local extra = redis.call('ZCARD', updated) - max
+  if extra > 0 then
+    local oldest = redis.call('ZPOPMIN', updated, extra)
+    for i = 1, #oldest, 2 do
+      redis.call('HDEL', latest, oldest[i])
+    end
+  end
+  redis.call('PEXPIRE', latest, idle)
+  redis.call('PEXPIRE', updated, idle)
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
