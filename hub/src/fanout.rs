@@ -11,7 +11,7 @@
 //! duplicates and dropped.
 //!
 //! After a Redis reconnect, a quiet topic would show its gap only at its next event; the
-//! subscription manager asks [`Fanout::check`] to compare each topic's position at once.
+//! subscription manager asks `Fanout::check` to compare each topic's position at once.
 
 use crate::broker::{Broker, Delivery, HISTORY_TIMEOUT, StreamEvent};
 use crate::registry::Registry;

@@ -6,7 +6,7 @@
 //! subscribers.
 //!
 //! A subscription that resumes from a position starts in recovery: until its session has read
-//! the history it missed, its live events wait in a buffer of its own ([`Recovery`]) instead of
+//! the history it missed, its live events wait in a buffer of its own (`Recovery`) instead of
 //! its connection's queue, so the session can merge the two by offset and send them in order.
 
 use crate::send_queue::{Pushed, SendQueue};
