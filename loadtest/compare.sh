@@ -14,6 +14,7 @@
 #                                   # 4292fc8): fan-out on 1 node and 2 nodes + Redis, Redis CPU
 #                                   # per event; resume latency (1000 clients, 100 and 1000 missed);
 #                                   # memory per retained event (in-process ring, Redis stream)
+#   loadtest/compare.sh resume     # only the resume latency part of history
 #   loadtest/compare.sh keyed      # keyed publishing (10 keys per publisher) against unkeyed, back to
 #                                   # back, 1 node and 2 nodes + Redis; snapshot latency for 1000 keys
 #   BASELINE=<git rev> loadtest/compare.sh ab
@@ -452,6 +453,11 @@ run_history() {
   echo "Redis CPU per published event at 2000 msg/s on 10 topics: on / baseline (plain SPUBLISH) = $(ratio "$(jq .cpu[0].us_per_published "$work/h.on.pairten")" "$(jq .cpu[0].us_per_published "$work/h.baseline.pairten")")"
   lockstep_bin=""; extra_env=()
 
+  run_resume
+  run_retained
+}
+
+run_resume() {
   echo "== resume: 1000 clients resuming at once, 100 and 1000 missed events, 100-byte payloads"
   start_redis
   start_lockstep_pair "redis://127.0.0.1:$redis_port"
@@ -463,6 +469,9 @@ run_history() {
   jq -r '"2 nodes + Redis: \(.missed) missed: \(.recovered)/\(.clients) recovered, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms"' "$work/h.resume.pair"
   jq -r '"1 node: \(.missed) missed: \(.recovered)/\(.clients) recovered, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms"' "$work/h.resume.single"
 
+}
+
+run_retained() {
   echo "== memory per retained event: 50,000 events of ~100-byte data on one team topic"
   local before after n=50000
   extra_env=("LOCKSTEP_HISTORY_TEAM_EVENTS=$n" LOCKSTEP_API_PUBLISH_RATE=0)
@@ -490,7 +499,7 @@ run_history() {
 # against unkeyed ones, back to back in fresh processes; then how long a snapshot of 1000 keys
 # takes when 100 clients ask at once.
 run_keyed() {
-  local rates="1000,1500,2000,2500" name keys
+  local rates="250,500,750,1000,1500" name keys
   echo "== keyed: 1000 subscribers on 1 topic, unkeyed vs keyed (10 keys per publisher), 8 s per rate"
   extra_env=()
   for name in unkeyed keyed; do
@@ -539,5 +548,6 @@ case "$scenario" in
   ab) run_ab ;;
   history) run_history ;;
   keyed) run_keyed ;;
+  resume) run_resume ;;
   *) echo "unknown scenario $scenario" >&2; exit 64 ;;
 esac

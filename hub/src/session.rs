@@ -802,6 +802,8 @@ impl Session {
         if hub.registry.add(topic.as_str(), subscriber) {
             hub.subscriptions.mark(topic.as_str());
         }
+        // Live events are held from here: a history read started since misses none.
+        let holding_since = Instant::now();
         self.subscriptions.insert(sub_id, topic.clone());
         if receipt.is_none() && recovery.is_none() {
             return Ok(());
@@ -836,7 +838,8 @@ impl Session {
                 prefix: &prefix,
                 unescaped,
             };
-            self.resume(&target, start, &recovery, receipt).await?;
+            self.resume(&target, start, &recovery, holding_since, receipt)
+                .await?;
         }
         Ok(())
     }
@@ -851,6 +854,7 @@ impl Session {
         target: &Target<'_>,
         start: StreamStart,
         recovery: &Recovery,
+        holding_since: Instant,
         receipt: Option<&str>,
     ) -> Result<(), Ending> {
         let hub = self.hub.clone();
@@ -882,7 +886,7 @@ impl Session {
                 StreamStart::After { offset, .. } => (*offset, max.saturating_add(1)),
                 _ => (u64::MAX, 0),
             };
-            hub.history(topic, after, limit)
+            hub.history_since(topic, after, limit, Some(holding_since.into_std()))
                 .await
                 .map_err(|e| unavailable(&e))?
         };
