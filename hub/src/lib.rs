@@ -28,6 +28,7 @@ pub mod config;
 mod connections;
 pub mod fanout;
 pub mod metrics;
+mod reads;
 pub mod redis;
 pub mod registry;
 mod send_queue;
@@ -44,7 +45,7 @@ use axum::Router;
 use axum::routing::get;
 use connections::Connections;
 use futures_util::FutureExt as _;
-use futures_util::future::{BoxFuture, Shared};
+use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use protocol::rate::KeyedBuckets;
 use protocol::server::MessageTemplate;
@@ -78,9 +79,8 @@ struct Inner {
     broker: Arc<dyn Broker>,
     /// Told where a topic stands when a subscription reads it from the broker.
     fanout: Arc<Fanout>,
-    /// History reads in flight by (topic, after, limit), with when each started: a thousand
-    /// clients resuming from the same offset (a node died under them) cost one broker read.
-    reads: dashmap::DashMap<(String, u64, usize), (std::time::Instant, SharedRead)>,
+    /// History reads in flight, shared by the subscriptions resuming the same range.
+    reads: reads::Reads,
     subscriptions: Arc<Subscriptions>,
     /// One permit per authenticated WebSocket (taken at `CONNECT`); `max_connections` in all.
     slots: Arc<Semaphore>,
@@ -154,7 +154,7 @@ impl Hub {
                 registry,
                 broker,
                 fanout,
-                reads: dashmap::DashMap::new(),
+                reads: reads::Reads::default(),
                 subscriptions,
                 shutdown,
                 tracker: TaskTracker::new(),
@@ -247,9 +247,10 @@ impl Hub {
         self.history_since(topic, after, limit, None).await
     }
 
-    /// [`Hub::history`], sharing a read of the same range already in flight if it started at
-    /// `since` or later (`None`: any). A resuming subscription passes when it began holding its
-    /// live events: a read that started before could miss an event it never holds.
+    /// [`Hub::history`] from a read issued at `since` or later (`None`: any), shared with
+    /// other subscriptions reading the same range (see `reads`). A resuming subscription
+    /// passes when it began holding its live events: an earlier read could miss an event it
+    /// never holds.
     pub(crate) async fn history_since(
         &self,
         topic: &Topic,
@@ -258,47 +259,20 @@ impl Hub {
         since: Option<std::time::Instant>,
     ) -> Result<History, BrokerError> {
         let limit = limit.min(self.inner.config.history.max_replay);
-        let key = (topic.as_str().to_owned(), after, limit);
-        let read = {
-            let fresh = || {
-                let broker = self.inner.broker.clone();
-                let topic = topic.as_str().to_owned();
-                let read: SharedRead = async move {
-                    tokio::time::timeout(
-                        broker::HISTORY_TIMEOUT,
-                        broker.history(&topic, after, limit),
-                    )
+        let broker = self.inner.broker.clone();
+        let name = topic.as_str().to_owned();
+        let read = move || {
+            async move {
+                tokio::time::timeout(broker::HISTORY_TIMEOUT, broker.history(&name, after, limit))
                     .await
                     .map_err(|_| BrokerError::Unavailable("history read timed out".to_owned()))?
-                }
-                .boxed()
-                .shared();
-                (std::time::Instant::now(), read)
-            };
-            match self.inner.reads.entry(key.clone()) {
-                dashmap::Entry::Occupied(mut entry) => {
-                    let (started, read) = entry.get();
-                    if since.is_none_or(|since| *started >= since) && read.peek().is_none() {
-                        read.clone()
-                    } else {
-                        let (started, read) = fresh();
-                        *entry.get_mut() = (started, read.clone());
-                        read
-                    }
-                }
-                dashmap::Entry::Vacant(entry) => {
-                    let (started, read) = fresh();
-                    entry.insert((started, read.clone()));
-                    read
-                }
             }
+            .boxed()
         };
-        let result = read.await;
-        // Done: the next read of this range goes to the broker again.
         self.inner
             .reads
-            .remove_if(&key, |_, (_, read)| read.peek().is_some());
-        result
+            .read((topic.as_str().to_owned(), after, limit), since, read)
+            .await
     }
 
     /// The latest event of every key of `topic`, and the position it was taken at.
@@ -401,9 +375,6 @@ impl Hub {
         self.inner.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 }
-
-/// A history read that several subscriptions may await.
-type SharedRead = Shared<BoxFuture<'static, Result<History, BrokerError>>>;
 
 /// The key an event gets when its publisher gave none (DESIGN §13): a job's progress,
 /// completion and failure are keyed by the job, `job:{data.job_id}`, so a topic keeps each

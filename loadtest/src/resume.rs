@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use protocol::{Command, Frame};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Barrier;
@@ -43,6 +44,9 @@ pub struct ResumeReport {
     pub missed: u64,
     pub recovered: u64,
     pub failed: u64,
+    /// Why resumes failed, with how many failed that way (`x-recovered:false`, an `ERROR`'s
+    /// message, a close code, a timeout).
+    pub failures: BTreeMap<String, u64>,
     /// From `SUBSCRIBE` to the last replayed event.
     pub latency: Latency,
     pub elapsed_s: f64,
@@ -109,7 +113,7 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
             let connected = StompClient::connect(&url, &token).await;
             // Everyone waits for everyone, connected or not, so the resumes start together.
             barrier.wait().await;
-            let (mut client, _) = connected.ok()?;
+            let (mut client, _) = connected.map_err(|e| format!("connect: {e}"))?;
             let frame = if snapshot {
                 Frame::new(Command::Subscribe)
                     .with_header("id", "r")
@@ -124,17 +128,25 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
             };
             let mut state = 0;
             let begun = Instant::now();
-            client.send(&frame).await.ok()?;
-            let mut recovered = false;
+            client
+                .send(&frame)
+                .await
+                .map_err(|e| format!("send: {e}"))?;
             loop {
                 let frame = client
                     .expect_frame_within(Duration::from_secs(60))
                     .await
-                    .ok()?;
+                    .map_err(|e| format!("{e:#}"))?;
+                if frame.command == Command::Error {
+                    return Err(format!(
+                        "ERROR {}: {}",
+                        frame.header("message").unwrap_or_default(),
+                        String::from_utf8_lossy(&frame.body)
+                    ));
+                }
                 if frame.header("event-type") == Some("lockstep.subscribed") {
-                    recovered = frame.header("x-recovered") == Some("true");
-                    if !recovered {
-                        return Some((begun.elapsed(), false));
+                    if frame.header("x-recovered") != Some("true") {
+                        return Err("x-recovered:false".to_owned());
                     }
                     continue;
                 }
@@ -143,13 +155,16 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
                         state += 1;
                     }
                     if state >= keys {
-                        return Some((begun.elapsed(), recovered));
+                        return Ok(begun.elapsed());
                     }
                     continue;
                 }
-                let offset: u64 = frame.header("x-stream-offset")?.parse().ok()?;
+                let offset: u64 = frame
+                    .header("x-stream-offset")
+                    .and_then(|o| o.parse().ok())
+                    .ok_or("a MESSAGE without x-stream-offset")?;
                 if offset >= top {
-                    return Some((begun.elapsed(), recovered));
+                    return Ok(begun.elapsed());
                 }
             }
         });
@@ -157,13 +172,17 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
     let started = Instant::now();
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 2)?;
     let (mut recovered, mut failed) = (0, 0);
+    let mut failures = BTreeMap::new();
     while let Some(result) = tasks.join_next().await {
-        match result.ok().flatten() {
-            Some((took, true)) => {
+        match result.map_err(|e| format!("task: {e}")).flatten() {
+            Ok(took) => {
                 recovered += 1;
                 histogram.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1))?;
             }
-            _ => failed += 1,
+            Err(why) => {
+                failed += 1;
+                *failures.entry(why).or_default() += 1;
+            }
         }
     }
     Ok(ResumeReport {
@@ -176,6 +195,7 @@ pub async fn run(config: &ResumeConfig) -> anyhow::Result<ResumeReport> {
         missed: config.missed,
         recovered,
         failed,
+        failures,
         latency: Latency::from_micros(&histogram),
         elapsed_s: started.elapsed().as_secs_f64(),
     })
