@@ -15,6 +15,7 @@
 #                                   # per event; resume latency (1000 clients, 100 and 1000 missed);
 #                                   # memory per retained event (in-process ring, Redis stream)
 #   loadtest/compare.sh resume     # only the resume latency part of history
+#   loadtest/compare.sh retained   # only the memory per retained event part of history
 #   loadtest/compare.sh keyed      # keyed publishing (10 keys per publisher) against unkeyed, back to
 #                                   # back, 1 node and 2 nodes + Redis; snapshot latency for 1000 keys
 #   BASELINE=<git rev> loadtest/compare.sh ab
@@ -474,15 +475,16 @@ run_resume() {
 run_retained() {
   echo "== memory per retained event: 50,000 events of ~100-byte data on one team topic"
   local before after n=50000
-  extra_env=("LOCKSTEP_HISTORY_TEAM_EVENTS=$n" LOCKSTEP_API_PUBLISH_RATE=0)
+  # The resume at the end reads all of them back, so "on" shows they were all retained.
   for name in off on; do
+    extra_env=("LOCKSTEP_HISTORY_TEAM_EVENTS=$n" "LOCKSTEP_HISTORY_MAX_REPLAY=$n" LOCKSTEP_API_PUBLISH_RATE=0)
     [ $name = off ] && extra_env+=(LOCKSTEP_HISTORY_ENABLED=false)
     start_lockstep
     before=$(awk '/VmRSS/ {print $2}' "/proc/$lockstep_pid/status")
-    "$bin/loadtest" resume --url "$lockstep_url" --http "$lockstep_http" --clients 1 --missed $n 2>/dev/null >/dev/null || true
+    "$bin/loadtest" resume --url "$lockstep_url" --http "$lockstep_http" --clients 1 --missed $n 2>/dev/null | record >"$work/h.retained.$name"
     after=$(awk '/VmRSS/ {print $2}' "/proc/$lockstep_pid/status")
     stop_pids "$lockstep_pid"
-    echo "in-process, history $name: RSS grew $(( after - before )) KiB for $n events ($(python3 -c "print(round(($after-$before)*1024/$n))") B per event)"
+    echo "in-process, history $name: RSS grew $(( after - before )) KiB for $n events ($(python3 -c "print(round(($after-$before)*1024/$n))") B per event); resuming from before them: $(jq .recovered "$work/h.retained.$name")/1 recovered"
   done
   extra_env=(LOCKSTEP_API_PUBLISH_RATE=0)
   start_redis
@@ -549,5 +551,6 @@ case "$scenario" in
   history) run_history ;;
   keyed) run_keyed ;;
   resume) run_resume ;;
+  retained) run_retained ;;
   *) echo "unknown scenario $scenario" >&2; exit 64 ;;
 esac
