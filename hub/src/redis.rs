@@ -253,6 +253,42 @@ struct State {
 }
 
 impl RedisBroker {
+    /// Runs a read script over a topic's keys (stream, meta, latest, updated) with a fresh
+    /// epoch for a topic that has none, then `args`; loads the script where the server lacks it.
+    async fn read_topic(
+        &self,
+        script: &Script,
+        topic: &str,
+        args: &[Value],
+    ) -> Result<Value, BrokerError> {
+        let Some(client) = self.publisher.current() else {
+            return Err(BrokerError::Unavailable(
+                "not connected to Redis".to_owned(),
+            ));
+        };
+        let keys = TopicKeys::new(&self.prefix, topic);
+        let read = |load: bool| {
+            let (command, head) = script.command(keys.slot, load);
+            let mut all = vec![
+                head,
+                Value::from(4),
+                Value::from(keys.stream.as_str()),
+                Value::from(keys.meta.as_str()),
+                Value::from(keys.latest.as_str()),
+                Value::from(keys.updated.as_str()),
+                Value::from(&*broker::new_epoch()),
+            ];
+            all.extend_from_slice(args);
+            let client = client.clone();
+            async move { client.custom::<Value, Value>(command, all).await }
+        };
+        match read(false).await {
+            Err(err) if no_script(&err) => read(true).await,
+            other => other,
+        }
+        .map_err(|e| unavailable(&e))
+    }
+
     /// Creates the clients and starts connecting in the background; the node starts (not
     /// ready) even while Redis is down. `node_id` names this node's probe channel.
     ///
@@ -906,35 +942,13 @@ impl Broker for RedisBroker {
         limit: usize,
     ) -> BoxFuture<'a, Result<History, BrokerError>> {
         Box::pin(async move {
-            let Some(client) = self.publisher.current() else {
-                return Err(BrokerError::Unavailable(
-                    "not connected to Redis".to_owned(),
-                ));
-            };
-            let keys = TopicKeys::new(&self.prefix, topic);
-            let read = |load: bool| {
-                let (command, head) = self.read.command(keys.slot, load);
-                let args = vec![
-                    head,
-                    Value::from(4),
-                    Value::from(keys.stream.as_str()),
-                    Value::from(keys.meta.as_str()),
-                    Value::from(keys.latest.as_str()),
-                    Value::from(keys.updated.as_str()),
-                    Value::from(&*broker::new_epoch()),
-                    Value::from(after.to_string()),
-                    Value::from(limit as i64),
-                    Value::from(millis(self.history.max_age)),
-                    Value::from(millis(self.history.meta_ttl)),
-                ];
-                let client = client.clone();
-                async move { client.custom::<Value, Value>(command, args).await }
-            };
-            let reply = match read(false).await {
-                Err(err) if no_script(&err) => read(true).await,
-                other => other,
-            }
-            .map_err(|e| unavailable(&e))?;
+            let args = [
+                Value::from(after.to_string()),
+                Value::from(limit as i64),
+                Value::from(millis(self.history.max_age)),
+                Value::from(millis(self.history.meta_ttl)),
+            ];
+            let reply = self.read_topic(&self.read, topic, &args).await?;
             parse_history(&reply).ok_or_else(|| {
                 BrokerError::Unavailable("unexpected reply from the history script".to_owned())
             })
@@ -943,34 +957,12 @@ impl Broker for RedisBroker {
 
     fn snapshot<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Snapshot, BrokerError>> {
         Box::pin(async move {
-            let Some(client) = self.publisher.current() else {
-                return Err(BrokerError::Unavailable(
-                    "not connected to Redis".to_owned(),
-                ));
-            };
-            let keys = TopicKeys::new(&self.prefix, topic);
-            let read = |load: bool| {
-                let (command, head) = self.snapshot.command(keys.slot, load);
-                let args = vec![
-                    head,
-                    Value::from(4),
-                    Value::from(keys.stream.as_str()),
-                    Value::from(keys.meta.as_str()),
-                    Value::from(keys.latest.as_str()),
-                    Value::from(keys.updated.as_str()),
-                    Value::from(&*broker::new_epoch()),
-                    Value::from(millis(self.history.key_idle).max(1)),
-                    Value::from(self.history.max_keys as i64),
-                    Value::from(millis(self.history.meta_ttl)),
-                ];
-                let client = client.clone();
-                async move { client.custom::<Value, Value>(command, args).await }
-            };
-            let reply = match read(false).await {
-                Err(err) if no_script(&err) => read(true).await,
-                other => other,
-            }
-            .map_err(|e| unavailable(&e))?;
+            let args = [
+                Value::from(millis(self.history.key_idle).max(1)),
+                Value::from(self.history.max_keys as i64),
+                Value::from(millis(self.history.meta_ttl)),
+            ];
+            let reply = self.read_topic(&self.snapshot, topic, &args).await?;
             parse_snapshot(&reply).ok_or_else(|| {
                 BrokerError::Unavailable("unexpected reply from the snapshot script".to_owned())
             })

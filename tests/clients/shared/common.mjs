@@ -41,3 +41,79 @@ export function forceClose(conns) {
     }
   }
 }
+
+// Pending waits of a scenario: the first fatal event (ERROR frame, unexpected close, …) fails
+// every one of them at once; `changed()` re-evaluates the conditions waited for.
+export class Waits {
+  // step(): the scenario's current step, named in every failure.
+  constructor(step) {
+    this.step = step;
+    this.error = null;
+    this.checks = new Set();
+  }
+
+  trip(message) {
+    if (this.error) return;
+    this.error = new ScenarioFailure(`[${this.step()}] ${message}`);
+    this.changed();
+  }
+
+  changed() {
+    for (const c of [...this.checks]) c();
+  }
+
+  // Resolves when pred() holds; rejects on a trip or after `ms` (what: string or function).
+  until(pred, what, ms = WAIT_MS) {
+    return new Promise((resolve, reject) => {
+      let timer;
+      const done = () => {
+        clearTimeout(timer);
+        this.checks.delete(check);
+      };
+      const check = () => {
+        if (this.error) {
+          done();
+          reject(this.error);
+        } else if (pred()) {
+          done();
+          resolve();
+        }
+      };
+      timer = setTimeout(() => {
+        done();
+        const name = typeof what === 'function' ? what() : what;
+        reject(new ScenarioFailure(`[${this.step()}] timed out after ${ms} ms waiting for ${name}`));
+      }, ms);
+      this.checks.add(check);
+      check();
+    });
+  }
+
+  // Waits for a promise, at most `ms`, failing early on a trip.
+  wait(promise, what, ms = WAIT_MS) {
+    let settled = false;
+    let value;
+    let error = null;
+    Promise.resolve(promise).then(
+      (v) => {
+        settled = true;
+        value = v;
+        this.changed();
+      },
+      (e) => {
+        settled = true;
+        error = e || new Error('rejected');
+        this.changed();
+      },
+    );
+    return this.until(() => settled, what, ms).then(() => {
+      if (error) throw error;
+      return value;
+    });
+  }
+}
+
+// Whether obj is a plain object with exactly these keys.
+export function sameKeys(obj, keys) {
+  return !!obj && typeof obj === 'object' && !Array.isArray(obj) && Object.keys(obj).sort().join(',') === [...keys].sort().join(',');
+}

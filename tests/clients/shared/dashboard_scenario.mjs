@@ -35,7 +35,7 @@
 //       job's last event type and `done`, each item's holder or released).
 // Every wait is bounded (WAIT_MS); nothing sleeps.
 
-import { WAIT_MS, ISO_UTC, ScenarioFailure, makeRedactor, forceClose } from './common.mjs';
+import { ISO_UTC, ScenarioFailure, Waits, makeRedactor, forceClose, sameKeys } from './common.mjs';
 
 export { makeRedactor };
 
@@ -56,10 +56,6 @@ function show(value, max = 700) {
   return s === undefined ? String(value) : s.length > max ? `${s.slice(0, max)}…` : s;
 }
 
-function sameKeys(obj, keys) {
-  return !!obj && typeof obj === 'object' && !Array.isArray(obj) && Object.keys(obj).sort().join(',') === [...keys].sort().join(',');
-}
-
 // JSON equality (key order ignored).
 function same(a, b) {
   if (a === b) return true;
@@ -71,72 +67,6 @@ function same(a, b) {
 }
 
 const now = () => (typeof performance !== 'undefined' ? performance.now() : Date.now());
-
-// Pending waits, failed at once by the first fatal event (ERROR frame, unexpected close).
-class Waits {
-  constructor() {
-    this.error = null;
-    this.checks = new Set();
-  }
-
-  trip(message) {
-    if (this.error) return;
-    this.error = new ScenarioFailure(`[${currentStep}] ${message}`);
-    this.changed();
-  }
-
-  changed() {
-    for (const c of [...this.checks]) c();
-  }
-
-  until(pred, what, ms = WAIT_MS) {
-    return new Promise((resolve, reject) => {
-      let timer;
-      const done = () => {
-        clearTimeout(timer);
-        this.checks.delete(check);
-      };
-      const check = () => {
-        if (this.error) {
-          done();
-          reject(this.error);
-        } else if (pred()) {
-          done();
-          resolve();
-        }
-      };
-      timer = setTimeout(() => {
-        done();
-        const name = typeof what === 'function' ? what() : what;
-        reject(new ScenarioFailure(`[${currentStep}] timed out after ${ms} ms waiting for ${name}`));
-      }, ms);
-      this.checks.add(check);
-      check();
-    });
-  }
-
-  wait(promise, what, ms = WAIT_MS) {
-    let settled = false;
-    let value;
-    let error = null;
-    Promise.resolve(promise).then(
-      (v) => {
-        settled = true;
-        value = v;
-        this.changed();
-      },
-      (e) => {
-        settled = true;
-        error = e || new Error('rejected');
-        this.changed();
-      },
-    );
-    return this.until(() => settled, what, ms).then(() => {
-      if (error) throw error;
-      return value;
-    });
-  }
-}
 
 // A compact view of a frame for failure messages.
 function brief(f) {
@@ -265,7 +195,7 @@ export async function runDashboardScenario({ Client, cfg, fetch: fetchImpl, log 
     if (typeof cfg[k] !== 'string' || cfg[k] === '') fail(`"${k}" must be a non-empty string`);
   }
   if (!cfg.tokens || typeof cfg.tokens.subscriber !== 'string') fail('tokens.subscriber missing');
-  const waits = new Waits();
+  const waits = new Waits(() => currentStep);
   const ctx = { cfg, waits, fetchImpl };
   const topic = `/team/${cfg.team}`;
   const conns = [];

@@ -37,7 +37,7 @@
 // runScenario() resolves with a JSON-able summary or rejects with an Error naming the step and
 // the exact frames seen. Every wait is bounded (WAIT_MS); nothing sleeps.
 
-import { WAIT_MS, ISO_UTC, ScenarioFailure, makeRedactor, forceClose } from './common.mjs';
+import { ISO_UTC, ScenarioFailure, Waits, makeRedactor, forceClose, sameKeys } from './common.mjs';
 
 // browser/page.html imports makeRedactor from its /scenario.mjs, which is this module in the resume run.
 export { makeRedactor };
@@ -56,79 +56,6 @@ function fail(message) {
 function show(value) {
   const s = JSON.stringify(value);
   return s === undefined ? String(value) : s.length > 900 ? `${s.slice(0, 900)}…` : s;
-}
-
-function sameKeys(obj, keys) {
-  return !!obj && typeof obj === 'object' && !Array.isArray(obj) && Object.keys(obj).sort().join(',') === [...keys].sort().join(',');
-}
-
-// The first fatal event (ERROR frame, unexpected close, …) fails every pending wait; `changed()`
-// re-evaluates the conditions waited for.
-class Waits {
-  constructor() {
-    this.error = null;
-    this.checks = new Set();
-  }
-
-  trip(message) {
-    if (this.error) return;
-    this.error = new ScenarioFailure(`[${currentStep}] ${message}`);
-    this.changed();
-  }
-
-  changed() {
-    for (const c of [...this.checks]) c();
-  }
-
-  // Resolves when pred() holds; rejects on a trip or after `ms` (what: string or function).
-  until(pred, what, ms = WAIT_MS) {
-    return new Promise((resolve, reject) => {
-      let timer;
-      const done = () => {
-        clearTimeout(timer);
-        this.checks.delete(check);
-      };
-      const check = () => {
-        if (this.error) {
-          done();
-          reject(this.error);
-        } else if (pred()) {
-          done();
-          resolve();
-        }
-      };
-      timer = setTimeout(() => {
-        done();
-        const name = typeof what === 'function' ? what() : what;
-        reject(new ScenarioFailure(`[${currentStep}] timed out after ${ms} ms waiting for ${name}`));
-      }, ms);
-      this.checks.add(check);
-      check();
-    });
-  }
-
-  // Waits for a promise, at most `ms`, failing early on a trip.
-  wait(promise, what, ms = WAIT_MS) {
-    let settled = false;
-    let value;
-    let error = null;
-    Promise.resolve(promise).then(
-      (v) => {
-        settled = true;
-        value = v;
-        this.changed();
-      },
-      (e) => {
-        settled = true;
-        error = e || new Error('rejected');
-        this.changed();
-      },
-    );
-    return this.until(() => settled, what, ms).then(() => {
-      if (error) throw error;
-      return value;
-    });
-  }
 }
 
 // A stompjs Client whose every unexpected event trips the waits with a precise message.
@@ -389,7 +316,7 @@ export async function runResumeScenario({ Client, cfg, fetch: fetchImpl, log = (
     if (!cfg.tokens || typeof cfg.tokens[k] !== 'string' || cfg.tokens[k] === '') fail(`tokens.${k} missing`);
   }
   const started = Date.now();
-  const waits = new Waits();
+  const waits = new Waits(() => currentStep);
   const ctx = { cfg, waits, fetchImpl };
   const team = `/team/${cfg.team}`;
   const user = `/user/${cfg.user}`;
