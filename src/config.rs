@@ -82,6 +82,7 @@ keys! {
     "hub.read_buffer_bytes", "4096", "WebSocket read buffer per connection (allocated for every connection).";
     "history.enabled", "true", "Keep each topic's recent events, so a client that reconnects gets what it missed (`x-stream-offset`). Off: offsets are still assigned, every resume answers `x-recovered:false`.";
     "history.team_events", "1000", "Events kept per team topic.";
+    "history.item_events", "100", "Events kept per item topic (`/team/{t}/items/{i}`).";
     "history.user_events", "100", "Events kept per user topic.";
     "history.global_events", "1000", "Events kept for `/global`.";
     "history.max_age", "10m", "Events older than this are dropped from history; idempotency keys are remembered this long.";
@@ -228,8 +229,9 @@ impl Config {
             "history",
             if history.enabled {
                 format!(
-                    "{} events per team topic, {} per user topic, {} for /global, at most {}; a resume replays at most {}; offsets kept {} after a topic's last event; latest event of up to {} keys per topic, {} idle; {}",
+                    "{} events per team topic, {} per item topic, {} per user topic, {} for /global, at most {}; a resume replays at most {}; offsets kept {} after a topic's last event; latest event of up to {} keys per topic, {} idle; {}",
                     history.team_events,
+                    history.item_events,
                     history.user_events,
                     history.global_events,
                     humantime::format_duration(history.max_age),
@@ -469,6 +471,7 @@ impl Sources {
             history: HistoryConfig {
                 enabled: p.get("history.enabled"),
                 team_events: p.positive("history.team_events"),
+                item_events: p.positive("history.item_events"),
                 user_events: p.positive("history.user_events"),
                 global_events: p.positive("history.global_events"),
                 max_age: p.duration("history.max_age"),

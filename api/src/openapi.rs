@@ -59,7 +59,7 @@ impl Modify for BearerAuth {
 const ID_PATTERN: &str = r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$";
 
 /// Topics (`protocol::Topic::parse`).
-const TOPIC_PATTERN: &str = r"^/(?:global|(?:user|team)/(?!\.\.?$)[A-Za-z0-9_.:-]{1,128})$";
+const TOPIC_PATTERN: &str = r"^/(?:global|user/(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}|team/(?!\.\.?(?:$|/))[A-Za-z0-9_.:-]{1,128}(?:/items/(?!\.\.?$)[A-Za-z0-9_.:-]{1,128})?)$";
 
 /// Object names within an item (`presign::valid_name`): `/`-separated segments, none `.` or
 /// `..`. (utoipa's `pattern` takes only literals, so the shared patterns live here, once.)

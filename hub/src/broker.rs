@@ -175,6 +175,7 @@ pub(crate) fn retained(config: &HistoryConfig, topic: &str) -> usize {
     match protocol::Topic::parse(topic).map(|t| t.kind()) {
         Ok(TopicKind::User) => config.user_events,
         Ok(TopicKind::Team) => config.team_events,
+        Ok(TopicKind::Item) => config.item_events,
         Ok(TopicKind::Global) | Err(_) => config.global_events,
     }
 }

@@ -22,8 +22,9 @@ pub struct HistoryConfig {
     /// Keep history at all. Without it, offsets are still assigned (in memory) but nothing can
     /// be replayed: every resume answers `x-recovered:false`.
     pub enabled: bool,
-    /// Events kept per team topic, per user topic, and for `/global`.
+    /// Events kept per team topic, per item topic, per user topic, and for `/global`.
     pub team_events: usize,
+    pub item_events: usize,
     pub user_events: usize,
     pub global_events: usize,
     /// Events older than this are dropped; idempotency keys are remembered this long.
@@ -47,6 +48,7 @@ impl Default for HistoryConfig {
         HistoryConfig {
             enabled: true,
             team_events: 1000,
+            item_events: 100,
             user_events: 100,
             global_events: 1000,
             max_age: Duration::from_secs(600),

@@ -137,22 +137,21 @@ impl Principal {
         self.admin_of.contains(team)
     }
 
-    /// Subscribe rule: your own user topic, your teams, and `/global`.
+    /// Subscribe rule: your own user topic, your teams and their items, and `/global`.
     ///
     /// # Errors
     ///
     /// [`Forbidden`] naming the topic.
     pub fn can_subscribe(&self, topic: &Topic) -> Result<(), Forbidden> {
-        match (topic.kind(), topic.id()) {
-            (TopicKind::Global, _) => Ok(()),
-            (TopicKind::User, Some(id)) if id == self.sub => Ok(()),
-            (TopicKind::User, _) => Err(Forbidden::OtherUser(topic.to_string())),
-            (TopicKind::Team, Some(id)) if self.is_member(id) => Ok(()),
-            (TopicKind::Team, _) => Err(Forbidden::NotMember(topic.to_string())),
+        match topic.kind() {
+            TopicKind::Global => Ok(()),
+            TopicKind::User if topic.id() == Some(self.sub.as_str()) => Ok(()),
+            TopicKind::User => Err(Forbidden::OtherUser(topic.to_string())),
+            TopicKind::Team | TopicKind::Item => self.member_of_team(topic),
         }
     }
 
-    /// Publish rule: `publish` and membership of the team, or your own user topic;
+    /// Publish rule: `publish` and membership of the team (for its items too), or your own user topic;
     /// `publish:global` for `/global` and for other users' topics (what a platform backend
     /// assigning tasks needs).
     ///
@@ -170,19 +169,22 @@ impl Principal {
                 })
             }
         };
-        match (topic.kind(), topic.id()) {
-            (TopicKind::Global, _) => needs(Scope::PublishGlobal),
-            (TopicKind::User, Some(id)) if id == self.sub => needs(Scope::Publish),
-            (TopicKind::User, _) => needs(Scope::PublishGlobal),
-            (TopicKind::Team, Some(id)) => {
+        match topic.kind() {
+            TopicKind::Global => needs(Scope::PublishGlobal),
+            TopicKind::User if topic.id() == Some(self.sub.as_str()) => needs(Scope::Publish),
+            TopicKind::User => needs(Scope::PublishGlobal),
+            TopicKind::Team | TopicKind::Item => {
                 needs(Scope::Publish)?;
-                if self.is_member(id) {
-                    Ok(())
-                } else {
-                    Err(Forbidden::NotMember(topic.to_string()))
-                }
+                self.member_of_team(topic)
             }
-            (TopicKind::Team, None) => Err(Forbidden::NotMember(topic.to_string())),
+        }
+    }
+
+    /// Membership of the team a team or item topic belongs to.
+    fn member_of_team(&self, topic: &Topic) -> Result<(), Forbidden> {
+        match topic.team_id() {
+            Some(team) if self.is_member(team) => Ok(()),
+            _ => Err(Forbidden::NotMember(topic.to_string())),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Topics (`/user/{id}`, `/team/{id}`, `/global`) and event type names.
+//! Topics (`/user/{id}`, `/team/{id}`, `/team/{id}/items/{id}`, `/global`) and event type names.
 
 use std::fmt;
 use thiserror::Error;
@@ -8,6 +8,8 @@ use thiserror::Error;
 pub enum TopicKind {
     User,
     Team,
+    /// `/team/{team}/items/{item}`: one item of a team, subscribed while it is open (DESIGN §14).
+    Item,
     Global,
 }
 
@@ -16,12 +18,16 @@ pub enum TopicKind {
 pub struct Topic {
     path: String,
     kind: TopicKind,
+    /// Where the team id ends in `path`, for item topics (`/team/{team}` is `path[..team_end]`).
+    team_end: usize,
 }
 
 /// Why a destination or event type is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum TopicError {
-    #[error("unknown destination '{0}': use /user/{{id}}, /team/{{id}} or /global")]
+    #[error(
+        "unknown destination '{0}': use /user/{{id}}, /team/{{id}}, /team/{{id}}/items/{{id}} or /global"
+    )]
     UnknownDestination(String),
     #[error(
         "invalid id in destination '{0}': ids match [A-Za-z0-9_.:-]{{1,128}} and are not '.' or '..'"
@@ -48,24 +54,34 @@ impl Topic {
     ///
     /// # Errors
     ///
-    /// [`TopicError`] naming the destination when it is not one of the three forms or its id
+    /// [`TopicError`] naming the destination when it is not one of the four forms or an id
     /// is invalid.
     pub fn parse(destination: &str) -> Result<Topic, TopicError> {
-        let (kind, id) = if destination == "/global" {
+        let invalid = || TopicError::InvalidId(truncate(destination));
+        let (kind, ids) = if destination == "/global" {
             return Ok(Topic::global());
         } else if let Some(id) = destination.strip_prefix("/user/") {
-            (TopicKind::User, id)
-        } else if let Some(id) = destination.strip_prefix("/team/") {
-            (TopicKind::Team, id)
+            (TopicKind::User, [id, ""])
+        } else if let Some(rest) = destination.strip_prefix("/team/") {
+            // Ids hold no `/`: a second segment can only be an item.
+            match rest.split_once('/') {
+                None => (TopicKind::Team, [rest, ""]),
+                Some((team, tail)) => match tail.strip_prefix("items/") {
+                    Some(item) if is_valid_id(item) => (TopicKind::Item, [team, item]),
+                    Some(_) => return Err(invalid()),
+                    None => return Err(TopicError::UnknownDestination(truncate(destination))),
+                },
+            }
         } else {
             return Err(TopicError::UnknownDestination(truncate(destination)));
         };
-        if !is_valid_id(id) {
-            return Err(TopicError::InvalidId(truncate(destination)));
+        if !is_valid_id(ids[0]) {
+            return Err(invalid());
         }
         Ok(Topic {
             path: destination.to_owned(),
             kind,
+            team_end: "/team/".len() + ids[0].len(),
         })
     }
 
@@ -73,6 +89,7 @@ impl Topic {
         Topic {
             path: "/global".to_owned(),
             kind: TopicKind::Global,
+            team_end: 0,
         }
     }
 
@@ -94,16 +111,34 @@ impl Topic {
         Topic::parse(&format!("/team/{id}"))
     }
 
+    /// `/team/{team}/items/{item}`.
+    ///
+    /// # Errors
+    ///
+    /// When either id is not a valid id.
+    pub fn item(team: &str, item: &str) -> Result<Topic, TopicError> {
+        Topic::parse(&format!("/team/{team}/items/{item}"))
+    }
+
     pub fn kind(&self) -> TopicKind {
         self.kind
     }
 
-    /// The user or team id; `None` for `/global`.
+    /// The topic's own id: the user's, the team's or the item's; `None` for `/global`.
     pub fn id(&self) -> Option<&str> {
         match self.kind {
             TopicKind::User => Some(&self.path["/user/".len()..]),
             TopicKind::Team => Some(&self.path["/team/".len()..]),
+            TopicKind::Item => Some(&self.path[self.team_end + "/items/".len()..]),
             TopicKind::Global => None,
+        }
+    }
+
+    /// The team a team or item topic belongs to.
+    pub fn team_id(&self) -> Option<&str> {
+        match self.kind {
+            TopicKind::Team | TopicKind::Item => Some(&self.path["/team/".len()..self.team_end]),
+            TopicKind::User | TopicKind::Global => None,
         }
     }
 
@@ -177,10 +212,30 @@ mod tests {
         assert_eq!((t.kind(), t.id()), (TopicKind::Team, Some("t-1.a:b_c")));
         assert_eq!(Topic::parse("/global").unwrap().id(), None);
         assert_eq!(Topic::parse("/user/u1").unwrap().as_str(), "/user/u1");
+        let item = Topic::parse("/team/t-1/items/doc:9.json").unwrap();
+        assert_eq!(
+            (item.kind(), item.team_id(), item.id()),
+            (TopicKind::Item, Some("t-1"), Some("doc:9.json"))
+        );
+        assert_eq!(Topic::item("t-1", "doc:9.json").unwrap(), item);
+        assert_eq!(Topic::parse("/team/t-1").unwrap().team_id(), Some("t-1"));
+        assert_eq!(Topic::parse("/user/t-1").unwrap().team_id(), None);
+        assert!(matches!(
+            Topic::parse("/team/a/items/..").unwrap_err(),
+            TopicError::InvalidId(_)
+        ));
         for bad in [
             "/user/",
             "/team/a b",
             "/team/a/b",
+            "/team/a/items/",
+            "/team/a/items/..",
+            "/team/../items/x",
+            "/team/a/items/x/y",
+            "/team/a/items/a b",
+            "/team//items/x",
+            "/team/a/item/x",
+            "/user/a/items/x",
             "/queue/x",
             "/global/x",
             "user/x",

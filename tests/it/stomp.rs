@@ -218,6 +218,10 @@ async fn foreign_topics_are_refused_with_4004() {
     for (destination, details) in [
         ("/user/bob", "/user/bob is another user's topic"),
         ("/team/t9", "/team/t9: not a member of this team"),
+        (
+            "/team/t9/items/doc-1",
+            "/team/t9/items/doc-1: not a member of this team",
+        ),
     ] {
         let mut c = client(&node, "ana", &["t1"], "publish").await;
         c.subscribe("ok", "/team/t1").await.unwrap();
@@ -259,6 +263,8 @@ async fn publishing_needs_scope_and_membership() {
     let cases = [
         ("", "/team/t1", "needs the 'publish' scope"),
         ("publish", "/team/t9", "not a member"),
+        ("", "/team/t1/items/doc-1", "needs the 'publish' scope"),
+        ("publish", "/team/t9/items/doc-1", "not a member"),
         ("publish", "/global", "needs the 'publish:global' scope"),
         ("publish", "/user/bob", "needs the 'publish:global' scope"),
     ];
@@ -284,6 +290,108 @@ async fn publishing_needs_scope_and_membership() {
     c.publish("/team/t1", "job.progress", "{}", Some("p2"))
         .await
         .unwrap();
+}
+
+/// Item topics (`/team/{t}/items/{i}`, DESIGN §14) follow their team's rules over STOMP and
+/// HTTP, and are topics of their own: an item's events reach its subscribers only, with offsets
+/// of their own.
+#[tokio::test]
+async fn item_topics_follow_their_teams_rules() {
+    let node = Lockstep::start();
+    let item = "/team/t1/items/doc:7.json";
+    let mut ana = client(&node, "ana", &["t1"], "publish").await;
+    ana.subscribe("doc", item).await.unwrap();
+    let mut team = client(&node, "bob", &["t1"], "").await;
+    team.subscribe("team", "/team/t1").await.unwrap();
+    let mut other = client(&node, "cy", &["t1"], "").await;
+    other
+        .subscribe("other", "/team/t1/items/doc:8.json")
+        .await
+        .unwrap();
+
+    ana.publish(item, "item.viewed", r#"{"by":"ana"}"#, Some("p1"))
+        .await
+        .unwrap();
+    let frame = ana.expect_frame().await.unwrap();
+    assert_eq!(envelope(&frame, "doc", item)["data"], json!({"by": "ana"}));
+    assert_eq!(frame.header("x-stream-offset"), Some("1"));
+    let backend = node.token("backend", &["t1"], "publish");
+    let (status, body) = http_publish(
+        &node,
+        &backend,
+        &json!({"topic": item, "type": "item.saved", "data": {"rev": 2}}),
+    )
+    .await;
+    assert_eq!((status, &body["offset"]), (202, &json!(2)), "{body}");
+    let frame = ana.expect_frame().await.unwrap();
+    assert_eq!(envelope(&frame, "doc", item)["data"], json!({"rev": 2}));
+    // Neither the team topic nor another item got them.
+    for (client, id, topic) in [
+        (&mut team, "team", "/team/t1"),
+        (&mut other, "other", "/team/t1/items/doc:8.json"),
+    ] {
+        let (status, body) = http_publish(
+            &node,
+            &backend,
+            &json!({"topic": topic, "type": "item.marker", "data": {}}),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+        let frame = client.expect_frame().await.unwrap();
+        assert_eq!(
+            envelope(&frame, id, topic)["type"],
+            json!("item.marker"),
+            "the first event {topic} gets is its own"
+        );
+    }
+    // HTTP reads need membership, like SUBSCRIBE; a malformed item id is a clear 422.
+    let position = |token: String, topic: &'static str| {
+        let url = format!(
+            "{}/api/v1/topics/{}/position",
+            node.http(),
+            topic.replace('/', "%2F")
+        );
+        async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (status, body) = position(backend.clone(), "/team/t1/items/doc:7.json").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""offset":2"#), "{body}");
+    let stranger = node.token("dee", &["t2"], "publish");
+    let (status, body) = position(stranger.clone(), "/team/t1/items/doc:7.json").await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = position(backend.clone(), "/team/t1/items/..").await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = http_publish(
+        &node,
+        &stranger,
+        &json!({"topic": item, "type": "item.saved", "data": {}}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    // Over STOMP, a malformed item destination is a protocol error naming the rule.
+    let mut c = client(&node, "ana", &["t1"], "").await;
+    c.send(
+        &Frame::new(Command::Subscribe)
+            .with_header("id", "x")
+            .with_header("destination", "/team/t1/items/a b"),
+    )
+    .await
+    .unwrap();
+    assert_refused(
+        &mut c,
+        4003,
+        "invalid destination",
+        "invalid id in destination '/team/t1/items/a b'",
+    )
+    .await;
 }
 
 #[tokio::test]
