@@ -1,5 +1,9 @@
-//! The node's table of connections: who is connected, with which session, and a way to tell a
-//! session to end.
+//! The node's table of connections: who is connected, with which session, to which topics,
+//! and a way to tell a session to end.
+//!
+//! It is indexed by session, by user (a user's connections on this node) and by topic (the
+//! users subscribed to it here, with how many of their connections and since when): the
+//! per-node half of presence (DESIGN §14), and what the control API and the console read.
 //!
 //! Sessions stay the only writers of their sockets: the table never touches one. It holds a
 //! small handle per connection that anything on the node (the lock service's liveness checks,
@@ -16,8 +20,9 @@ use crate::registry::ConnId;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use protocol::Disconnect;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::SystemTime;
 use tokio::sync::Notify;
 
 /// One connection, as the rest of the node sees it.
@@ -32,12 +37,35 @@ pub(crate) struct ConnHandle {
     /// Wakes the session. A `Notify` keeps one permit, so a request made while the session is
     /// busy is seen at its next turn.
     wake: Notify,
+    /// Topics this connection subscribes to, with how many of its subscriptions each.
+    topics: Mutex<HashMap<Arc<str>, u32>>,
 }
 
 /// Who an authenticated connection is.
 #[derive(Debug, Clone)]
 pub(crate) struct Connected {
     pub(crate) session: Arc<str>,
+    pub(crate) user: Arc<str>,
+}
+
+/// A user subscribed to a topic on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user: Arc<str>,
+    /// How many of the user's connections here subscribe to the topic.
+    pub connections: u32,
+    /// Since when (the first of those connections to subscribe).
+    pub since: SystemTime,
+}
+
+/// What a subscription change did to its user's membership of the topic on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Membership {
+    /// The user's first connection here subscribed to the topic.
+    Joined,
+    /// The user's last connection here left the topic.
+    Left,
+    Unchanged,
 }
 
 impl ConnHandle {
@@ -71,7 +99,15 @@ pub(crate) struct Connections {
     /// Connections waiting for `CONNECT`, oldest first, at most `max_pending`.
     pending: Mutex<VecDeque<ConnId>>,
     max_pending: usize,
+    /// User → their authenticated connections here.
+    users: DashMap<Arc<str>, Vec<ConnId>>,
+    /// Topic → user → membership: who subscribes to the topic here. A topic without members
+    /// has no entry.
+    topics: DashMap<Arc<str>, Members>,
 }
+
+/// A topic's members here: user → (connections subscribed, since when).
+type Members = HashMap<Arc<str>, (u32, SystemTime)>;
 
 /// Why a session must close before it sent `CONNECT`.
 pub(crate) const EVICTED: Disconnect = Disconnect::UNAUTHORIZED;
@@ -83,6 +119,8 @@ impl Connections {
             sessions: DashMap::new(),
             pending: Mutex::new(VecDeque::new()),
             max_pending: max_pending.max(1),
+            users: DashMap::new(),
+            topics: DashMap::new(),
         }
     }
 
@@ -94,6 +132,7 @@ impl Connections {
             user: parking_lot::RwLock::new(None),
             closing: Mutex::new(None),
             wake: Notify::new(),
+            topics: Mutex::new(HashMap::new()),
         });
         self.all.insert(conn, handle.clone());
         let evicted = {
@@ -123,7 +162,102 @@ impl Connections {
     pub(crate) fn authenticated(&self, handle: &ConnHandle, connected: Connected) {
         self.leave_pending(handle.conn);
         self.sessions.insert(connected.session.clone(), handle.conn);
+        self.users
+            .entry(connected.user.clone())
+            .or_default()
+            .push(handle.conn);
         *handle.user.write() = Some(connected);
+    }
+
+    /// The connection subscribed to `topic` (once more, if it already did).
+    pub(crate) fn subscribed(&self, handle: &ConnHandle, topic: &str) -> Membership {
+        let Some(user) = handle.user.read().as_ref().map(|c| c.user.clone()) else {
+            return Membership::Unchanged;
+        };
+        let mut topics = handle.topics.lock();
+        if let Some(count) = topics.get_mut(topic) {
+            *count += 1;
+            return Membership::Unchanged;
+        }
+        let topic: Arc<str> = topic.into();
+        topics.insert(topic.clone(), 1);
+        // Still under the connection's lock: its own subscribe and unsubscribe stay in order.
+        let mut members = self.topics.entry(topic).or_default();
+        let (connections, _) = members
+            .entry(user)
+            .or_insert_with(|| (0, SystemTime::now()));
+        *connections += 1;
+        if *connections == 1 {
+            Membership::Joined
+        } else {
+            Membership::Unchanged
+        }
+    }
+
+    /// One of the connection's subscriptions to `topic` ended.
+    pub(crate) fn unsubscribed(&self, handle: &ConnHandle, topic: &str) -> Membership {
+        let Some(user) = handle.user.read().as_ref().map(|c| c.user.clone()) else {
+            return Membership::Unchanged;
+        };
+        let mut topics = handle.topics.lock();
+        match topics.get_mut(topic) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                Membership::Unchanged
+            }
+            Some(_) => {
+                topics.remove(topic);
+                self.leave(topic, &user)
+            }
+            None => Membership::Unchanged,
+        }
+    }
+
+    /// One connection of `user` no longer subscribes to `topic`.
+    fn leave(&self, topic: &str, user: &Arc<str>) -> Membership {
+        let mut left = Membership::Unchanged;
+        self.topics.remove_if_mut(topic, |_, members| {
+            if let Some((connections, _)) = members.get_mut(user) {
+                *connections -= 1;
+                if *connections == 0 {
+                    members.remove(user);
+                    left = Membership::Left;
+                }
+            }
+            members.is_empty()
+        });
+        left
+    }
+
+    /// The users subscribed to `topic` on this node, in no particular order.
+    pub(crate) fn members(&self, topic: &str) -> Vec<Member> {
+        self.topics.get(topic).map_or_else(Vec::new, |members| {
+            members
+                .iter()
+                .map(|(user, (connections, since))| Member {
+                    user: user.clone(),
+                    connections: *connections,
+                    since: *since,
+                })
+                .collect()
+        })
+    }
+
+    /// How many distinct users are connected to this node.
+    pub(crate) fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// The sessions `user` has open on this node.
+    pub(crate) fn sessions_of(&self, user: &str) -> Vec<Arc<str>> {
+        let Some(conns) = self.users.get(user) else {
+            return Vec::new();
+        };
+        conns
+            .iter()
+            .filter_map(|conn| self.all.get(conn))
+            .filter_map(|handle| handle.user.read().as_ref().map(|c| c.session.clone()))
+            .collect()
     }
 
     fn leave_pending(&self, conn: ConnId) {
@@ -134,13 +268,24 @@ impl Connections {
         }
     }
 
-    /// The session ended.
-    pub(crate) fn remove(&self, handle: &ConnHandle) {
+    /// The session ended: its subscriptions end with it. Returns the topics its user left.
+    pub(crate) fn remove(&self, handle: &ConnHandle) -> Vec<Arc<str>> {
         self.leave_pending(handle.conn);
+        let mut left = Vec::new();
         if let Some(connected) = handle.user.read().as_ref() {
             self.sessions.remove(&connected.session);
+            for (topic, _) in handle.topics.lock().drain() {
+                if self.leave(&topic, &connected.user) == Membership::Left {
+                    left.push(topic);
+                }
+            }
+            self.users.remove_if_mut(&connected.user, |_, conns| {
+                conns.retain(|c| *c != handle.conn);
+                conns.is_empty()
+            });
         }
         self.all.remove(&handle.conn);
+        left
     }
 
     /// Whether the session with this id is open on this node.
@@ -170,12 +315,7 @@ mod tests {
         assert_eq!(*a.closing.lock(), Some(EVICTED));
         assert!(b.closing.lock().is_none() && c.closing.lock().is_none());
         // Authenticated connections leave the pool and are never evicted.
-        table.authenticated(
-            &b,
-            Connected {
-                session: "s-b".into(),
-            },
-        );
+        table.authenticated(&b, connected("s-b", "bo"));
         let _d = table.admit(4);
         let _e = table.admit(5);
         assert!(b.closing.lock().is_none());
@@ -183,6 +323,53 @@ mod tests {
         assert!(table.is_open("s-b"));
         table.remove(&b);
         assert!(!table.is_open("s-b"));
+    }
+
+    fn connected(session: &str, user: &str) -> Connected {
+        Connected {
+            session: session.into(),
+            user: user.into(),
+        }
+    }
+
+    #[test]
+    fn members_are_users_with_connections_subscribed() {
+        let table = Connections::new(10);
+        let (a1, a2, b) = (table.admit(1), table.admit(2), table.admit(3));
+        table.authenticated(&a1, connected("s-a1", "ana"));
+        table.authenticated(&a2, connected("s-a2", "ana"));
+        table.authenticated(&b, connected("s-b", "bo"));
+        assert_eq!(table.user_count(), 2);
+        let mut sessions = table.sessions_of("ana");
+        sessions.sort();
+        assert_eq!(sessions, [Arc::from("s-a1"), Arc::from("s-a2")]);
+
+        let t = "/team/t1/items/doc-1";
+        assert_eq!(table.subscribed(&a1, t), Membership::Joined);
+        // A second subscription of the same connection, a second tab: no change.
+        assert_eq!(table.subscribed(&a1, t), Membership::Unchanged);
+        assert_eq!(table.subscribed(&a2, t), Membership::Unchanged);
+        assert_eq!(table.subscribed(&b, t), Membership::Joined);
+        let mut members = table.members(t);
+        members.sort_by(|x, y| x.user.cmp(&y.user));
+        let counts: Vec<_> = members.iter().map(|m| (&*m.user, m.connections)).collect();
+        assert_eq!(counts, [("ana", 2), ("bo", 1)]);
+
+        assert_eq!(table.unsubscribed(&a1, t), Membership::Unchanged);
+        assert_eq!(table.unsubscribed(&a1, t), Membership::Unchanged);
+        assert_eq!(table.unsubscribed(&a1, t), Membership::Unchanged, "unknown");
+        assert_eq!(table.members(t).len(), 2);
+        // Ana's last connection on the topic ends: she left; Bo's session ends: he left.
+        assert_eq!(table.remove(&a2), vec![Arc::from(t)]);
+        assert_eq!(table.remove(&b), vec![Arc::from(t)]);
+        assert!(table.members(t).is_empty());
+        assert!(
+            table.topics.is_empty(),
+            "no entry for a topic without members"
+        );
+        assert_eq!((table.user_count(), table.sessions_of("bo").len()), (1, 0));
+        table.remove(&a1);
+        assert_eq!(table.user_count(), 0);
     }
 
     #[tokio::test]

@@ -38,6 +38,7 @@ mod upgrade;
 
 pub use broker::{Broker, BrokerError, History, MemoryBroker, PublishOptions, Published, Snapshot};
 pub use config::{HistoryConfig, HubConfig, OriginPolicy};
+pub use connections::Member;
 pub use fanout::Fanout;
 pub use registry::Registry;
 
@@ -317,6 +318,17 @@ impl Hub {
         self.inner.connections.is_open(session)
     }
 
+    /// The users subscribed to `topic` on this node, with how many of their connections and
+    /// since when (the per-node half of presence).
+    pub fn local_members(&self, topic: &Topic) -> Vec<Member> {
+        self.inner.connections.members(topic.as_str())
+    }
+
+    /// The sessions `user` has open on this node.
+    pub fn sessions_of(&self, user: &str) -> Vec<Arc<str>> {
+        self.inner.connections.sessions_of(user)
+    }
+
     /// Closes every session of this node with `disconnect` (the node keeps running).
     pub fn close_all(&self, disconnect: Disconnect) {
         self.inner.connections.close_all(disconnect);
@@ -330,6 +342,7 @@ impl Hub {
             ::metrics::gauge!(metrics::CONNECTIONS).set(self.connection_count() as f64);
             ::metrics::gauge!(metrics::PENDING_CONNECTIONS)
                 .set(self.inner.connections.pending() as f64);
+            ::metrics::gauge!(metrics::USERS).set(self.inner.connections.user_count() as f64);
             let registry = &self.inner.registry;
             ::metrics::gauge!(metrics::SUBSCRIPTIONS).set(registry.subscription_count() as f64);
             ::metrics::gauge!(metrics::TOPICS).set(registry.topic_count() as f64);

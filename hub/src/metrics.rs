@@ -13,6 +13,7 @@ use protocol::{Command, Disconnect};
 
 pub const CONNECTIONS: &str = "lockstep_ws_connections";
 pub const PENDING_CONNECTIONS: &str = "lockstep_ws_pending_connections";
+pub const USERS: &str = "lockstep_ws_users";
 pub const PENDING_EVICTED: &str = "lockstep_ws_pending_evicted_total";
 pub const SEND_THROTTLED: &str = "lockstep_send_throttled_total";
 pub const GAPS: &str = "lockstep_stream_gaps_total";
@@ -41,6 +42,10 @@ pub fn describe() {
     describe_gauge!(
         CONNECTIONS,
         "Open WebSocket connections on this node that sent a valid CONNECT."
+    );
+    describe_gauge!(
+        USERS,
+        "Distinct users with at least one authenticated connection on this node."
     );
     describe_gauge!(
         PENDING_CONNECTIONS,

@@ -718,6 +718,7 @@ impl Session {
             &self.handle,
             connections::Connected {
                 session: session_id.as_str().into(),
+                user: principal.sub.as_str().into(),
             },
         );
         // Authenticated: frames up to the configured limits from now on.
@@ -805,6 +806,7 @@ impl Session {
         // Live events are held from here: a history read started since misses none.
         let holding_since = Instant::now();
         self.subscriptions.insert(sub_id, topic.clone());
+        hub.connections.subscribed(&self.handle, topic.as_str());
         if receipt.is_none() && recovery.is_none() {
             return Ok(());
         }
@@ -967,10 +969,11 @@ impl Session {
     fn on_unsubscribe(&mut self, id: &str) {
         // Unknown ids are ignored: the subscription is gone either way.
         let hub = &self.hub.inner;
-        if let Some(topic) = self.subscriptions.remove(id)
-            && hub.registry.remove(topic.as_str(), self.conn, id)
-        {
-            hub.subscriptions.mark(topic.as_str());
+        if let Some(topic) = self.subscriptions.remove(id) {
+            hub.connections.unsubscribed(&self.handle, topic.as_str());
+            if hub.registry.remove(topic.as_str(), self.conn, id) {
+                hub.subscriptions.mark(topic.as_str());
+            }
         }
     }
 

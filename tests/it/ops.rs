@@ -161,6 +161,7 @@ async fn metrics_count_connections_frames_events_locks_presigns_and_requests() {
         );
     };
     expect("lockstep_ws_connections_opened_total", &[], 3.0);
+    expect("lockstep_ws_users", &[], 2.0);
     expect("lockstep_subscriptions", &[], 2.0);
     expect("lockstep_topics", &[], 1.0);
     expect("lockstep_frames_in_total", &[("command", "CONNECT")], 3.0);
