@@ -8,7 +8,8 @@
 #   loadtest/compare.sh connect     # connection + CONNECT + SUBSCRIBE-with-receipt rate
 #   loadtest/compare.sh redis       # 2 nodes through Redis, then through a 3-master Redis Cluster,
 #                                   # against the single in-process node in the same run
-#   loadtest/compare.sh locks       # acquire+release pairs/s: SQLite, PostgreSQL 1 and 3 nodes, Redis SET NX PX
+#   loadtest/compare.sh locks       # acquire+release pairs/s: SQLite, PostgreSQL 1 and 3 nodes; references:
+#                                   # the same decisions as raw SQL (SQLite, PostgreSQL), Redis SET NX PX
 #   loadtest/compare.sh presign     # presigned URLs/s on one core vs boto3, and through the HTTP API
 #   loadtest/compare.sh history    # history on vs off vs the commit before history (BASELINE, default
 #                                   # 4292fc8): fan-out on 1 node and 2 nodes + Redis, Redis CPU
@@ -321,6 +322,10 @@ run_locks() {
     echo "-- $conc concurrent clients"
     "$bin/loadtest" locks --redis "redis://127.0.0.1:$redis_port" --concurrency "$conc" --duration 10s 2>/dev/null | record >"$work/locks.redis"
     echo "Redis SET NX PX + DEL (reference): $(locks_line <"$work/locks.redis")"
+    "$bin/loadtest" locks --raw "sqlite://$work/raw-$conc.db" --concurrency "$conc" --duration 10s 2>/dev/null | record >"$work/locks.rawsqlite"
+    echo "raw SQL on SQLite (reference): $(locks_line <"$work/locks.rawsqlite")"
+    "$bin/loadtest" locks --raw "$pg_url" --concurrency "$conc" --duration 10s 2>/dev/null | record >"$work/locks.rawpg"
+    echo "raw SQL on PostgreSQL, 16 connections (reference): $(locks_line <"$work/locks.rawpg")"
     start_api_nodes 1 "sqlite://$work/bench-$conc.db" ""
     "$bin/loadtest" locks --http "$api_http" --concurrency "$conc" --duration 10s 2>/dev/null | record >"$work/locks.sqlite"
     echo "SQLite, 1 node: $(locks_line <"$work/locks.sqlite")"
@@ -334,6 +339,11 @@ run_locks() {
     for f in sqlite pg1 pg3; do
       echo "  $f / Redis = $(ratio "$(jq .operations_per_sec "$work/locks.$f")" "$(jq .operations_per_sec "$work/locks.redis")")"
     done
+    echo "  sqlite / raw SQLite = $(ratio "$(jq .operations_per_sec "$work/locks.sqlite")" "$(jq .operations_per_sec "$work/locks.rawsqlite")")"
+    for f in pg1 pg3; do
+      echo "  $f / raw PostgreSQL = $(ratio "$(jq .operations_per_sec "$work/locks.$f")" "$(jq .operations_per_sec "$work/locks.rawpg")")"
+    done
+    echo "  pg3 / pg1 = $(ratio "$(jq .operations_per_sec "$work/locks.pg3")" "$(jq .operations_per_sec "$work/locks.pg1")")"
   done
   "${pg_stop[@]}" >/dev/null; pg_stop=()
   stop_pids "$redis_pid"

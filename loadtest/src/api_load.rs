@@ -40,7 +40,7 @@ fn latency(h: &Histogram<u64>) -> Latency {
 
 /// Runs `operation(worker)` in `concurrency` workers for `duration`; each call is one timed
 /// operation returning whether it succeeded.
-async fn closed_loop<F, Fut>(
+pub(crate) async fn closed_loop<F, Fut>(
     concurrency: usize,
     duration: Duration,
     operation: F,
@@ -90,7 +90,7 @@ where
     Ok((ok, failed, started.elapsed().as_secs_f64(), total))
 }
 
-fn report(
+pub(crate) fn report(
     scenario: &'static str,
     target: String,
     concurrency: usize,

@@ -19,6 +19,7 @@ pub mod client;
 pub mod connect;
 pub mod fanout;
 pub mod idle;
+pub mod raw_locks;
 pub mod resume;
 pub mod stats;
 pub mod target;

@@ -103,7 +103,8 @@ enum Command {
         #[arg(long)]
         snapshot: bool,
     },
-    /// Acquire+release pairs per second through the HTTP API (or Redis SET NX PX + DEL).
+    /// Acquire+release pairs per second through the HTTP API (or Redis SET NX PX + DEL, or the
+    /// same decisions as plain SQL).
     Locks {
         /// Lockstep base URLs (http://host:port), comma-separated for several nodes.
         #[arg(long, value_delimiter = ',')]
@@ -111,6 +112,13 @@ enum Command {
         /// Instead: the same pattern against this Redis (redis://…), the raw-store reference.
         #[arg(long)]
         redis: Option<String>,
+        /// Instead: the same decisions as plain SQL straight to this database (postgres://…
+        /// or sqlite://path), the database's own speed.
+        #[arg(long)]
+        raw: Option<String>,
+        /// PostgreSQL connections of `--raw` (Lockstep's `database.max_connections`).
+        #[arg(long, default_value_t = 16)]
+        pool: u32,
         #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "")]
         jwt_secret: String,
         #[arg(long, default_value_t = 16)]
@@ -376,14 +384,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Locks {
             http,
             redis,
+            raw,
+            pool,
             jwt_secret,
             concurrency,
             duration,
         } => {
-            let report = match redis {
-                Some(url) => api_load::locks_redis(&url, concurrency, duration).await?,
-                None => {
-                    anyhow::ensure!(!http.is_empty(), "give --http URL(s) or --redis URL");
+            let report = match (redis, raw) {
+                (Some(url), _) => api_load::locks_redis(&url, concurrency, duration).await?,
+                (None, Some(url)) => {
+                    loadtest::raw_locks::locks_raw(&url, concurrency, duration, pool).await?
+                }
+                (None, None) => {
+                    anyhow::ensure!(
+                        !http.is_empty(),
+                        "give --http URL(s), --redis URL or --raw URL"
+                    );
                     api_load::locks(http, &jwt_secret, concurrency, duration).await?
                 }
             };

@@ -239,6 +239,35 @@ fn locks_presign_and_sign_smoke() {
         ],
     );
     ok_without_errors(&reference[0]);
+    // The raw-SQL reference, on a SQLite file and on PostgreSQL; it leaves no table behind.
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = tests::postgres::Postgres::start();
+    let pg_url = postgres.database("raw");
+    for url in [
+        format!("sqlite://{}", dir.path().join("raw.db").display()),
+        pg_url,
+    ] {
+        let raw = run(
+            secret,
+            &[
+                "locks",
+                "--raw",
+                &url,
+                "--concurrency",
+                "2",
+                "--duration",
+                "1s",
+            ],
+        );
+        ok_without_errors(&raw[0]);
+    }
+    assert_eq!(
+        postgres.psql(
+            "raw",
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'raw_%'"
+        ),
+        Ok("0".to_owned())
+    );
     for batch in ["1", "50"] {
         let presign = run(
             secret,
