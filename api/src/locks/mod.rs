@@ -63,6 +63,8 @@ pub struct Locks {
     /// Checks that a `session` given to the API was issued to the caller by a node.
     sessions: SessionKey,
     closed_sessions: mpsc::Sender<outbox::Closing>,
+    /// Deletes the events requests published, off their path.
+    deleter: outbox::Deleter,
     /// Whether this node's row in `nodes` exists (it registered, and the cluster has not taken
     /// it for dead since). Part of readiness: locks bound to its sessions need it.
     registered: Arc<tokio::sync::watch::Sender<bool>>,
@@ -114,6 +116,7 @@ impl Locks {
             config.session_grace,
         ));
         Arc::new(Locks {
+            deleter: outbox::Deleter::start(store.clone()),
             store,
             config,
             sessions: node.sessions,
@@ -148,7 +151,8 @@ impl Locks {
     }
 
     /// Waits until every session close reported so far is recorded in the store, so another
-    /// node can release their locks after the grace (called when the node shuts down).
+    /// node can release their locks after the grace, and every published event is deleted
+    /// from the outbox (called when the node shuts down).
     pub async fn flush_closed_sessions(&self) {
         let (done, recorded) = tokio::sync::oneshot::channel();
         if self
@@ -159,6 +163,7 @@ impl Locks {
         {
             let _ = recorded.await;
         }
+        self.deleter.flush().await;
     }
 
     pub fn store(&self) -> &LockStore {
@@ -438,7 +443,7 @@ fn lost(item: &str) -> ApiError {
 }
 
 async fn publish(state: &ApiState, locks: &Locks, events: &[store::StoredEvent]) {
-    outbox::publish(&locks.store, state.inner.publisher.as_ref(), events).await;
+    outbox::publish_for_request(&locks.deleter, state.inner.publisher.as_ref(), events).await;
 }
 
 /// Acquires (or extends) the lock on an item.
