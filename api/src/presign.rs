@@ -553,9 +553,11 @@ fn check_lock<'a>(
     }
 }
 
+/// The live locks among `items`, by item, and the database's time.
 async fn live_locks(
     state: &ApiState,
     team: &str,
+    items: &[&str],
 ) -> Result<(HashMap<String, LockState>, i64), ApiError> {
     let locks = state.inner.locks.as_ref().ok_or_else(|| {
         ApiError::unavailable("locks_not_configured", "this node serves no locks")
@@ -568,8 +570,7 @@ async fn live_locks(
             "the lock store is unavailable; try again",
         )
     };
-    let now = store.now().await.map_err(unavailable)?;
-    let live = store.list(team).await.map_err(unavailable)?;
+    let (live, now) = store.live(team, items).await.map_err(unavailable)?;
     Ok((live.into_iter().map(|l| (l.item.clone(), l)).collect(), now))
 }
 
@@ -627,7 +628,7 @@ pub(crate) async fn presign(
     validate(&storage.config, &object, request.method, None)?;
     let lock_left = match (request.method, request.token) {
         (Method::Put, Some(token)) => {
-            let (live, now) = live_locks(&state, &team).await?;
+            let (live, now) = live_locks(&state, &team, &[&item]).await?;
             let lock = check_lock(&live, &caller, &item, token)?;
             Some(lock.expires_at - now)
         }
@@ -682,10 +683,13 @@ pub(crate) async fn presign_batch(
     for (i, object) in objects.iter().enumerate() {
         validate(&storage.config, object, request.method, Some(i))?;
     }
-    // For writes, one read of the team's live locks checks every object.
+    // For writes, one read of the objects' locks checks every object.
     let mut lock_left: Option<i64> = None;
     if request.method == Method::Put {
-        let (live, now) = live_locks(&state, &team).await?;
+        let mut items: Vec<&str> = objects.iter().map(|o| o.item).collect();
+        items.sort_unstable();
+        items.dedup();
+        let (live, now) = live_locks(&state, &team, &items).await?;
         for (i, object) in objects.iter().enumerate() {
             let lock = check_lock(&live, &caller, object.item, object.token.unwrap_or(0)).map_err(
                 |e| match e {
@@ -744,7 +748,7 @@ pub(crate) async fn commit(
         Method::Put,
         None,
     )?;
-    let (live, _) = live_locks(&state, &team).await?;
+    let (live, _) = live_locks(&state, &team, &[&item]).await?;
     check_lock(&live, &caller, &item, request.token)?;
     // The announcement draws on the caller's event budget like a publish.
     state.inner.limiter.check(&caller, 1)?;

@@ -610,8 +610,25 @@ async fn expires_at_is_when_the_url_stops_working() {
 #[tokio::test]
 async fn lockstep_refuses_write_urls_without_the_current_lock() {
     let s3 = S3Server::start();
-    let node = node_for(&s3, Options::default());
-    let (ana, bob) = (member(&node, "ana"), member(&node, "bob"));
+    refuses_write_urls_without_the_current_lock(&node_for(&s3, Options::default())).await;
+}
+
+/// The same on PostgreSQL, whose lock store reads the objects' locks with its own SQL.
+#[tokio::test]
+async fn lockstep_refuses_write_urls_without_the_current_lock_on_postgres() {
+    let s3 = S3Server::start();
+    let pg = tests::postgres::Postgres::start();
+    let database = pg.database("presign");
+    let node = node_for(
+        &s3,
+        Options::default().env("LOCKSTEP_DATABASE_URL", &database),
+    );
+    crate::locks::wait_ready(&node, 200, std::time::Duration::from_secs(20)).await;
+    refuses_write_urls_without_the_current_lock(&node).await;
+}
+
+async fn refuses_write_urls_without_the_current_lock(node: &Lockstep) {
+    let (ana, bob) = (member(node, "ana"), member(node, "bob"));
     let put = |token: Option<&Value>| {
         let mut body = json!({"method": "PUT", "name": "a.bin"});
         if let Some(t) = token {
@@ -621,25 +638,25 @@ async fn lockstep_refuses_write_urls_without_the_current_lock() {
     };
 
     // bob holds the lock: ana gets no write URL, even presenting bob's token.
-    let bobs = lock(&node, &bob, "scan-1", None).await;
-    let (status, body) = presign(&node, &ana, TEAM, "scan-1", put(Some(&bobs["token"]))).await;
+    let bobs = lock(node, &bob, "scan-1", None).await;
+    let (status, body) = presign(node, &ana, TEAM, "scan-1", put(Some(&bobs["token"]))).await;
     assert_eq!((status, code(&body)), (409, "lock_held"), "{body}");
     assert_eq!(body["error"]["details"]["holder"], "bob", "{body}");
     assert!(body.get("url").is_none(), "{body}");
-    let (status, body) = presign(&node, &ana, TEAM, "scan-1", put(None)).await;
+    let (status, body) = presign(node, &ana, TEAM, "scan-1", put(None)).await;
     assert_eq!((status, code(&body)), (422, "missing_token"), "{body}");
     // No lock at all on the item.
-    let (status, body) = presign(&node, &ana, TEAM, "scan-9", put(Some(&json!(1)))).await;
+    let (status, body) = presign(node, &ana, TEAM, "scan-9", put(Some(&json!(1)))).await;
     assert_eq!((status, code(&body)), (410, "lock_lost"), "{body}");
 
     // ana's lock is taken over by an admin: her token is stale.
-    let anas = lock(&node, &ana, "scan-2", None).await;
-    signed(&node, &ana, "scan-2", put(Some(&anas["token"]))).await;
-    take_over(&node, "scan-2").await;
-    let (status, body) = presign(&node, &ana, TEAM, "scan-2", put(Some(&anas["token"]))).await;
+    let anas = lock(node, &ana, "scan-2", None).await;
+    signed(node, &ana, "scan-2", put(Some(&anas["token"]))).await;
+    take_over(node, "scan-2").await;
+    let (status, body) = presign(node, &ana, TEAM, "scan-2", put(Some(&anas["token"]))).await;
     assert_eq!((status, code(&body)), (410, "lock_lost"), "{body}");
     let (status, body) = batch(
-        &node,
+        node,
         &ana,
         TEAM,
         json!({"method": "PUT", "objects": [
@@ -651,7 +668,7 @@ async fn lockstep_refuses_write_urls_without_the_current_lock() {
     // Object 0 is refused first (bob's lock), in request order.
     assert_eq!((status, code(&body)), (409, "lock_held"), "{body}");
     let (status, body) = batch(
-        &node,
+        node,
         &ana,
         TEAM,
         json!({"method": "PUT", "objects": [
@@ -662,11 +679,29 @@ async fn lockstep_refuses_write_urls_without_the_current_lock() {
     assert_eq!((status, code(&body)), (410, "lock_lost"), "{body}");
     assert_eq!(body["error"]["details"]["index"], 0, "{body}");
     // Someone new holds it: the stale token meets a lock held by another.
-    let carol = member(&node, "carol");
-    lock(&node, &carol, "scan-2", None).await;
-    let (status, body) = presign(&node, &ana, TEAM, "scan-2", put(Some(&anas["token"]))).await;
+    let carol = member(node, "carol");
+    lock(node, &carol, "scan-2", None).await;
+    let (status, body) = presign(node, &ana, TEAM, "scan-2", put(Some(&anas["token"]))).await;
     assert_eq!((status, code(&body)), (409, "lock_held"), "{body}");
     assert_eq!(body["error"]["details"]["holder"], "carol", "{body}");
+    // With the current locks, a batch of writes over two items (one twice) is signed.
+    let (three, four) = (
+        lock(node, &ana, "scan-3", None).await,
+        lock(node, &ana, "scan-4", None).await,
+    );
+    let (status, body) = batch(
+        node,
+        &ana,
+        TEAM,
+        json!({"method": "PUT", "objects": [
+            {"item": "scan-3", "name": "a.bin", "token": three["token"]},
+            {"item": "scan-4", "name": "a.bin", "token": four["token"]},
+            {"item": "scan-3", "name": "b.bin", "token": three["token"]},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["urls"].as_array().map(Vec::len), Some(3), "{body}");
 }
 
 /// A refused object in a batch of writes is named by its index, whatever the reason.

@@ -797,6 +797,45 @@ impl LockStore {
         Ok(rows.iter().map(lock_from).collect::<Result<_, _>>()?)
     }
 
+    /// The live locks among `items` of `team`, and the database's time they were judged live
+    /// at, in one indexed read (what a write URL or a commit checks its token against).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database fails.
+    pub async fn live(
+        &self,
+        team: &str,
+        items: &[&str],
+    ) -> Result<(Vec<LockState>, i64), StoreError> {
+        let placeholders: Vec<String> = (0..items.len().max(1))
+            .map(|i| format!("${}", i + 2))
+            .collect();
+        // The one-row subquery gives the time even when no lock matches.
+        let sql = self.dialect.sql(&format!(
+            "SELECT n.now AS now, {COLUMNS} FROM (SELECT {{now}} AS now) n LEFT JOIN locks \
+             ON team = $1 AND item IN ({}) AND state = 'held' AND expires_at > n.now",
+            placeholders.join(", ")
+        ));
+        let mut query = sqlx::query(&sql).bind(team);
+        if items.is_empty() {
+            query = query.bind("");
+        }
+        for item in items {
+            query = query.bind(*item);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        let mut now = 0;
+        let mut live = Vec::with_capacity(rows.len());
+        for row in &rows {
+            now = row.try_get("now")?;
+            if row.try_get::<Option<String>, _>("item")?.is_some() {
+                live.push(lock_from(row)?);
+            }
+        }
+        Ok((live, now))
+    }
+
     /// Grants every item or none.
     ///
     /// # Errors
