@@ -18,8 +18,8 @@
 use crate::ApiState;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, Caller, whole};
-use crate::locks::rfc3339;
 use crate::locks::store::LockState;
+use crate::locks::{authorize, rfc3339};
 use aws_sdk_s3::presigning::{PresignedRequest, PresigningConfig};
 use axum::Json;
 use axum::extract::State;
@@ -388,24 +388,6 @@ fn valid_content_type(ct: &str) -> bool {
         && ct.contains('/')
 }
 
-fn authorize(caller: &Principal, team: &str) -> Result<(), ApiError> {
-    if !is_valid_id(team) {
-        return Err(ApiError::invalid(
-            "invalid_team",
-            format!("invalid team id '{team}'"),
-        ));
-    }
-    if !caller.has_scope(Scope::Presign) {
-        return Err(ApiError::forbidden(
-            "presigned URLs need the 'presign' scope",
-        ));
-    }
-    if !(caller.is_member(team) || caller.is_admin(team)) {
-        return Err(ApiError::forbidden(format!("not a member of team {team}")));
-    }
-    Ok(())
-}
-
 /// One object to sign, validated.
 struct Object<'a> {
     item: &'a str,
@@ -562,15 +544,11 @@ async fn live_locks(
     let locks = state.inner.locks.as_ref().ok_or_else(|| {
         ApiError::unavailable("locks_not_configured", "this node serves no locks")
     })?;
-    let store = locks.store();
-    let unavailable = |e: crate::locks::store::StoreError| {
-        tracing::warn!(%e, "lock store error");
-        ApiError::unavailable(
-            "lock_store_unavailable",
-            "the lock store is unavailable; try again",
-        )
-    };
-    let (live, now) = store.live(team, items).await.map_err(unavailable)?;
+    let (live, now) = locks
+        .store()
+        .live(team, items)
+        .await
+        .map_err(|e| crate::locks::store_error(&e))?;
     Ok((live.into_iter().map(|l| (l.item.clone(), l)).collect(), now))
 }
 
@@ -617,7 +595,7 @@ pub(crate) async fn presign(
     ApiPath((team, item)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<PresignRequest>,
 ) -> Result<Json<Presigned>, ApiError> {
-    authorize(&caller, &team)?;
+    authorize(&caller, &team, Scope::Presign, &[])?;
     let storage = storage(&state)?;
     let object = Object {
         item: &item,
@@ -655,7 +633,7 @@ pub(crate) async fn presign_batch(
     ApiPath(team): ApiPath<String>,
     ApiJson(request): ApiJson<BatchPresignRequest>,
 ) -> Result<Json<PresignedBatch>, ApiError> {
-    authorize(&caller, &team)?;
+    authorize(&caller, &team, Scope::Presign, &[])?;
     let storage = storage(&state)?;
     let max = storage.config.max_batch;
     if request.objects.len() > max {
@@ -735,7 +713,7 @@ pub(crate) async fn commit(
     ApiPath((team, item)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<CommitRequest>,
 ) -> Result<Json<Committed>, ApiError> {
-    authorize(&caller, &team)?;
+    authorize(&caller, &team, Scope::Presign, &[])?;
     let storage = storage(&state)?;
     validate(
         &storage.config,

@@ -63,8 +63,6 @@ pub struct Locks {
     /// Checks that a `session` given to the API was issued to the caller by a node.
     sessions: SessionKey,
     closed_sessions: mpsc::Sender<outbox::Closing>,
-    /// Deletes the events requests published, off their path.
-    deleter: outbox::Deleter,
     /// Whether this node's row in `nodes` exists (it registered, and the cluster has not taken
     /// it for dead since). Part of readiness: locks bound to its sessions need it.
     registered: Arc<tokio::sync::watch::Sender<bool>>,
@@ -116,7 +114,6 @@ impl Locks {
             config.session_grace,
         ));
         Arc::new(Locks {
-            deleter: outbox::Deleter::start(store.clone()),
             store,
             config,
             sessions: node.sessions,
@@ -151,8 +148,7 @@ impl Locks {
     }
 
     /// Waits until every session close reported so far is recorded in the store, so another
-    /// node can release their locks after the grace, and every published event is deleted
-    /// from the outbox (called when the node shuts down).
+    /// node can release their locks after the grace (called when the node shuts down).
     pub async fn flush_closed_sessions(&self) {
         let (done, recorded) = tokio::sync::oneshot::channel();
         if self
@@ -163,7 +159,6 @@ impl Locks {
         {
             let _ = recorded.await;
         }
-        self.deleter.flush().await;
     }
 
     pub fn store(&self) -> &LockStore {
@@ -328,7 +323,8 @@ fn locks(state: &ApiState) -> Result<&Locks, ApiError> {
         .ok_or_else(|| ApiError::unavailable("locks_not_configured", "this node serves no locks"))
 }
 
-fn store_error(err: &StoreError) -> ApiError {
+/// The answer to a lock store failure (locks, presigned writes and commits alike).
+pub(crate) fn store_error(err: &StoreError) -> ApiError {
     tracing::warn!(%err, "lock store error");
     match err {
         StoreError::Contended => ApiError::unavailable("lock_store_busy", err.to_string()),
@@ -339,8 +335,14 @@ fn store_error(err: &StoreError) -> ApiError {
     }
 }
 
-/// Checks the caller may use locks in `team`, and that the ids are valid.
-fn authorize(caller: &Principal, team: &str, items: &[&str]) -> Result<(), ApiError> {
+/// Checks the ids are valid and the caller may use `scope` (locks or presigned URLs) in
+/// `team`: the scope, and membership or administration of the team.
+pub(crate) fn authorize(
+    caller: &Principal,
+    team: &str,
+    scope: Scope,
+    items: &[&str],
+) -> Result<(), ApiError> {
     if !is_valid_id(team) {
         return Err(ApiError::invalid(
             "invalid_team",
@@ -355,8 +357,16 @@ fn authorize(caller: &Principal, team: &str, items: &[&str]) -> Result<(), ApiEr
             ));
         }
     }
-    if !caller.has_scope(Scope::Locks) {
-        return Err(ApiError::forbidden("locks need the 'locks' scope"));
+    if !caller.has_scope(scope) {
+        let what = if scope == Scope::Presign {
+            "presigned URLs"
+        } else {
+            "locks"
+        };
+        return Err(ApiError::forbidden(format!(
+            "{what} need the '{}' scope",
+            scope.as_str()
+        )));
     }
     if !(caller.is_member(team) || caller.is_admin(team)) {
         return Err(ApiError::forbidden(format!("not a member of team {team}")));
@@ -443,7 +453,7 @@ fn lost(item: &str) -> ApiError {
 }
 
 async fn publish(state: &ApiState, locks: &Locks, events: &[store::StoredEvent]) {
-    outbox::publish_for_request(&locks.deleter, state.inner.publisher.as_ref(), events).await;
+    outbox::publish(&locks.store, state.inner.publisher.as_ref(), events).await;
 }
 
 /// Acquires (or extends) the lock on an item.
@@ -456,7 +466,7 @@ pub(crate) async fn acquire(
     ApiPath((team, item)): ApiPath<(String, String)>,
     body: Option<ApiJson<AcquireRequest>>,
 ) -> Result<Json<LockView>, ApiError> {
-    authorize(&caller, &team, &[&item])?;
+    authorize(&caller, &team, Scope::Locks, &[&item])?;
     let locks = locks(&state)?;
     let request = body.map(|b| b.0).unwrap_or_default();
     let ttl = ttl(&locks.config, request.ttl_ms)?;
@@ -488,7 +498,7 @@ pub(crate) async fn renew(
     ApiPath((team, item)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<RenewRequest>,
 ) -> Result<Json<LockView>, ApiError> {
-    authorize(&caller, &team, &[&item])?;
+    authorize(&caller, &team, Scope::Locks, &[&item])?;
     let locks = locks(&state)?;
     let ttl = ttl(&locks.config, request.ttl_ms)?;
     match locks
@@ -515,7 +525,7 @@ pub(crate) async fn release(
     ApiQuery(query): ApiQuery<ReleaseQuery>,
     body: Option<ApiJson<ReleaseRequest>>,
 ) -> Result<Response, ApiError> {
-    authorize(&caller, &team, &[&item])?;
+    authorize(&caller, &team, Scope::Locks, &[&item])?;
     let locks = locks(&state)?;
     if query.force {
         if !caller.is_admin(&team) {
@@ -580,7 +590,7 @@ pub(crate) async fn get(
     Caller(caller): Caller,
     ApiPath((team, item)): ApiPath<(String, String)>,
 ) -> Result<Json<LockView>, ApiError> {
-    authorize(&caller, &team, &[&item])?;
+    authorize(&caller, &team, Scope::Locks, &[&item])?;
     let locks = locks(&state)?;
     match locks
         .store
@@ -604,7 +614,7 @@ pub(crate) async fn list(
     Caller(caller): Caller,
     ApiPath(team): ApiPath<String>,
 ) -> Result<Json<TeamLocks>, ApiError> {
-    authorize(&caller, &team, &[])?;
+    authorize(&caller, &team, Scope::Locks, &[])?;
     let locks = locks(&state)?;
     // Read before the locks: a change committed after this position is announced after it, so
     // a page that lists and then subscribes from here misses nothing. (A change announced
@@ -660,7 +670,7 @@ pub(crate) async fn acquire_batch(
     ApiJson(request): ApiJson<BatchAcquireRequest>,
 ) -> Result<Json<LockList>, ApiError> {
     let items: Vec<&str> = request.items.iter().map(String::as_str).collect();
-    authorize(&caller, &team, &items)?;
+    authorize(&caller, &team, Scope::Locks, &items)?;
     let locks = locks(&state)?;
     check_batch(&locks.config, items.len())?;
     let ttl = ttl(&locks.config, request.ttl_ms)?;
@@ -713,7 +723,7 @@ pub(crate) async fn release_batch(
     ApiJson(request): ApiJson<BatchReleaseRequest>,
 ) -> Result<Json<ReleaseResults>, ApiError> {
     let items: Vec<&str> = request.items.iter().map(|i| i.item.as_str()).collect();
-    authorize(&caller, &team, &items)?;
+    authorize(&caller, &team, Scope::Locks, &items)?;
     let locks = locks(&state)?;
     check_batch(&locks.config, items.len())?;
     state

@@ -28,17 +28,6 @@ pub(crate) async fn publish(
     }
 }
 
-/// [`publish`], for a request: the published events are deleted by `deleter`, off the
-/// request's path.
-pub(crate) async fn publish_for_request(
-    deleter: &Deleter,
-    publisher: &dyn EventPublisher,
-    events: &[StoredEvent],
-) {
-    let done = publish_only(publisher, events).await;
-    deleter.delete(done).await;
-}
-
 /// Publishes events in order until one fails; returns the ids of those that went out.
 async fn publish_only(publisher: &dyn EventPublisher, events: &[StoredEvent]) -> Vec<i64> {
     let mut done = Vec::with_capacity(events.len());
@@ -78,83 +67,6 @@ async fn publish_only(publisher: &dyn EventPublisher, events: &[StoredEvent]) ->
         }
     }
     done
-}
-
-/// Published events waiting to be deleted, at most this many; past it a request deletes its
-/// own (and waits for it).
-const DELETE_QUEUE: usize = 10_000;
-
-/// Most events one delete statement removes.
-const DELETE_BATCH: usize = 500;
-
-/// Deletes published events from the outbox in batches, on a task of its own, so a lock
-/// request does not wait for a second commit. An event whose delete is lost (the node stops
-/// first) is published again by a sweeper once its claim lapses, with the same version, and
-/// superseded: nobody gets it twice.
-#[derive(Debug, Clone)]
-pub(crate) struct Deleter {
-    queue: mpsc::Sender<Deleting>,
-    store: LockStore,
-}
-
-#[derive(Debug)]
-enum Deleting {
-    Event(i64),
-    /// Answered once every event queued before it is deleted.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
-impl Deleter {
-    pub(crate) fn start(store: LockStore) -> Deleter {
-        let (queue, mut work) = mpsc::channel(DELETE_QUEUE);
-        let worker = store.clone();
-        tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(DELETE_BATCH);
-            let (mut ids, mut flushed) = (Vec::with_capacity(DELETE_BATCH), Vec::new());
-            while work.recv_many(&mut batch, DELETE_BATCH).await > 0 {
-                for item in batch.drain(..) {
-                    match item {
-                        Deleting::Event(id) => ids.push(id),
-                        Deleting::Flush(done) => flushed.push(done),
-                    }
-                }
-                if let Err(err) = worker.delete_events(&ids).await {
-                    warn!(%err, "could not delete published lock events");
-                }
-                ids.clear();
-                for done in flushed.drain(..) {
-                    let _ = done.send(());
-                }
-            }
-        });
-        Deleter { queue, store }
-    }
-
-    /// Waits until every event queued so far is deleted (called when the node shuts down, so
-    /// a restarted single node does not publish them again).
-    pub(crate) async fn flush(&self) {
-        let (done, deleted) = tokio::sync::oneshot::channel();
-        if self.queue.send(Deleting::Flush(done)).await.is_ok() {
-            let _ = deleted.await;
-        }
-    }
-
-    /// Queues `ids` for deletion; deletes them here when the queue is full.
-    async fn delete(&self, ids: Vec<i64>) {
-        let mut overflow = Vec::new();
-        for id in ids {
-            if let Err(
-                mpsc::error::TrySendError::Full(Deleting::Event(id))
-                | mpsc::error::TrySendError::Closed(Deleting::Event(id)),
-            ) = self.queue.try_send(Deleting::Event(id))
-            {
-                overflow.push(id);
-            }
-        }
-        if let Err(err) = self.store.delete_events(&overflow).await {
-            warn!(%err, "could not delete published lock events");
-        }
-    }
 }
 
 /// The key of a lock event: `lock:{item}`, from its data.

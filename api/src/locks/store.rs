@@ -171,6 +171,16 @@ pub struct LockStore {
 const COLUMNS: &str =
     "team, item, holder, session, token, acquired_at, expires_at, state, expiry_announced";
 
+/// What one grant inside a transaction came to.
+enum Grant {
+    /// Granted, or `extended` for its holder (same token).
+    Granted { lock: LockState, extended: bool },
+    /// Held by another.
+    Held(LockState),
+    /// A concurrent first grant won the insert: retry in a new transaction.
+    Raced,
+}
+
 /// A row read for a decision, with the database's current time.
 struct Current {
     lock: LockState,
@@ -397,7 +407,7 @@ impl LockStore {
                 .grant(&mut tx, team, item, holder, session, ttl_ms, &mut events)
                 .await?
             {
-                Some(Ok((lock, extended))) => {
+                Grant::Granted { lock, extended } => {
                     tx.commit().await?;
                     return Ok(Acquired::Granted {
                         lock,
@@ -405,8 +415,8 @@ impl LockStore {
                         events,
                     });
                 }
-                Some(Err(held)) => return Ok(Acquired::Held(held)),
-                None => continue,
+                Grant::Held(held) => return Ok(Acquired::Held(held)),
+                Grant::Raced => continue,
             }
         }
         Err(StoreError::Contended)
@@ -436,8 +446,7 @@ impl LockStore {
         Ok(row.is_some())
     }
 
-    /// One grant inside a transaction. `None`: a concurrent first grant won the insert (retry);
-    /// `Some(Err(lock))`: held by another.
+    /// One grant inside a transaction.
     #[allow(clippy::too_many_arguments)]
     async fn grant(
         &self,
@@ -448,7 +457,7 @@ impl LockStore {
         session: Option<Bound<'_>>,
         ttl_ms: i64,
         events: &mut Vec<StoredEvent>,
-    ) -> Result<Option<Result<(LockState, bool), LockState>>, StoreError> {
+    ) -> Result<Grant, StoreError> {
         let (current, now) = self.current(tx, team, item).await?;
         let expires_at = now + ttl_ms;
         let lock = match current {
@@ -468,7 +477,7 @@ impl LockStore {
                     .fetch_optional(&mut **tx)
                     .await?;
                 if inserted.is_none() {
-                    return Ok(None);
+                    return Ok(Grant::Raced);
                 }
                 let lock = LockState {
                     team: team.to_owned(),
@@ -509,16 +518,16 @@ impl LockStore {
                 .bind(item)
                 .execute(&mut **tx)
                 .await?;
-                return Ok(Some(Ok((
-                    LockState {
+                return Ok(Grant::Granted {
+                    lock: LockState {
                         expires_at,
                         session,
                         ..c.lock
                     },
-                    true,
-                ))));
+                    extended: true,
+                });
             }
-            Some(c) if c.live() => return Ok(Some(Err(c.lock))),
+            Some(c) if c.live() => return Ok(Grant::Held(c.lock)),
             Some(c) => {
                 // Free: released, or expired. An expiry nobody announced yet is announced now,
                 // before the new grant's event, so it is never lost or doubled.
@@ -562,7 +571,10 @@ impl LockStore {
                 lock
             }
         };
-        Ok(Some(Ok((lock, false))))
+        Ok(Grant::Granted {
+            lock,
+            extended: false,
+        })
     }
 
     async fn expired_events(
@@ -866,9 +878,9 @@ impl LockStore {
                     .grant(&mut tx, team, item, holder, session, ttl_ms, &mut events)
                     .await?
                 {
-                    Some(Ok((lock, _))) => granted.push(lock),
-                    Some(Err(held)) => blocked.push(held),
-                    None => continue 'attempt,
+                    Grant::Granted { lock, .. } => granted.push(lock),
+                    Grant::Held(held) => blocked.push(held),
+                    Grant::Raced => continue 'attempt,
                 }
             }
             if !blocked.is_empty() {
