@@ -541,10 +541,7 @@ async fn live_locks(
     team: &str,
     items: &[&str],
 ) -> Result<(HashMap<String, LockState>, i64), ApiError> {
-    let locks = state.inner.locks.as_ref().ok_or_else(|| {
-        ApiError::unavailable("locks_not_configured", "this node serves no locks")
-    })?;
-    let (live, now) = locks
+    let (live, now) = crate::locks::locks(state)?
         .store()
         .live(team, items)
         .await

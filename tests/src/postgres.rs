@@ -173,6 +173,26 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// psql on `database` as `postgres`: unaligned rows without headers, stopping at the first
+    /// error.
+    fn psql_command(&self, database: &str) -> Command {
+        let mut command = Command::new(self.bin.join("psql"));
+        command.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "-XAtq",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ]);
+        command
+    }
+
     /// A psql session reading statements from its stdin and writing unaligned rows to its
     /// stdout, for tests that must hold a transaction open while something else runs.
     ///
@@ -180,20 +200,7 @@ impl Postgres {
     ///
     /// When psql cannot be started.
     pub fn interactive(&self, database: &str) -> std::process::Child {
-        Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                database,
-                "-XAtq",
-                "-v",
-                "ON_ERROR_STOP=1",
-            ])
+        self.psql_command(database)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -206,22 +213,9 @@ impl Postgres {
     ///
     /// psql's error output.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, String> {
-        let output = Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                database,
-                "-XAtq",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ])
+        let output = self
+            .psql_command(database)
+            .args(["-c", sql])
             .output()
             .map_err(|e| e.to_string())?;
         if output.status.success() {

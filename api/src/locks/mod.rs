@@ -315,7 +315,7 @@ pub(crate) struct TakenOver {
     token: i64,
 }
 
-fn locks(state: &ApiState) -> Result<&Locks, ApiError> {
+pub(crate) fn locks(state: &ApiState) -> Result<&Locks, ApiError> {
     state
         .inner
         .locks

@@ -117,3 +117,55 @@ export class Waits {
 export function sameKeys(obj, keys) {
   return !!obj && typeof obj === 'object' && !Array.isArray(obj) && Object.keys(obj).sort().join(',') === [...keys].sort().join(',');
 }
+
+// A stompjs Client whose every unexpected event trips the waits with a precise message.
+// `show` renders values in those messages; trace lines longer than `traceWidth` are cut.
+export function makeConn({ Client, cfg, name, token, waits, log, show, traceWidth = Infinity }) {
+  const conn = {
+    name,
+    client: null,
+    closing: false,
+    connectedFrame: null,
+    disconnectReceipt: null,
+    closeEvent: null,
+    receipts: new Set(),
+  };
+  const hb = Number.isInteger(cfg.heartbeat_ms) && cfg.heartbeat_ms > 0 ? cfg.heartbeat_ms : 0;
+  const client = new Client({
+    brokerURL: cfg.ws,
+    connectHeaders: { passcode: token },
+    heartbeatIncoming: hb,
+    heartbeatOutgoing: hb,
+    reconnectDelay: 0,
+    debug: (line) => log(`[${name}] ${line.length > traceWidth ? `${line.slice(0, traceWidth)}…` : line}`),
+  });
+  client.onConnect = (frame) => {
+    conn.connectedFrame = frame;
+    waits.changed();
+  };
+  client.onStompError = (frame) => {
+    waits.trip(`${name}: server sent an ERROR frame: headers=${show(frame.headers || {})} body=${show(frame.body)}`);
+  };
+  client.onWebSocketClose = (evt) => {
+    conn.closeEvent = { code: evt && evt.code, reason: evt && evt.reason };
+    if (!conn.closing) {
+      const when = conn.connectedFrame ? 'after CONNECTED' : 'before any CONNECTED frame (upgrade refused? Origin allow-list, token, URL)';
+      waits.trip(`${name}: WebSocket closed unexpectedly ${when}: code=${evt && evt.code} reason=${show(evt && evt.reason)}`);
+    }
+    waits.changed();
+  };
+  client.onWebSocketError = (evt) => log(`[${name}] WebSocket error event: ${(evt && (evt.message || evt.type)) || evt}`);
+  client.onDisconnect = (frame) => {
+    if (conn.closing) conn.disconnectReceipt = frame;
+    else waits.trip(`${name}: RECEIPT for a DISCONNECT we did not send: ${show(frame.headers)}`);
+    waits.changed();
+  };
+  client.onHeartbeatLost = () => waits.trip(`${name}: stompjs saw no server activity for 2 heart-beat intervals`);
+  client.onUnhandledMessage = (msg) =>
+    waits.trip(`${name}: MESSAGE for a subscription we do not have: headers=${show(msg.headers)} body=${show(msg.body)}`);
+  client.onUnhandledReceipt = (frame) => waits.trip(`${name}: RECEIPT nobody asked for: ${show(frame.headers)}`);
+  client.onUnhandledFrame = (frame) =>
+    waits.trip(`${name}: unexpected ${frame.command} frame: headers=${show(frame.headers)} body=${show(frame.body)}`);
+  conn.client = client;
+  return conn;
+}

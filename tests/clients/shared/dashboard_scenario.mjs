@@ -35,7 +35,7 @@
 //       job's last event type and `done`, each item's holder or released).
 // Every wait is bounded (WAIT_MS); nothing sleeps.
 
-import { ISO_UTC, ScenarioFailure, Waits, makeRedactor, forceClose, sameKeys } from './common.mjs';
+import { ISO_UTC, ScenarioFailure, Waits, makeConn, makeRedactor, forceClose, sameKeys } from './common.mjs';
 
 export { makeRedactor };
 
@@ -85,47 +85,6 @@ function brief(f) {
 
 function briefEntry(e) {
   return e ? { offset: e.offset, type: e.type, key: e.key, data: e.data } : e;
-}
-
-// A stompjs Client whose every unexpected event trips the waits.
-function makeConn({ Client, cfg, name, token, waits, log }) {
-  const conn = { name, client: null, closing: false, connectedFrame: null, disconnectReceipt: null, receipts: new Set() };
-  const hb = Number.isInteger(cfg.heartbeat_ms) && cfg.heartbeat_ms > 0 ? cfg.heartbeat_ms : 0;
-  const client = new Client({
-    brokerURL: cfg.ws,
-    connectHeaders: { passcode: token },
-    heartbeatIncoming: hb,
-    heartbeatOutgoing: hb,
-    reconnectDelay: 0,
-    // Every MESSAGE is logged by stompjs; keep the trace lines short.
-    debug: (line) => log(`[${name}] ${line.length > 400 ? `${line.slice(0, 400)}…` : line}`),
-  });
-  client.onConnect = (frame) => {
-    conn.connectedFrame = frame;
-    waits.changed();
-  };
-  client.onStompError = (frame) => {
-    waits.trip(`${name}: server sent an ERROR frame: headers=${show(frame.headers || {})} body=${show(frame.body)}`);
-  };
-  client.onWebSocketClose = (evt) => {
-    if (!conn.closing) {
-      const when = conn.connectedFrame ? 'after CONNECTED' : 'before any CONNECTED frame (upgrade refused? Origin allow-list, token, URL)';
-      waits.trip(`${name}: WebSocket closed unexpectedly ${when}: code=${evt && evt.code} reason=${show(evt && evt.reason)}`);
-    }
-    waits.changed();
-  };
-  client.onWebSocketError = (evt) => log(`[${name}] WebSocket error event: ${(evt && (evt.message || evt.type)) || evt}`);
-  client.onDisconnect = (frame) => {
-    if (conn.closing) conn.disconnectReceipt = frame;
-    else waits.trip(`${name}: RECEIPT for a DISCONNECT we did not send: ${show(frame.headers)}`);
-    waits.changed();
-  };
-  client.onHeartbeatLost = () => waits.trip(`${name}: stompjs saw no server activity for 2 heart-beat intervals`);
-  client.onUnhandledMessage = (msg) => waits.trip(`${name}: MESSAGE for a subscription we do not have: headers=${show(msg.headers)}`);
-  client.onUnhandledReceipt = (frame) => waits.trip(`${name}: RECEIPT nobody asked for: ${show(frame.headers)}`);
-  client.onUnhandledFrame = (frame) => waits.trip(`${name}: unexpected ${frame.command} frame: headers=${show(frame.headers)} body=${show(frame.body)}`);
-  conn.client = client;
-  return conn;
 }
 
 // GET/POST with a bounded wait; JSON in and out. `expect`: the status wanted.
@@ -234,7 +193,8 @@ export async function runDashboardScenario({ Client, cfg, fetch: fetchImpl, log 
 
     // 3. The dashboard subscribes while the backend publishes.
     currentStep = '3 subscribe snapshot';
-    const conn = makeConn({ Client, cfg, name: 'dashboard', token: cfg.tokens.subscriber, waits, log });
+    // Every MESSAGE is logged by stompjs; keep the trace lines short.
+    const conn = makeConn({ Client, cfg, name: 'dashboard', token: cfg.tokens.subscriber, waits, log, show, traceWidth: 400 });
     conns.push(conn);
     conn.client.activate();
     await waits.until(() => conn.connectedFrame !== null, 'CONNECTED');

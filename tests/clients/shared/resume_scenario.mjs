@@ -37,7 +37,7 @@
 // runScenario() resolves with a JSON-able summary or rejects with an Error naming the step and
 // the exact frames seen. Every wait is bounded (WAIT_MS); nothing sleeps.
 
-import { ISO_UTC, ScenarioFailure, Waits, makeRedactor, forceClose, sameKeys } from './common.mjs';
+import { ISO_UTC, ScenarioFailure, Waits, makeConn, makeRedactor, forceClose, sameKeys } from './common.mjs';
 
 // browser/page.html imports makeRedactor from its /scenario.mjs, which is this module in the resume run.
 export { makeRedactor };
@@ -56,59 +56,6 @@ function fail(message) {
 function show(value) {
   const s = JSON.stringify(value);
   return s === undefined ? String(value) : s.length > 900 ? `${s.slice(0, 900)}…` : s;
-}
-
-// A stompjs Client whose every unexpected event trips the waits with a precise message.
-function makeConn({ Client, cfg, name, token, waits, log }) {
-  const conn = {
-    name,
-    client: null,
-    closing: false,
-    connectedFrame: null,
-    disconnectReceipt: null,
-    closeEvent: null,
-    receipts: new Set(),
-    subs: new Map(), // subscription id -> {topic, frames: [{headers, body}]}
-  };
-  const hb = Number.isInteger(cfg.heartbeat_ms) && cfg.heartbeat_ms > 0 ? cfg.heartbeat_ms : 0;
-  const client = new Client({
-    brokerURL: cfg.ws,
-    connectHeaders: { passcode: token },
-    heartbeatIncoming: hb,
-    heartbeatOutgoing: hb,
-    reconnectDelay: 0,
-    debug: (line) => log(`[${name}] ${line}`),
-  });
-  client.onConnect = (frame) => {
-    conn.connectedFrame = frame;
-    waits.changed();
-  };
-  client.onStompError = (frame) => {
-    const h = frame.headers || {};
-    waits.trip(`${name}: server sent an ERROR frame: headers=${show(h)} body=${show(frame.body)}`);
-  };
-  client.onWebSocketClose = (evt) => {
-    conn.closeEvent = { code: evt && evt.code, reason: evt && evt.reason };
-    if (!conn.closing) {
-      const when = conn.connectedFrame ? 'after CONNECTED' : 'before any CONNECTED frame (upgrade refused? Origin allow-list, token, URL)';
-      waits.trip(`${name}: WebSocket closed unexpectedly ${when}: code=${evt && evt.code} reason=${show(evt && evt.reason)}`);
-    }
-    waits.changed();
-  };
-  client.onWebSocketError = (evt) => log(`[${name}] WebSocket error event: ${(evt && (evt.message || evt.type)) || evt}`);
-  client.onDisconnect = (frame) => {
-    if (conn.closing) conn.disconnectReceipt = frame;
-    else waits.trip(`${name}: RECEIPT for a DISCONNECT we did not send: ${show(frame.headers)}`);
-    waits.changed();
-  };
-  client.onHeartbeatLost = () => waits.trip(`${name}: stompjs saw no server activity for 2 heart-beat intervals`);
-  client.onUnhandledMessage = (msg) =>
-    waits.trip(`${name}: MESSAGE for a subscription we do not have: headers=${show(msg.headers)} body=${show(msg.body)}`);
-  client.onUnhandledReceipt = (frame) => waits.trip(`${name}: RECEIPT nobody asked for: ${show(frame.headers)}`);
-  client.onUnhandledFrame = (frame) =>
-    waits.trip(`${name}: unexpected ${frame.command} frame: headers=${show(frame.headers)} body=${show(frame.body)}`);
-  conn.client = client;
-  return conn;
 }
 
 async function connect(conn, waits) {
@@ -334,7 +281,8 @@ export async function runResumeScenario({ Client, cfg, fetch: fetchImpl, log = (
   try {
     // a. connection 1, SUBSCRIBE team with x-stream-offset:next.
     currentStep = 'a subscribe next';
-    const c1 = makeConn({ Client, cfg, name: 'connection-1', token: cfg.tokens.subscriber, waits, log });
+    const c1 = makeConn({ Client, cfg, name: 'connection-1', token: cfg.tokens.subscriber, waits, log, show });
+    c1.subs = new Map(); // subscription id -> {topic, frames: [{headers, body}]}
     conns.push(c1);
     await connect(c1, waits);
     const sa = subscribe(c1, waits, team, 's-a-next', { 'x-stream-offset': 'next' });
@@ -360,7 +308,8 @@ export async function runResumeScenario({ Client, cfg, fetch: fetchImpl, log = (
 
     // d. connection 2 resumes from the last offset seen.
     currentStep = 'd resume offset=last seen';
-    const c2 = makeConn({ Client, cfg, name: 'connection-2', token: cfg.tokens.subscriber, waits, log });
+    const c2 = makeConn({ Client, cfg, name: 'connection-2', token: cfg.tokens.subscriber, waits, log, show });
+    c2.subs = new Map();
     conns.push(c2);
     await connect(c2, waits);
     const sd = subscribe(c2, waits, team, 's-d-resume', { 'x-stream-offset': `offset=${lastSeen}`, 'x-stream-epoch': E });
