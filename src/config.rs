@@ -11,7 +11,7 @@ use api::locks::store::StoreConfig;
 use api::presign::StorageConfig;
 use api::{ApiConfig, Cors};
 use hub::redis::RedisSettings;
-use hub::{HistoryConfig, HubConfig, OriginPolicy};
+use hub::{HistoryConfig, HubConfig, OriginPolicy, PresenceConfig};
 use protocol::{HeartBeat, Limits};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -91,6 +91,11 @@ keys! {
     "history.max_keys", "1000", "Keys per topic whose latest event is kept for `x-stream-offset:snapshot` (the least recently updated goes first).";
     "history.key_idle", "1h", "A key not updated for this long is forgotten: its latest event leaves the snapshot.";
     "history.memory_bytes", "268435456", "Bytes of history the in-process broker keeps over all topics (oldest dropped first). With Redis, Redis's own memory settings bound it.";
+    "presence.enabled", "true", "Track who subscribes to team and item topics, across nodes, and publish `presence.joined` / `presence.left` on them (DESIGN §14).";
+    "presence.leave_delay", "5s", "How long a user's last subscription to a topic may be gone before they leave it; a re-join within it (a reload, another tab, another node) is silent.";
+    "presence.timeout", "30s", "Within this a dead node's users leave presence (its entries expire and a live node sweeps them); nodes refresh their entries three times per timeout.";
+    "presence.batch", "50ms", "Presence changes within this window go to the store, and out as events, together.";
+    "presence.max_listed", "10000", "Above this many users present in a topic, `GET /api/v1/topics/{topic}/presence` answers the count only.";
     "redis.url", "", "Cluster broker: `redis://host:port` (standalone) or `redis-cluster://host:port,host:port` (Redis Cluster, sharded pub/sub). Empty: the in-process broker (a single node).";
     "redis.channel_prefix", "lockstep:", "Prefix of the Redis key and channel names, so several deployments can share one Redis (no `{` or `}`: each topic's keys share a hash tag).";
     "redis.probe_interval", "2s", "How often each node checks its pub/sub connection with a probe message; a probe that does not come back forces a reconnect.";
@@ -481,6 +486,13 @@ impl Sources {
                 max_keys: p.positive("history.max_keys"),
                 key_idle: p.duration("history.key_idle"),
             },
+            presence: PresenceConfig {
+                enabled: p.get("presence.enabled"),
+                leave_delay: p.duration("presence.leave_delay"),
+                timeout: p.duration("presence.timeout"),
+                batch: p.duration("presence.batch"),
+                max_listed: p.positive("presence.max_listed"),
+            },
             // Both set by `serve`, which makes the node's id and knows the secrets.
             ..HubConfig::default()
         };
@@ -489,6 +501,12 @@ impl Sources {
                 "history.meta_ttl must be at least history.max_age: a topic's offsets must outlive its events"
                     .to_owned(),
             );
+        }
+        if hub.presence.timeout < Duration::from_millis(300) {
+            p.error("presence.timeout", "must be at least 300ms");
+        }
+        if hub.presence.batch > Duration::from_secs(5) {
+            p.error("presence.batch", "must be at most 5s");
         }
         if hub.idle_timeout < Duration::from_secs(1) {
             p.error("hub.idle_timeout", "must be at least 1s");

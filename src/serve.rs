@@ -5,13 +5,16 @@ use anyhow::Context as _;
 use api::locks::store::LockStore;
 use api::locks::{LockNode, Locks};
 use api::{
-    ApiState, EventOptions, EventPage, EventPublisher, NodeSessions, PublishFailure,
+    ApiState, EventOptions, EventPage, EventPublisher, NodeSessions, PresencePage, PublishFailure,
     PublishedEvent, ReadinessCheck, StatePage,
 };
 use axum::Router;
 use axum::serve::ListenerExt as _;
 use futures_util::future::BoxFuture;
-use hub::{Broker, Fanout, Hub, MemoryBroker, PublishError, PublishOptions, Registry};
+use hub::{
+    Broker, Fanout, Hub, MemoryBroker, MemoryPresence, PresenceStore, PublishError, PublishOptions,
+    Registry,
+};
 use protocol::auth::AuthConfig;
 use protocol::{Authenticator, Disconnect, EventType, SessionKey, Topic};
 use serde_json::value::RawValue;
@@ -139,18 +142,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .instrument(tracing::info_span!("metrics_upkeep")),
     );
     let node_id = ulid::Ulid::new().to_string();
-    let broker: Arc<dyn Broker> = match &config.redis {
+    // Presence lives where the broker does: in Redis beside each topic's stream, or in memory.
+    let (broker, presence): (Arc<dyn Broker>, Arc<dyn PresenceStore>) = match &config.redis {
         Some(settings) => {
             info!(url = %redact(&settings.url), node = %node_id, "cluster broker: Redis");
-            hub::redis::RedisBroker::start(
+            let redis = hub::redis::RedisBroker::start(
                 settings,
                 history,
                 fanout.clone(),
                 &node_id,
                 broker_stop.clone(),
-            )?
+            )?;
+            (redis.clone(), redis)
         }
-        None => Arc::new(MemoryBroker::new(fanout.clone(), history.clone())),
+        None => (
+            Arc::new(MemoryBroker::new(fanout.clone(), history.clone())),
+            Arc::new(MemoryPresence::new()),
+        ),
     };
     // The hub tells the lock service when sessions end; the lock service publishes through the
     // hub. The observer is made first and pointed at the locks once they exist.
@@ -164,6 +172,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         registry,
         fanout,
         broker,
+        presence,
         Some(sessions.clone()),
     );
     let publisher: Arc<dyn EventPublisher> = Arc::new(HubPublisher(hub.clone()));
@@ -523,6 +532,28 @@ impl EventPublisher for HubPublisher {
                         Some((e.offset, key, e.message.body().to_owned()))
                     })
                     .collect(),
+            })
+        })
+    }
+
+    fn presence<'a>(
+        &'a self,
+        topic: &'a Topic,
+    ) -> BoxFuture<'a, Result<PresencePage, PublishFailure>> {
+        Box::pin(async move {
+            let listing = self
+                .0
+                .presence(topic)
+                .await
+                .map_err(|e| PublishFailure::Unavailable(e.to_string()))?;
+            Ok(PresencePage {
+                count: listing.count,
+                members: listing.members.map(|members| {
+                    members
+                        .into_iter()
+                        .map(|m| (m.user.to_string(), m.connections, m.since))
+                        .collect()
+                }),
             })
         })
     }

@@ -71,6 +71,21 @@ pub trait EventPublisher: Send + Sync + std::fmt::Debug + 'static {
     /// The latest event of every key of `topic`, with the position they were taken at.
     fn snapshot<'a>(&'a self, topic: &'a Topic)
     -> BoxFuture<'a, Result<StatePage, PublishFailure>>;
+
+    /// Who is present in a team or item topic across the cluster.
+    fn presence<'a>(
+        &'a self,
+        topic: &'a Topic,
+    ) -> BoxFuture<'a, Result<PresencePage, PublishFailure>>;
+}
+
+/// Who is present in a topic.
+#[derive(Debug, Clone)]
+pub struct PresencePage {
+    /// Users present.
+    pub count: usize,
+    /// (user, connections, since), sorted by user; `None` above the node's listing maximum.
+    pub members: Option<Vec<(String, u32, std::time::SystemTime)>>,
 }
 
 /// What a publish asks for besides the event.
@@ -283,6 +298,7 @@ pub fn app(state: ApiState) -> Router {
         .route("/topics/{topic}/position", get(topics::position))
         .route("/topics/{topic}/events", get(topics::events))
         .route("/topics/{topic}/snapshot", get(topics::snapshot))
+        .route("/topics/{topic}/presence", get(topics::presence))
         .route("/openapi.json", get(openapi::document))
         .fallback(not_found);
     let timeout = config.request_timeout;

@@ -32,6 +32,7 @@ use utoipa::{Modify, OpenApi};
         crate::topics::position,
         crate::topics::events,
         crate::topics::snapshot,
+        crate::topics::presence,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&BearerAuth)
@@ -60,6 +61,10 @@ const ID_PATTERN: &str = r"^(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}$";
 
 /// Topics (`protocol::Topic::parse`).
 const TOPIC_PATTERN: &str = r"^/(?:global|user/(?!\.\.?$)[A-Za-z0-9_.:-]{1,128}|team/(?!\.\.?(?:$|/))[A-Za-z0-9_.:-]{1,128}(?:/items/(?!\.\.?$)[A-Za-z0-9_.:-]{1,128})?)$";
+
+/// The topics with presence (DESIGN §14): team and item topics (`presence::has_presence`).
+const PRESENCE_TOPIC_PATTERN: &str =
+    r"^/team/(?!\.\.?(?:$|/))[A-Za-z0-9_.:-]{1,128}(?:/items/(?!\.\.?$)[A-Za-z0-9_.:-]{1,128})?$";
 
 /// Object names within an item (`presign::valid_name`): `/`-separated segments, none `.` or
 /// `..`. (utoipa's `pattern` takes only literals, so the shared patterns live here, once.)
@@ -137,6 +142,15 @@ fn add_shared(doc: &mut Value) {
             }),
         );
         schemas.insert(
+            "PresenceTopic".to_owned(),
+            json!({
+                "type": "string",
+                "pattern": PRESENCE_TOPIC_PATTERN,
+                "description": "A team or item topic, percent-encoded as one path segment (%2Fteam%2Ft1%2Fitems%2Fi7).",
+                "example": "/team/t1",
+            }),
+        );
+        schemas.insert(
             "ObjectName".to_owned(),
             json!({
                 "type": "string",
@@ -188,7 +202,12 @@ fn add_path_parameters(path: &str, operation: &mut Value) {
         .split('/')
         .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
         .map(|name| {
-            let schema = if name == "topic" { "Topic" } else { "Id" };
+            let schema = match name {
+                // Only team and item topics have a presence (422 no_presence otherwise).
+                "topic" if path.ends_with("/presence") => "PresenceTopic",
+                "topic" => "Topic",
+                _ => "Id",
+            };
             json!({
                 "name": name,
                 "in": "path",

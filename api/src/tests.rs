@@ -49,6 +49,16 @@ mod recording {
             Box::pin(std::future::ready(result))
         }
 
+        fn presence<'a>(
+            &'a self,
+            _topic: &'a Topic,
+        ) -> BoxFuture<'a, Result<crate::PresencePage, PublishFailure>> {
+            Box::pin(std::future::ready(Ok(crate::PresencePage {
+                count: 0,
+                members: Some(Vec::new()),
+            })))
+        }
+
         fn snapshot<'a>(
             &'a self,
             _topic: &'a Topic,

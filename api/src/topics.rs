@@ -1,6 +1,7 @@
 //! `GET /api/v1/topics/{topic}/position`, `…/events` and `…/snapshot` (DESIGN §12, §13): where
 //! a topic's stream stands, its recent history and the latest event of every key, for
-//! backends, bots and pages that load state over HTTP and then subscribe from exactly there.
+//! backends, bots and pages that load state over HTTP and then subscribe from exactly there;
+//! and `…/presence` (DESIGN §14): who is present in a team or item topic.
 //!
 //! `{topic}` is the whole topic as one percent-encoded path segment (`%2Fteam%2Ft1`). Reading a
 //! topic needs what subscribing to it needs.
@@ -10,7 +11,7 @@ use crate::extract::{ApiPath, ApiQuery, Caller};
 use crate::{ApiState, EventPage, PublishFailure, StatePage};
 use axum::Json;
 use axum::extract::State;
-use protocol::{Position, Principal, Topic};
+use protocol::{Position, Principal, Topic, TopicKind};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
@@ -90,6 +91,42 @@ pub(crate) struct TopicState {
     position: PositionView,
     /// The latest event of every key, oldest first.
     events: Vec<KeyedEvent>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PresenceQuery {
+    /// Users after this one (the `next` of the previous page).
+    #[param(pattern = r"^[A-Za-z0-9_.:-]{1,128}$")]
+    after: Option<String>,
+    /// At most this many users (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+}
+
+/// A user present in a topic.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PresentUser {
+    user: String,
+    /// The user's connections subscribed to the topic, over every node.
+    connections: u32,
+    /// Since when the user is present (RFC 3339).
+    since: String,
+}
+
+/// Who is present in a team or item topic, across the cluster.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PresenceView {
+    /// Users present.
+    count: usize,
+    /// A page of them, sorted by user id; empty when `counts_only`.
+    users: Vec<PresentUser>,
+    /// More users are present than the node lists (`presence.max_listed`): only `count` is
+    /// given.
+    counts_only: bool,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
 }
 
 /// The topic a request names, once the caller may read it.
@@ -186,6 +223,79 @@ pub(crate) async fn snapshot(
                     .map(|event| KeyedEvent { offset, key, event })
             })
             .collect(),
+    }))
+}
+
+/// Who is present in a team or item topic, on any node (DESIGN §14). Reading it needs what
+/// subscribing to the topic needs.
+#[utoipa::path(get, path = "/api/v1/topics/{topic}/presence",
+    params(PresenceQuery),
+    responses(
+        (status = 200, description = "users present, sorted by user id", body = PresenceView),
+        (status = 422, description = "not a team or item topic, or an invalid query")),
+    security(("bearer" = [])))]
+pub(crate) async fn presence(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    ApiPath(topic): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PresenceQuery>,
+) -> Result<Json<PresenceView>, ApiError> {
+    let topic = readable(&caller, &topic)?;
+    if !matches!(topic.kind(), TopicKind::Team | TopicKind::Item) {
+        return Err(ApiError::invalid(
+            "no_presence",
+            format!("{topic} has no presence: only team and item topics do"),
+        ));
+    }
+    if let Some(after) = &query.after
+        && !protocol::topic::is_valid_id(after)
+    {
+        return Err(ApiError::invalid(
+            "invalid_after",
+            "after must be a user id ([A-Za-z0-9_.:-]{1,128})",
+        ));
+    }
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid(
+            "invalid_limit",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let page = state
+        .inner
+        .publisher
+        .presence(&topic)
+        .await
+        .map_err(|f| unavailable(&f))?;
+    let Some(members) = page.members else {
+        return Ok(Json(PresenceView {
+            count: page.count,
+            users: Vec::new(),
+            counts_only: true,
+            next: None,
+        }));
+    };
+    let rest = members
+        .into_iter()
+        .filter(|(user, _, _)| query.after.as_deref().is_none_or(|a| user.as_str() > a));
+    let mut users: Vec<PresentUser> = rest
+        .take(limit + 1)
+        .map(|(user, connections, since)| PresentUser {
+            user,
+            connections,
+            since: humantime::format_rfc3339_millis(since).to_string(),
+        })
+        .collect();
+    let next = (users.len() > limit).then(|| {
+        users.truncate(limit);
+        users.last().map(|u| u.user.clone()).unwrap_or_default()
+    });
+    Ok(Json(PresenceView {
+        count: page.count,
+        users,
+        counts_only: false,
+        next,
     }))
 }
 

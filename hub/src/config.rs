@@ -61,6 +61,35 @@ impl Default for HistoryConfig {
     }
 }
 
+/// Presence of team and item topics (DESIGN §14).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceConfig {
+    /// Track presence and publish `presence.*` events at all.
+    pub enabled: bool,
+    /// How long a user's last subscription may be gone before they leave; a re-join within it
+    /// (a reload, another tab, another node) is silent.
+    pub leave_delay: Duration,
+    /// Within this a dead node's users leave (its entries expire and are swept). Nodes refresh
+    /// their entries three times per timeout.
+    pub timeout: Duration,
+    /// Changes within this window go to the store (and out as events) together.
+    pub batch: Duration,
+    /// Above this many users present, the HTTP list answers the count only.
+    pub max_listed: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> PresenceConfig {
+        PresenceConfig {
+            enabled: true,
+            leave_delay: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+            batch: Duration::from_millis(50),
+            max_listed: 10_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     /// STOMP frame bounds.
@@ -114,6 +143,7 @@ pub struct HubConfig {
     pub session_key: SessionKey,
     /// What history keeps, and how far a resume may reach back.
     pub history: HistoryConfig,
+    pub presence: PresenceConfig,
 }
 
 impl Default for HubConfig {
@@ -143,6 +173,7 @@ impl Default for HubConfig {
             node_id: ulid::Ulid::new().to_string(),
             session_key: SessionKey::new(&rand::random::<[u8; 32]>()),
             history: HistoryConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }

@@ -243,6 +243,31 @@ impl Connections {
         })
     }
 
+    /// The user's membership of `topic` here: connections subscribed, and since when.
+    pub(crate) fn member(&self, topic: &str, user: &str) -> Option<(u32, SystemTime)> {
+        self.topics.get(topic)?.get(user).copied()
+    }
+
+    /// Every topic with presence (team and item topics) that has members here, with them.
+    pub(crate) fn presence_members(&self) -> Vec<(Arc<str>, Vec<Member>)> {
+        self.topics
+            .iter()
+            .filter(|entry| crate::presence::has_presence(entry.key()))
+            .map(|entry| {
+                let members = entry
+                    .value()
+                    .iter()
+                    .map(|(user, (connections, since))| Member {
+                        user: user.clone(),
+                        connections: *connections,
+                        since: *since,
+                    })
+                    .collect();
+                (entry.key().clone(), members)
+            })
+            .collect()
+    }
+
     /// How many distinct users are connected to this node.
     pub(crate) fn user_count(&self) -> usize {
         self.users.len()

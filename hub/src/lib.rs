@@ -19,6 +19,10 @@
 //! - [`broker`]: the [`Broker`] trait (publish with a position, history) and [`MemoryBroker`].
 //! - [`fanout`]: [`Fanout`], the brokers' [`broker::Delivery`]: each topic in offset order to the
 //!   registry, gaps filled from history once per topic, `lockstep.reset` when they cannot be.
+//! - [`presence`]: who subscribes to team and item topics across the cluster: the
+//!   [`PresenceStore`] trait with [`MemoryPresence`] (the Redis store is
+//!   [`redis::RedisBroker`]'s), and the node's tracker, which batches changes, waits out the
+//!   leave delay, refreshes entries and publishes `presence.joined` / `presence.left`.
 //! - [`redis`]: [`redis::RedisBroker`], the cluster broker on Redis (fred).
 //! - [`config`]: [`HubConfig`], every bound of a session.
 //! - [`metrics`]: the hub's Prometheus metric names and the handles hot paths keep.
@@ -28,6 +32,7 @@ pub mod config;
 mod connections;
 pub mod fanout;
 pub mod metrics;
+pub mod presence;
 mod reads;
 pub mod redis;
 pub mod registry;
@@ -37,9 +42,10 @@ mod subscriptions;
 mod upgrade;
 
 pub use broker::{Broker, BrokerError, History, MemoryBroker, PublishOptions, Published, Snapshot};
-pub use config::{HistoryConfig, HubConfig, OriginPolicy};
+pub use config::{HistoryConfig, HubConfig, OriginPolicy, PresenceConfig};
 pub use connections::Member;
 pub use fanout::Fanout;
+pub use presence::{Listing, MemoryPresence, PresenceStore};
 pub use registry::Registry;
 
 use axum::Router;
@@ -87,6 +93,8 @@ struct Inner {
     slots: Arc<Semaphore>,
     /// Every connection of this node, authenticated or waiting for `CONNECT`.
     connections: Connections,
+    /// The node's side of presence: sessions tell it what changed.
+    presence: Arc<presence::Tracker>,
     /// `SEND` budgets per token, shared by all of a token's connections on this node.
     budgets: KeyedBuckets,
     /// The clock the budgets count on.
@@ -132,9 +140,15 @@ impl Hub {
         registry: Arc<Registry>,
         fanout: Arc<Fanout>,
         broker: Arc<dyn Broker>,
+        presence: Arc<dyn PresenceStore>,
         observer: Option<Arc<dyn SessionObserver>>,
     ) -> Hub {
         let shutdown = CancellationToken::new();
+        let tracker = Arc::new(presence::Tracker::new(
+            config.presence.clone(),
+            &config.node_id,
+            presence,
+        ));
         fanout.set_broker(&broker);
         let subscriptions = Arc::new(Subscriptions::new(broker.connection_epoch()));
         tokio::spawn(subscriptions.clone().run(
@@ -143,8 +157,9 @@ impl Hub {
             fanout.clone(),
             shutdown.clone(),
         ));
-        Hub {
+        let hub = Hub {
             inner: Arc::new(Inner {
+                presence: tracker.clone(),
                 slots: Arc::new(Semaphore::new(config.max_connections)),
                 connections: Connections::new(config.max_pending_connections),
                 // Past 10,000 tokens, those idle for a minute are forgotten.
@@ -164,7 +179,9 @@ impl Hub {
                 observer,
                 metrics: metrics::HubMetrics::new(),
             }),
-        }
+        };
+        tracker.spawn(Arc::new(hub.clone()), hub.inner.shutdown.clone());
+        hub
     }
 
     /// Publishes an event: builds its envelope and `MESSAGE` once, and hands it to the broker.
@@ -324,6 +341,24 @@ impl Hub {
         self.inner.connections.members(topic.as_str())
     }
 
+    /// Who is present in `topic` across the cluster (DESIGN §14): listed when at most the
+    /// configured number of users are, else counted only.
+    ///
+    /// # Errors
+    ///
+    /// When the presence store does not answer in time.
+    pub async fn presence(&self, topic: &Topic) -> Result<Listing, BrokerError> {
+        let tracker = &self.inner.presence;
+        tokio::time::timeout(
+            broker::HISTORY_TIMEOUT,
+            tracker
+                .store()
+                .list(topic.as_str(), tracker.config().max_listed),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("presence read timed out".to_owned()))?
+    }
+
     /// The sessions `user` has open on this node.
     pub fn sessions_of(&self, user: &str) -> Vec<Arc<str>> {
         self.inner.connections.sessions_of(user)
@@ -386,6 +421,50 @@ impl Hub {
 
     fn next_conn_id(&self) -> u64 {
         self.inner.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Presence reads the node's connection table and publishes through the hub.
+impl presence::Node for Hub {
+    fn member(&self, topic: &str, user: &str) -> Option<(u32, SystemTime)> {
+        self.inner.connections.member(topic, user)
+    }
+
+    fn members(&self) -> Vec<(Arc<str>, Vec<Member>)> {
+        self.inner.connections.presence_members()
+    }
+
+    fn publish(
+        &self,
+        topic: &str,
+        change: &presence::Change,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let (Ok(topic), Ok(event_type)) = (
+            Topic::parse(topic),
+            EventType::parse(if change.joined {
+                presence::JOINED
+            } else {
+                presence::LEFT
+            }),
+        ) else {
+            return Box::pin(std::future::ready(Err(format!("not a topic: {topic}"))));
+        };
+        let data = serde_json::json!({ "user": &*change.user }).to_string();
+        let Ok(data) = RawValue::from_string(data) else {
+            return Box::pin(std::future::ready(Err("unencodable user".to_owned())));
+        };
+        let published = Hub::publish(
+            self,
+            &topic,
+            &event_type,
+            &data,
+            PublishOptions {
+                key: Some(format!("presence:{}", change.user)),
+                version: Some(change.version),
+                ..PublishOptions::default()
+            },
+        );
+        Box::pin(async move { published.await.map(|_| ()).map_err(|e| e.to_string()) })
     }
 }
 

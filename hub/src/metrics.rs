@@ -36,6 +36,9 @@ pub const BROKER_SUBSCRIBE_SECONDS: &str = "lockstep_broker_subscribe_seconds";
 pub const BROKER_LAGGED: &str = "lockstep_broker_lagged_total";
 pub const REDIS_RECONNECTS: &str = "lockstep_redis_reconnects_total";
 pub const REDIS_PROBE_FAILURES: &str = "lockstep_redis_probe_failures_total";
+pub const PRESENCE_UPDATES: &str = "lockstep_presence_updates_total";
+pub const PRESENCE_CHANGES: &str = "lockstep_presence_changes_total";
+pub const PRESENCE_FAILURES: &str = "lockstep_presence_failures_total";
 
 /// Registers help texts and units. Call once, after the recorder is installed.
 pub fn describe() {
@@ -86,6 +89,18 @@ pub fn describe() {
     describe_counter!(
         CLOSES,
         "WebSocket connections ended, by close code (`peer`: the client or the network ended it)."
+    );
+    describe_counter!(
+        PRESENCE_UPDATES,
+        "Presence store updates this node sent (one per topic and batch window, and per topic at every refresh)."
+    );
+    describe_counter!(
+        PRESENCE_CHANGES,
+        "presence.joined and presence.left decisions this node's updates produced, by change."
+    );
+    describe_counter!(
+        PRESENCE_FAILURES,
+        "Presence store updates that failed (the next refresh sends the node's entries again)."
     );
     describe_gauge!(SUBSCRIPTIONS, "STOMP subscriptions held on this node.");
     describe_gauge!(TOPICS, "Topics with at least one subscriber on this node.");

@@ -150,6 +150,14 @@ const SNAPSHOT_LUA: &str = concat!(
     include_str!("redis/trim.lua"),
     include_str!("redis/snapshot.lua")
 );
+const PRESENCE_LUA: &str = concat!(
+    include_str!("redis/trim.lua"),
+    include_str!("redis/presence.lua")
+);
+const PRESENCE_LIST_LUA: &str = concat!(
+    include_str!("redis/trim.lua"),
+    include_str!("redis/presence_list.lua")
+);
 
 /// A script and its SHA1, which `EVALSHA` names it by.
 #[derive(Debug)]
@@ -194,6 +202,9 @@ struct TopicKeys {
     versions: String,
     latest: String,
     updated: String,
+    /// Presence (`presence.lua`): entries by expiry, their details, users' node counts, the
+    /// last change's version.
+    presence: [String; 4],
     slot: u16,
 }
 
@@ -208,6 +219,12 @@ impl TopicKeys {
             versions: format!("{channel}:v"),
             latest: format!("{channel}:k"),
             updated: format!("{channel}:kt"),
+            presence: [
+                format!("{channel}:pe"),
+                format!("{channel}:pd"),
+                format!("{channel}:pu"),
+                format!("{channel}:pv"),
+            ],
             slot: fred::util::redis_keyslot(channel.as_bytes()),
             channel,
         }
@@ -239,6 +256,8 @@ pub struct RedisBroker {
     history: HistoryConfig,
     read: Arc<Script>,
     snapshot: Arc<Script>,
+    presence: Script,
+    presence_list: Script,
     state: Arc<State>,
 }
 
@@ -284,6 +303,37 @@ impl RedisBroker {
         };
         match read(false).await {
             Err(err) if no_script(&err) => read(true).await,
+            other => other,
+        }
+        .map_err(|e| unavailable(&e))
+    }
+
+    /// Runs `script` over `keys` (all in `slot`) with `args`; loads the script where the
+    /// server lacks it.
+    async fn run_script(
+        &self,
+        script: &Script,
+        slot: u16,
+        keys: &[String],
+        args: Vec<Value>,
+    ) -> Result<Value, BrokerError> {
+        let Some(client) = self.publisher.current() else {
+            return Err(BrokerError::Unavailable(
+                "not connected to Redis".to_owned(),
+            ));
+        };
+        let run = |load: bool| {
+            let (command, head) = script.command(slot, load);
+            let mut all = Vec::with_capacity(2 + keys.len() + args.len());
+            all.push(head);
+            all.push(Value::from(keys.len() as i64));
+            all.extend(keys.iter().map(|k| Value::from(k.as_str())));
+            all.extend_from_slice(&args);
+            let client = client.clone();
+            async move { client.custom::<Value, Value>(command, all).await }
+        };
+        match run(false).await {
+            Err(err) if no_script(&err) => run(true).await,
             other => other,
         }
         .map_err(|e| unavailable(&e))
@@ -370,6 +420,8 @@ impl RedisBroker {
             history: history.clone(),
             read: Arc::new(Script::new(READ_LUA)),
             snapshot: Arc::new(Script::new(SNAPSHOT_LUA)),
+            presence: Script::new(PRESENCE_LUA),
+            presence_list: Script::new(PRESENCE_LIST_LUA),
             state,
         });
         tokio::spawn(publish_batches(
@@ -978,6 +1030,112 @@ impl Broker for RedisBroker {
     fn connection_epoch(&self) -> Option<watch::Receiver<u64>> {
         Some(self.state.epoch.subscribe())
     }
+}
+
+/// Presence in Redis (`redis/presence.lua`): per topic, under its hash tag, a sorted set of
+/// `<user> <node>` entries scored by expiry, their details, and per user the number of nodes
+/// it is present on; joins and leaves are decided by the script, atomically per topic.
+impl crate::presence::PresenceStore for RedisBroker {
+    fn update<'a>(
+        &'a self,
+        topic: &'a str,
+        node: &'a str,
+        upserts: &'a [crate::presence::Entry],
+        removes: &'a [Arc<str>],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Vec<crate::presence::Change>, BrokerError>> {
+        Box::pin(async move {
+            let keys = TopicKeys::new(&self.prefix, topic);
+            let mut args = Vec::with_capacity(4 + upserts.len() * 3 + removes.len());
+            args.push(Value::from(node));
+            args.push(Value::from(millis(ttl).max(1)));
+            // The keys outlive the entries: a dead node's are still there to sweep.
+            args.push(Value::from(millis(ttl * 4).max(1)));
+            args.push(Value::from(upserts.len() as i64));
+            for e in upserts {
+                args.push(Value::from(&*e.user));
+                args.push(Value::from(i64::from(e.connections)));
+                args.push(Value::from(i64::try_from(e.since_ms).unwrap_or(0)));
+            }
+            args.extend(removes.iter().map(|u| Value::from(&**u)));
+            let reply = self
+                .run_script(&self.presence, keys.slot, &keys.presence, args)
+                .await?;
+            parse_presence_changes(&reply).ok_or_else(|| {
+                BrokerError::Unavailable("unexpected reply from the presence script".to_owned())
+            })
+        })
+    }
+
+    fn list<'a>(
+        &'a self,
+        topic: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<crate::presence::Listing, BrokerError>> {
+        Box::pin(async move {
+            let keys = TopicKeys::new(&self.prefix, topic);
+            let args = vec![Value::from(i64::try_from(max).unwrap_or(i64::MAX))];
+            let reply = self
+                .run_script(&self.presence_list, keys.slot, &keys.presence, args)
+                .await?;
+            parse_presence_list(&reply).ok_or_else(|| {
+                BrokerError::Unavailable("unexpected reply from the presence list".to_owned())
+            })
+        })
+    }
+}
+
+/// `{(user, 1|0, version)…}` → the changes, in decision order.
+fn parse_presence_changes(reply: &Value) -> Option<Vec<crate::presence::Change>> {
+    let items = match reply {
+        Value::Array(items) => items.as_slice(),
+        // An empty Lua table comes back as nil on RESP3.
+        Value::Null => &[],
+        _ => return None,
+    };
+    items
+        .chunks(3)
+        .map(|c| {
+            Some(crate::presence::Change {
+                user: c.first()?.as_string()?.into(),
+                joined: c.get(1)?.as_u64()? == 1,
+                version: c.get(2)?.as_u64()?,
+            })
+        })
+        .collect()
+}
+
+/// `{count, 0}` (counts only) or `{count, 1, (member, details)…}` → the listing.
+fn parse_presence_list(reply: &Value) -> Option<crate::presence::Listing> {
+    let Value::Array(items) = reply else {
+        return None;
+    };
+    let count = usize::try_from(items.first()?.as_u64()?).ok()?;
+    if items.get(1)?.as_u64()? == 0 {
+        return Some(crate::presence::Listing {
+            count,
+            members: None,
+        });
+    }
+    let entries = items[2..]
+        .chunks(2)
+        .map(|pair| {
+            let member = pair.first()?.as_string()?;
+            let details = pair.get(1)?.as_string()?;
+            let (user, _node) = member.split_once(' ')?;
+            let (connections, since) = details.split_once(':')?;
+            Some(crate::presence::Entry {
+                user: user.into(),
+                connections: connections.parse().ok()?,
+                since_ms: since.parse().ok()?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let members = crate::presence::aggregate(entries);
+    Some(crate::presence::Listing {
+        count: members.len(),
+        members: Some(members),
+    })
 }
 
 /// `{epoch, top, first, tail…}` → the history it describes.

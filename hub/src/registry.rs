@@ -32,6 +32,16 @@ pub(crate) struct Subscriber {
     pub(crate) queue: SendQueue,
     /// Set while the subscription recovers from a position; its live events wait there.
     pub(crate) recovery: Option<Arc<Recovery>>,
+    /// Whether it gets the topic's `presence.*` events (`x-presence:false` says no).
+    pub(crate) presence: bool,
+}
+
+/// Whether an event is one of Lockstep's presence events, which `x-presence:false`
+/// subscriptions do not get.
+pub(crate) fn is_presence(message: &MessageTemplate) -> bool {
+    message
+        .event_type()
+        .is_some_and(|t| t.starts_with("presence."))
 }
 
 /// A live event (or reset) held for a recovering subscription, already framed for it.
@@ -293,7 +303,12 @@ impl Registry {
         let mut has_escapes = None;
         // A keyed event may replace its key's queued event in a full-ish queue.
         let key: Option<Arc<str>> = message.key().map(Into::into);
+        // Asked only when a subscription that opted out of presence shows up.
+        let mut presence_event = None;
         for sub in &entry.subscribers {
+            if !sub.presence && *presence_event.get_or_insert_with(|| is_presence(message)) {
+                continue;
+            }
             let unescaped =
                 sub.unescaped && *has_escapes.get_or_insert_with(|| message.has_escapes());
             let cached = cache
@@ -376,6 +391,7 @@ mod tests {
             unescaped: false,
             queue: queue.clone(),
             recovery: None,
+            presence: true,
         };
         (sub, queue)
     }
@@ -414,6 +430,30 @@ mod tests {
         assert!(!qb.is_slow());
         r.deliver("/team/t", &Position::new(9, "E"), &m);
         assert!(qb.is_slow());
+    }
+
+    #[test]
+    fn subscriptions_without_presence_skip_presence_events() {
+        let r = Registry::new();
+        let (a, qa) = subscriber(1, "s", 4);
+        let (mut b, qb) = subscriber(2, "s", 4);
+        b.presence = false;
+        r.add("/team/t", a);
+        r.add("/team/t", b);
+        let joined = MessageTemplate::keyed(
+            "/team/t",
+            "1",
+            "presence.joined",
+            Some("presence:ana"),
+            "{}",
+        );
+        let job = MessageTemplate::new("/team/t", "2", "job.progress", "{}");
+        r.deliver("/team/t", &Position::new(1, "E"), &joined);
+        r.deliver("/team/t", &Position::new(2, "E"), &job);
+        assert!(qa.pop().unwrap().as_str().contains("presence.joined"));
+        assert!(qa.pop().unwrap().as_str().contains("job.progress"));
+        assert!(qb.pop().unwrap().as_str().contains("job.progress"));
+        assert!(qb.pop().is_none());
     }
 
     #[test]

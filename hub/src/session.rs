@@ -585,9 +585,11 @@ impl Session {
                 id,
                 destination,
                 stream,
+                presence,
                 ..
             } => {
-                self.on_subscribe(id, &destination, stream, receipt).await?;
+                self.on_subscribe(id, &destination, stream, presence, receipt)
+                    .await?;
             }
             ClientCommand::Unsubscribe { id } => self.on_unsubscribe(&id),
             ClientCommand::Send {
@@ -741,6 +743,7 @@ impl Session {
         id: String,
         destination: &str,
         stream: Option<StreamStart>,
+        presence: bool,
         receipt: Option<&str>,
     ) -> Result<(), Ending> {
         let topic = Topic::parse(destination).map_err(|err| {
@@ -796,6 +799,7 @@ impl Session {
             unescaped,
             queue: self.queue.clone(),
             recovery: recovery.clone(),
+            presence,
         };
         let hub = &self.hub.inner;
         // Watch the manager's epoch before looking, so a confirmation cannot slip between.
@@ -807,6 +811,7 @@ impl Session {
         let holding_since = Instant::now();
         self.subscriptions.insert(sub_id, topic.clone());
         hub.connections.subscribed(&self.handle, topic.as_str());
+        self.touch_presence(&topic);
         if receipt.is_none() && recovery.is_none() {
             return Ok(());
         }
@@ -839,6 +844,7 @@ impl Session {
                 topic: &topic,
                 prefix: &prefix,
                 unescaped,
+                presence,
             };
             self.resume(&target, start, &recovery, holding_since, receipt)
                 .await?;
@@ -958,10 +964,16 @@ impl Session {
             frames.extend(
                 state
                     .iter()
+                    .filter(|e| target.wants(&e.message))
                     .map(|e| frame_with(&e.message, target, &marked)),
             );
         }
-        frames.extend(plan.replay.iter().map(|e| frame_for(&e.message, target)));
+        frames.extend(
+            plan.replay
+                .iter()
+                .filter(|e| target.wants(&e.message))
+                .map(|e| frame_for(&e.message, target)),
+        );
         frames.extend(plan.held);
         self.write_frames(frames).await
     }
@@ -971,6 +983,7 @@ impl Session {
         let hub = &self.hub.inner;
         if let Some(topic) = self.subscriptions.remove(id) {
             hub.connections.unsubscribed(&self.handle, topic.as_str());
+            self.touch_presence(&topic);
             if hub.registry.remove(topic.as_str(), self.conn, id) {
                 hub.subscriptions.mark(topic.as_str());
             }
@@ -1121,10 +1134,25 @@ impl Session {
         let _ = tokio::time::timeout(timeout.min(Duration::from_secs(5)), drain).await;
     }
 
+    /// Tells presence that this user's membership of `topic` here may have changed.
+    fn touch_presence(&self, topic: &Topic) {
+        if let Some(c) = &self.connected
+            && crate::presence::has_presence(topic.as_str())
+        {
+            self.hub
+                .inner
+                .presence
+                .touch(&topic.as_str().into(), &c.principal.sub.as_str().into());
+        }
+    }
+
     fn cleanup(&mut self) {
         self.queue.close();
         let hub = &self.hub.inner;
         hub.connections.remove(&self.handle);
+        for topic in self.subscriptions.values() {
+            self.touch_presence(topic);
+        }
         for (id, topic) in self.subscriptions.drain() {
             if hub.registry.remove(topic.as_str(), self.conn, &id) {
                 hub.subscriptions.mark(topic.as_str());
@@ -1170,6 +1198,14 @@ struct Target<'a> {
     topic: &'a Topic,
     prefix: &'a str,
     unescaped: bool,
+    /// Whether the subscription gets presence events.
+    presence: bool,
+}
+
+impl Target<'_> {
+    fn wants(&self, message: &MessageTemplate) -> bool {
+        self.presence || !crate::registry::is_presence(message)
+    }
 }
 
 /// `message` framed for the subscription.

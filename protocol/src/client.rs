@@ -18,6 +18,9 @@ pub struct ClientFrame {
     pub receipt: Option<String>,
 }
 
+/// The `SUBSCRIBE` header that opts a subscription out of presence events.
+pub const PRESENCE_HEADER: &str = "x-presence";
+
 /// What a client asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientCommand {
@@ -30,6 +33,9 @@ pub enum ClientCommand {
         /// Where the subscription starts (`x-stream-offset`, `x-stream-epoch`); `None`: live
         /// only, and no `lockstep.subscribed` frame.
         stream: Option<StreamStart>,
+        /// `x-presence:false`: the subscription does not want the topic's `presence.*`
+        /// events (DESIGN §14); its user still counts as present.
+        presence: bool,
     },
     Unsubscribe {
         id: String,
@@ -106,6 +112,8 @@ pub enum CommandError {
     },
     #[error("invalid heart-beat header '{0}'")]
     InvalidHeartBeat(String),
+    #[error("invalid x-presence header '{0}': use true or false")]
+    InvalidPresence(String),
     #[error(transparent)]
     Stream(#[from] StreamError),
 }
@@ -153,6 +161,11 @@ impl TryFrom<Frame> for ClientFrame {
                     frame.header(stream::OFFSET_HEADER),
                     frame.header(stream::EPOCH_HEADER),
                 )?,
+                presence: match frame.header(PRESENCE_HEADER) {
+                    None | Some("true") => true,
+                    Some("false") => false,
+                    Some(other) => return Err(CommandError::InvalidPresence(other.to_owned())),
+                },
             },
             Command::Unsubscribe => ClientCommand::Unsubscribe {
                 id: need("UNSUBSCRIBE", "id")?,
@@ -236,6 +249,29 @@ mod tests {
         );
         let err = parse(Frame::new(Command::Connect).with_header("heart-beat", "x,1")).unwrap_err();
         assert_eq!(err, CommandError::InvalidHeartBeat("x,1".to_owned()));
+    }
+
+    #[test]
+    fn x_presence_opts_a_subscription_out_of_presence_events() {
+        let subscribe = |presence: Option<&str>| {
+            let mut frame = Frame::new(Command::Subscribe)
+                .with_header("id", "0")
+                .with_header("destination", "/team/t1");
+            if let Some(p) = presence {
+                frame = frame.with_header(PRESENCE_HEADER, p);
+            }
+            parse(frame).map(|f| match f.command {
+                ClientCommand::Subscribe { presence, .. } => presence,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(subscribe(None), Ok(true));
+        assert_eq!(subscribe(Some("true")), Ok(true));
+        assert_eq!(subscribe(Some("false")), Ok(false));
+        assert_eq!(
+            subscribe(Some("no")),
+            Err(CommandError::InvalidPresence("no".to_owned()))
+        );
     }
 
     #[test]

@@ -104,6 +104,13 @@ impl MessageTemplate {
             .map(unescape_header)
     }
 
+    /// The event's type (`event-type`).
+    pub fn event_type(&self) -> Option<&str> {
+        self.headers()
+            .split('\n')
+            .find_map(|line| line.strip_prefix("event-type:"))
+    }
+
     /// The frame's body (the event's envelope JSON), without the NUL that ends the frame.
     pub fn body(&self) -> &str {
         self.tail
@@ -238,6 +245,7 @@ mod tests {
     fn keyed_messages_name_their_key() {
         let t = MessageTemplate::keyed("/team/t1", "01", "job.progress", Some("job:7"), "{}");
         assert_eq!(t.key().as_deref(), Some("job:7"));
+        assert_eq!(t.event_type(), Some("job.progress"));
         assert_eq!(
             MessageTemplate::new("/team/t1", "01", "a.b", "{}").key(),
             None

@@ -40,7 +40,7 @@ fn config(node: &Lockstep, page_port: Option<u16>) -> String {
 }
 
 /// Runs a client script; panics with its output and the node's log unless it printed `OK`.
-fn run(node: &Lockstep, program: &str, script: &str, config: &str) {
+pub(crate) fn run(node: &Lockstep, program: &str, script: &str, config: &str) {
     let dir = workspace().join("tests/clients");
     let output = Command::new(program)
         .arg(dir.join(script))

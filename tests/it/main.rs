@@ -13,6 +13,7 @@ mod load;
 mod locks;
 mod openapi;
 mod ops;
+mod presence;
 mod presign;
 mod snapshot;
 mod stomp;

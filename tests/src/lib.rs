@@ -141,6 +141,10 @@ impl Lockstep {
         command
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.path().join("lockstep.log")).expect("log file"));
+        // Presence is on by default (DESIGN §14), but its `presence.*` events would land in
+        // every delivery test that counts the events on a team topic; those tests count only
+        // their own events, so presence tests opt back in.
+        command.env("LOCKSTEP_PRESENCE_ENABLED", "false");
         for (k, v) in &options.env {
             command.env(k, v);
         }

@@ -1,4 +1,5 @@
-// Harness of the headless Chromium runs (browser/run.mjs, browser/resume.mjs, browser/presign.mjs).
+// Harness of the headless Chromium runs (browser/run.mjs, browser/resume.mjs, browser/presign.mjs,
+// browser/dashboard.mjs; browser/presence.mjs uses its parts).
 //
 // Serves a page and what it loads on http://127.0.0.1:<page_port> (an allowed origin of Lockstep
 // in the harness, and of the storage server's CORS front for presign), opens it in Debian's
@@ -26,20 +27,49 @@ const JS = 'text/javascript; charset=utf-8';
 // The routes of browser/page.html running a shared stompjs scenario (a file in shared/, served as
 // /scenario.mjs with the common.mjs it imports), and the stompjs version the page loads.
 export function stompjsPage(scenarioFile) {
-  // `require` resolves @stomp/stompjs to bundles/stomp.umd.js; the minified bundle sits beside it.
-  const stompMain = createRequire(import.meta.url).resolve('@stomp/stompjs');
-  const stompPkg = JSON.parse(readFileSync(path.join(path.dirname(stompMain), '..', 'package.json'), 'utf8'));
   const page = { file: path.join(here, '..', 'browser', 'page.html'), type: HTML };
   return {
     routes: {
       '/': page,
       '/page.html': page,
-      '/stomp.umd.min.js': { file: path.join(path.dirname(stompMain), 'stomp.umd.min.js'), type: JS },
       '/scenario.mjs': { file: path.join(here, scenarioFile), type: JS },
-      '/common.mjs': { file: path.join(here, 'common.mjs'), type: JS },
+      ...stompjsRoutes(),
     },
-    stompjs: stompPkg.version,
+    stompjs: stompjsVersion(),
   };
+}
+
+// `require` resolves @stomp/stompjs to bundles/stomp.umd.js; the minified bundle sits beside it.
+const stompMain = () => createRequire(import.meta.url).resolve('@stomp/stompjs');
+
+// The routes every stompjs page loads: the UMD bundle (window.StompJs) and common.mjs.
+export function stompjsRoutes() {
+  return {
+    '/stomp.umd.min.js': { file: path.join(path.dirname(stompMain()), 'stomp.umd.min.js'), type: JS },
+    '/common.mjs': { file: path.join(here, 'common.mjs'), type: JS },
+  };
+}
+
+function stompjsVersion() {
+  return JSON.parse(readFileSync(path.join(path.dirname(stompMain()), '..', 'package.json'), 'utf8')).version;
+}
+
+// Debian's Chromium, headless, through playwright-core (which never downloads browsers).
+export function launchChromium() {
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    timeout: 30_000,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
 }
 
 // A page of its own (browser/<name>), served at / and /<name>.
@@ -48,7 +78,8 @@ export function singlePage(name) {
   return { '/': page, [`/${name}`]: page };
 }
 
-function startPageServer(port, routes) {
+// Serves `routes` (pathname → {file, type}) on 127.0.0.1:`port`, read from disk on every request.
+export function startPageServer(port, routes) {
   const server = http.createServer(async (req, res) => {
     const pathname = new URL(req.url, 'http://x').pathname;
     if (pathname === '/favicon.ico') {
@@ -88,20 +119,7 @@ async function main({ script, configFail, redactor, routes, budgetMs, traceName,
   try {
     server = await startPageServer(cfg.page_port, routes);
     const origin = `http://127.0.0.1:${cfg.page_port}`;
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      timeout: 30_000,
-      args: [
-        '--no-sandbox',
-        '--disable-gpu',
-        '--disable-quic',
-        '--no-first-run',
-        '--disable-background-networking',
-        '--disable-component-update',
-        '--disable-sync',
-      ],
-    });
+    browser = await launchChromium();
     const page = await browser.newPage();
     page.on('console', (msg) => {
       if (msg.type() === 'error' || msg.type() === 'warning') err(`[page console.${msg.type()}] ${msg.text()}`);
