@@ -19,6 +19,9 @@
 #   loadtest/compare.sh retained   # only the memory per retained event part of history
 #   loadtest/compare.sh keyed      # keyed publishing (10 keys per publisher) against unkeyed, back to
 #                                   # back, 1 node and 2 nodes + Redis; snapshot latency for 1000 keys
+#   loadtest/compare.sh presence   # idle RSS per connection, presence on vs off (alternated); 2,000 and
+#                                   # 10,000 members on 2 nodes + Redis: join latency across nodes, list
+#                                   # latency, Redis commands/s while held, RSS per member
 #   BASELINE=<git rev> loadtest/compare.sh ab
 #                                   # this tree against an earlier commit, alternating twice:
 #                                   # CPU per delivery, fanout p99, idle RSS per connection
@@ -552,7 +555,43 @@ run_keyed() {
   jq -r '"2 nodes + Redis: \(.recovered)/\(.clients) complete, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms"' "$work/k.snap.pair"
 }
 
+run_presence() {
+  local round state
+  echo "== presence: idle RSS per connection with presence on vs off (10,000 connections x 3 subscriptions"
+  echo "   held 30 s, fresh node each, alternated twice; each connection is present in a team topic)"
+  for round in 1 2; do
+    for state in false true; do
+      stop_pids "$lockstep_pid"
+      extra_env=(LOCKSTEP_PRESENCE_ENABLED=$state)
+      start_lockstep
+      "$bin/loadtest" idle --url "$lockstep_url" --connections 10000 --subscriptions 3 --hold 30s \
+        --server-pid "$lockstep_pid" --sources 4 2>/dev/null | record >"$work/presence.idle.$state.$round"
+      echo "presence $state, round $round: $(jq -r '"\(.still_open)/\(.connections) open, \(.rss_per_connection_kib) KiB RSS per connection"' "$work/presence.idle.$state.$round")"
+    done
+    echo "round $round: on / off = $(ratio "$(jq .rss_per_connection_kib "$work/presence.idle.true.$round")" "$(jq .rss_per_connection_kib "$work/presence.idle.false.$round")")"
+  done
+  stop_pids "$lockstep_pid"
+  extra_env=()
+  start_lockstep
+  start_redis
+  local members
+  for members in 2000 10000; do
+    echo "== presence: $members members join one team topic on node A (2 nodes + Redis) at $((members / 10))/s;"
+    echo "   a watcher on node B; the list read whole 50 times; Redis commands/s over a 30 s hold (3 refreshes)"
+    start_lockstep_pair "redis://127.0.0.1:$redis_port"
+    # Above presence.max_listed (10,000) the list gives counts only: not read at 10,000.
+    "$bin/loadtest" presence --url "$pair_url" --http "${api_http%%,*}" --members "$members" --rate $((members / 10)) \
+      --lists $([ "$members" -le 2000 ] && echo 50 || echo 0) --hold 30s --redis "redis://127.0.0.1:$redis_port" \
+      --server-pid "${pair_pids[0]}" 2>"$work/presence.$members.err" | record >"$work/presence.$members" \
+      || { echo "loadtest presence failed:" >&2; tail -5 "$work/presence.$members.err" >&2; }
+    jq -r '"\(.joined)/\(.members) joins seen on node B: p50 \(.join_latency.p50_ms) ms, p99 \(.join_latency.p99_ms) ms; list p50 \(.list_latency.p50_ms) ms, p99 \(.list_latency.p99_ms) ms (correct: \(.list_correct)); Redis \(.redis_commands_per_sec|floor) commands/s (\(.redis_scripts_per_sec*100|floor/100) script calls/s) held; node A \(.rss_per_member_kib) KiB RSS per member"' "$work/presence.$members"
+    stop_pids "${pair_pids[@]}"
+  done
+  stop_pids "$redis_pid"
+}
+
 case "$scenario" in
+  presence) run_presence ;;
   fanout) run_fanout ;;
   fanout10) run_fanout10 ;;
   idle) run_idle ;;

@@ -9,8 +9,8 @@
 //! - [`target`]: the servers under test (Lockstep, RabbitMQ Web-STOMP, the ceiling server)
 //!   and how each is spoken to.
 //! - [`stats`]: expected/delivered accounting, latency histograms, per-second timeline.
-//! - Scenarios: [`fanout`], [`idle`], [`connect`], [`resume`], and [`api_load`] (locks,
-//!   presign, signing).
+//! - Scenarios: [`fanout`], [`idle`], [`connect`], [`resume`], [`presence`], and [`api_load`]
+//!   (locks, presign, signing).
 //! - [`ceiling`]: the reference broadcast server.
 
 pub mod api_load;
@@ -19,6 +19,7 @@ pub mod client;
 pub mod connect;
 pub mod fanout;
 pub mod idle;
+pub mod presence;
 pub mod raw_locks;
 pub mod resume;
 pub mod stats;

@@ -103,6 +103,35 @@ enum Command {
         #[arg(long)]
         snapshot: bool,
     },
+    /// Presence: `members` users join a team topic at `rate`/s; join latency to a watcher on
+    /// the last URL, the list's latency and correctness, Redis commands/s and RSS while held.
+    Presence {
+        /// WebSocket URLs (comma-separated): the watcher uses the last, members the others.
+        #[arg(long, value_delimiter = ',', required = true)]
+        url: Vec<String>,
+        /// HTTP base URL to read the list from.
+        #[arg(long)]
+        http: String,
+        #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "")]
+        jwt_secret: String,
+        #[arg(long, default_value_t = 2000)]
+        members: usize,
+        /// Joins per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// Full reads of the list.
+        #[arg(long, default_value_t = 50)]
+        lists: usize,
+        /// Members held this long after joining, to count Redis commands.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// Count this Redis's commands during the hold (standalone Redis: one INFO).
+        #[arg(long)]
+        redis: Option<String>,
+        /// The server's PID, to read its RSS from /proc.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
     /// Acquire+release pairs per second through the HTTP API (or Redis SET NX PX + DEL, or the
     /// same decisions as plain SQL).
     Locks {
@@ -380,6 +409,43 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 );
                 emit(&report)?;
             }
+        }
+        Command::Presence {
+            url,
+            http,
+            jwt_secret,
+            members,
+            rate,
+            lists,
+            hold,
+            redis,
+            server_pid,
+        } => {
+            let config = loadtest::presence::PresenceConfig {
+                urls: url,
+                http,
+                secret: jwt_secret,
+                members,
+                rate,
+                lists,
+                hold,
+                redis,
+                server_pid,
+            };
+            let report = loadtest::presence::run(&config).await?;
+            eprintln!(
+                "presence x{} over {} nodes: join p50 {} ms p99 {} ms, list p50 {} ms p99 {} ms (correct: {}), redis {:?} cmd/s, {:?} KiB RSS per member",
+                report.members,
+                report.nodes,
+                report.join_latency.p50_ms,
+                report.join_latency.p99_ms,
+                report.list_latency.p50_ms,
+                report.list_latency.p99_ms,
+                report.list_correct,
+                report.redis_commands_per_sec,
+                report.rss_per_member_kib
+            );
+            emit(&report)?;
         }
         Command::Locks {
             http,

@@ -135,7 +135,12 @@ impl Target {
             ),
         };
         ws.send_text(frame.as_bytes()).await?;
-        let reply = next_frame(ws).await?;
+        let mut reply = next_frame(ws).await?;
+        // An event of an earlier subscription (a presence change of a team subscribed just
+        // before, say) may come first.
+        while answer == b"RECEIPT" && reply.starts_with(b"MESSAGE") {
+            reply = next_frame(ws).await?;
+        }
         if !reply.starts_with(answer) {
             bail!(
                 "SUBSCRIBE {destination} refused: {}",
