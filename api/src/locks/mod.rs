@@ -3,6 +3,7 @@
 //! Every decision is one database transaction; its events are written in that transaction and
 //! published right after commit ([`outbox`]).
 
+mod event;
 pub mod outbox;
 pub mod store;
 

@@ -9,7 +9,7 @@
 //! Every state change writes its events into `lock_events` in the same transaction (a
 //! transactional outbox); see `outbox`.
 
-use serde_json::json;
+use super::event::{LockEvent, Reason};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row, Transaction};
 use std::time::Duration;
@@ -45,6 +45,16 @@ pub enum StoreError {
     Unavailable(sqlx::Error),
     #[error("lock store busy: the decision could not be made, try again")]
     Contended,
+}
+
+impl StoreError {
+    /// A decision function answered what this build does not know (a database migrated by a
+    /// different version): refuse rather than guess.
+    fn unexpected(outcome: &str) -> StoreError {
+        StoreError::Unavailable(sqlx::Error::Protocol(format!(
+            "unexpected lock decision outcome '{outcome}'"
+        )))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -355,31 +365,55 @@ impl LockStore {
         }
     }
 
-    /// Writes an event into the outbox, claimed by the caller for the lease.
+    /// Writes an event into the outbox, one row per topic, claimed by the caller for the
+    /// lease.
     async fn event(
         &self,
         tx: &mut Transaction<'static, sqlx::Any>,
         now: i64,
-        topic: String,
-        event_type: &str,
-        data: &serde_json::Value,
-    ) -> Result<StoredEvent, StoreError> {
-        let data = data.to_string();
-        let row = sqlx::query(&self.dialect.sql(
-            "INSERT INTO lock_events (topic, event_type, data, claimed_until) VALUES ($1, $2, $3, $4) RETURNING id",
-        ))
-        .bind(&topic)
-        .bind(event_type)
-        .bind(&data)
-        .bind(now + self.event_lease_ms)
-        .fetch_one(&mut **tx)
-        .await?;
-        Ok(StoredEvent {
-            id: row.try_get("id")?,
-            topic,
-            event_type: event_type.to_owned(),
-            data,
-        })
+        event: LockEvent<'_>,
+    ) -> Result<(), StoreError> {
+        let data = event.data();
+        let key = event.lock_key();
+        for topic in event.topics() {
+            sqlx::query(&self.dialect.sql(
+                "INSERT INTO lock_events (topic, event_type, data, claimed_until, lock_key) VALUES ($1, $2, $3, $4, $5)",
+            ))
+            .bind(topic)
+            .bind(event.event_type())
+            .bind(&data)
+            .bind(now + self.event_lease_ms)
+            .bind(&key)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Every outbox row of the locks `keys` (`{team}/{item}`), in id order: what a decision
+    /// publishes. Rows of earlier decisions still there (their node has not published them
+    /// yet) go first, so an item's events reach the broker in commit order; the broker drops
+    /// the late copy by version.
+    async fn outbox_of(
+        &self,
+        tx: &mut Transaction<'static, sqlx::Any>,
+        keys: &[String],
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut keys: Vec<&String> = keys.iter().collect();
+        keys.sort();
+        keys.dedup();
+        let sql = self.dialect.sql(
+            "SELECT id, topic, event_type, data FROM lock_events WHERE lock_key = $1 ORDER BY id",
+        );
+        let mut events = Vec::new();
+        for key in keys {
+            let rows = sqlx::query(&sql).bind(key).fetch_all(&mut **tx).await?;
+            for row in &rows {
+                events.push(stored_event(row, "id")?);
+            }
+        }
+        events.sort_by_key(|e| e.id);
+        Ok(events)
     }
 
     /// Grants `item` to `holder` for `ttl_ms`, or says who holds it.
@@ -395,19 +429,26 @@ impl LockStore {
         session: Option<Bound<'_>>,
         ttl_ms: i64,
     ) -> Result<Acquired, StoreError> {
+        if self.dialect == Dialect::Postgres {
+            let answer = self
+                .acquire_pg(&self.pool, team, item, holder, session, ttl_ms)
+                .await?;
+            return answer.acquired();
+        }
         // A first grant races other first grants on the INSERT; the loser retries and then
-        // finds the row to lock.
+        // finds the row to lock. (SQLite's one connection never races; the loop costs nothing.)
         for _ in 0..3 {
             let mut tx = self.begin().await?;
             if !self.session_node_alive(&mut tx, session).await? {
                 return Ok(Acquired::SessionGone);
             }
-            let mut events = Vec::new();
+            let mut touched = Vec::new();
             match self
-                .grant(&mut tx, team, item, holder, session, ttl_ms, &mut events)
+                .grant(&mut tx, team, item, holder, session, ttl_ms, &mut touched)
                 .await?
             {
                 Grant::Granted { lock, extended } => {
+                    let events = self.outbox_of(&mut tx, &touched).await?;
                     tx.commit().await?;
                     return Ok(Acquired::Granted {
                         lock,
@@ -420,6 +461,56 @@ impl LockStore {
             }
         }
         Err(StoreError::Contended)
+    }
+
+    /// One acquire on PostgreSQL: one statement, `lockstep_acquire`, on the pool (its own
+    /// commit) or inside a batch's transaction.
+    async fn acquire_pg<'e, E>(
+        &self,
+        executor: E,
+        team: &str,
+        item: &str,
+        holder: &str,
+        session: Option<Bound<'_>>,
+        ttl_ms: i64,
+    ) -> Result<Answer, StoreError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        let rows = sqlx::query("SELECT * FROM lockstep_acquire($1, $2, $3, $4, $5, $6, $7)")
+            .bind(team)
+            .bind(item)
+            .bind(holder)
+            .bind(session.map(|b| b.session))
+            .bind(session.map(|b| b.node))
+            .bind(ttl_ms)
+            .bind(self.event_lease_ms)
+            .fetch_all(executor)
+            .await?;
+        Answer::from_rows(&rows, team, item)
+    }
+
+    /// One release on PostgreSQL, `lockstep_release`.
+    async fn release_pg<'e, E>(
+        &self,
+        executor: E,
+        team: &str,
+        item: &str,
+        holder: &str,
+        token: i64,
+    ) -> Result<Answer, StoreError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        let rows = sqlx::query("SELECT * FROM lockstep_release($1, $2, $3, $4, $5)")
+            .bind(team)
+            .bind(item)
+            .bind(holder)
+            .bind(token)
+            .bind(self.event_lease_ms)
+            .fetch_all(executor)
+            .await?;
+        Answer::from_rows(&rows, team, item)
     }
 
     /// Whether the node hosting `session` is registered (alive, or not yet found dead), once
@@ -456,7 +547,7 @@ impl LockStore {
         holder: &str,
         session: Option<Bound<'_>>,
         ttl_ms: i64,
-        events: &mut Vec<StoredEvent>,
+        touched: &mut Vec<String>,
     ) -> Result<Grant, StoreError> {
         let (current, now) = self.current(tx, team, item).await?;
         let expires_at = now + ttl_ms;
@@ -488,16 +579,8 @@ impl LockStore {
                     acquired_at: now,
                     expires_at,
                 };
-                events.push(
-                    self.event(
-                        tx,
-                        now,
-                        format!("/team/{team}"),
-                        "lock.acquired",
-                        &acquired_data(&lock),
-                    )
-                    .await?,
-                );
+                self.event(tx, now, LockEvent::Acquired(&lock)).await?;
+                touched.push(LockEvent::Acquired(&lock).lock_key());
                 lock
             }
             Some(c) if c.live() && c.lock.holder == holder => {
@@ -532,7 +615,7 @@ impl LockStore {
                 // Free: released, or expired. An expiry nobody announced yet is announced now,
                 // before the new grant's event, so it is never lost or doubled.
                 if !c.released && !c.expiry_announced {
-                    self.expired_events(tx, now, &c.lock, events).await?;
+                    self.event(tx, now, LockEvent::Expired(&c.lock)).await?;
                 }
                 let token = c.lock.token + 1;
                 sqlx::query(&self.dialect.sql(
@@ -558,16 +641,8 @@ impl LockStore {
                     acquired_at: now,
                     expires_at,
                 };
-                events.push(
-                    self.event(
-                        tx,
-                        now,
-                        format!("/team/{team}"),
-                        "lock.acquired",
-                        &acquired_data(&lock),
-                    )
-                    .await?,
-                );
+                self.event(tx, now, LockEvent::Acquired(&lock)).await?;
+                touched.push(LockEvent::Acquired(&lock).lock_key());
                 lock
             }
         };
@@ -575,37 +650,6 @@ impl LockStore {
             lock,
             extended: false,
         })
-    }
-
-    async fn expired_events(
-        &self,
-        tx: &mut Transaction<'static, sqlx::Any>,
-        now: i64,
-        lock: &LockState,
-        events: &mut Vec<StoredEvent>,
-    ) -> Result<(), StoreError> {
-        let data = json!({"team": lock.team, "item": lock.item, "holder": lock.holder, "token": lock.token, "expired_at": crate::locks::rfc3339(lock.expires_at)});
-        events.push(
-            self.event(
-                tx,
-                now,
-                format!("/team/{}", lock.team),
-                "lock.expired",
-                &data,
-            )
-            .await?,
-        );
-        events.push(
-            self.event(
-                tx,
-                now,
-                format!("/user/{}", lock.holder),
-                "lock.expired",
-                &data,
-            )
-            .await?,
-        );
-        Ok(())
     }
 
     /// Extends the caller's grant if `token` is still the live one.
@@ -621,6 +665,17 @@ impl LockStore {
         token: i64,
         ttl_ms: i64,
     ) -> Result<TokenCheck, StoreError> {
+        if self.dialect == Dialect::Postgres {
+            let rows = sqlx::query("SELECT * FROM lockstep_renew($1, $2, $3, $4, $5)")
+                .bind(team)
+                .bind(item)
+                .bind(holder)
+                .bind(token)
+                .bind(ttl_ms)
+                .fetch_all(&self.pool)
+                .await?;
+            return Answer::from_rows(&rows, team, item)?.token_check();
+        }
         let mut tx = self.begin().await?;
         let (current, now) = self.current(&mut tx, team, item).await?;
         match current {
@@ -663,11 +718,18 @@ impl LockStore {
         holder: &str,
         token: i64,
     ) -> Result<TokenCheck, StoreError> {
+        if self.dialect == Dialect::Postgres {
+            return self
+                .release_pg(&self.pool, team, item, holder, token)
+                .await?
+                .token_check();
+        }
         let mut tx = self.begin().await?;
-        let mut events = Vec::new();
+        let mut touched = Vec::new();
         let outcome = self
-            .release_in(&mut tx, team, item, holder, token, &mut events)
+            .release_in(&mut tx, team, item, holder, token, &mut touched)
             .await?;
+        let events = self.outbox_of(&mut tx, &touched).await?;
         if matches!(outcome, TokenCheck::Done { .. }) {
             tx.commit().await?;
         }
@@ -677,6 +739,7 @@ impl LockStore {
         })
     }
 
+    /// One release inside a transaction (SQLite).
     async fn release_in(
         &self,
         tx: &mut Transaction<'static, sqlx::Any>,
@@ -684,17 +747,19 @@ impl LockStore {
         item: &str,
         holder: &str,
         token: i64,
-        events: &mut Vec<StoredEvent>,
+        touched: &mut Vec<String>,
     ) -> Result<TokenCheck, StoreError> {
         let (current, now) = self.current(tx, team, item).await?;
         match current {
             Some(c) if c.live() && c.lock.token == token && c.lock.holder == holder => {
                 self.set_released(tx, team, item, now).await?;
-                let data = json!({"team": team, "item": item, "holder": holder, "token": token, "reason": "released", "released_at": crate::locks::rfc3339(now)});
-                events.push(
-                    self.event(tx, now, format!("/team/{team}"), "lock.released", &data)
-                        .await?,
-                );
+                let event = LockEvent::Released {
+                    lock: &c.lock,
+                    reason: Reason::Released,
+                    at: now,
+                };
+                self.event(tx, now, event).await?;
+                touched.push(event.lock_key());
                 Ok(TokenCheck::Done {
                     lock: LockState {
                         expires_at: now,
@@ -743,6 +808,21 @@ impl LockStore {
         item: &str,
         admin: &str,
     ) -> Result<Option<(LockState, Vec<StoredEvent>)>, StoreError> {
+        if self.dialect == Dialect::Postgres {
+            let rows = sqlx::query("SELECT * FROM lockstep_take_over($1, $2, $3, $4)")
+                .bind(team)
+                .bind(item)
+                .bind(admin)
+                .bind(self.event_lease_ms)
+                .fetch_all(&self.pool)
+                .await?;
+            let answer = Answer::from_rows(&rows, team, item)?;
+            return match (answer.outcome.as_str(), answer.lock) {
+                ("done", Some(lock)) => Ok(Some((lock, answer.events))),
+                ("none", _) => Ok(None),
+                (other, _) => Err(StoreError::unexpected(other)),
+            };
+        }
         let mut tx = self.begin().await?;
         let (current, now) = self.current(&mut tx, team, item).await?;
         let Some(c) = current.filter(Current::live) else {
@@ -756,25 +836,13 @@ impl LockStore {
         .bind(item)
         .execute(&mut *tx)
         .await?;
-        let data = json!({"team": team, "item": item, "holder": c.lock.holder, "token": c.lock.token, "by": admin, "released_at": crate::locks::rfc3339(now)});
-        let events = vec![
-            self.event(
-                &mut tx,
-                now,
-                format!("/team/{team}"),
-                "lock.taken_over",
-                &data,
-            )
-            .await?,
-            self.event(
-                &mut tx,
-                now,
-                format!("/user/{}", c.lock.holder),
-                "lock.taken_over",
-                &data,
-            )
-            .await?,
-        ];
+        let event = LockEvent::TakenOver {
+            lock: &c.lock,
+            by: admin,
+            at: now,
+        };
+        self.event(&mut tx, now, event).await?;
+        let events = self.outbox_of(&mut tx, &[event.lock_key()]).await?;
         tx.commit().await?;
         Ok(Some((c.lock, events)))
     }
@@ -867,21 +935,42 @@ impl LockStore {
         sorted.dedup();
         'attempt: for _ in 0..3 {
             let mut tx = self.begin().await?;
-            if !self.session_node_alive(&mut tx, session).await? {
-                return Ok(BatchAcquired::SessionGone);
-            }
             let mut events = Vec::new();
             let mut granted = Vec::new();
             let mut blocked = Vec::new();
-            for item in &sorted {
-                match self
-                    .grant(&mut tx, team, item, holder, session, ttl_ms, &mut events)
-                    .await?
-                {
-                    Grant::Granted { lock, .. } => granted.push(lock),
-                    Grant::Held(held) => blocked.push(held),
-                    Grant::Raced => continue 'attempt,
+            if self.dialect == Dialect::Postgres {
+                // One statement per item in one transaction.
+                for item in &sorted {
+                    let answer = self
+                        .acquire_pg(&mut *tx, team, item, holder, session, ttl_ms)
+                        .await?;
+                    match answer.acquired()? {
+                        Acquired::Granted {
+                            lock, events: mine, ..
+                        } => {
+                            granted.push(lock);
+                            events.extend(mine);
+                        }
+                        Acquired::Held(held) => blocked.push(held),
+                        Acquired::SessionGone => return Ok(BatchAcquired::SessionGone),
+                    }
                 }
+            } else {
+                if !self.session_node_alive(&mut tx, session).await? {
+                    return Ok(BatchAcquired::SessionGone);
+                }
+                let mut touched = Vec::new();
+                for item in &sorted {
+                    match self
+                        .grant(&mut tx, team, item, holder, session, ttl_ms, &mut touched)
+                        .await?
+                    {
+                        Grant::Granted { lock, .. } => granted.push(lock),
+                        Grant::Held(held) => blocked.push(held),
+                        Grant::Raced => continue 'attempt,
+                    }
+                }
+                events = self.outbox_of(&mut tx, &touched).await?;
             }
             if !blocked.is_empty() {
                 // Dropping the transaction rolls back every grant made above.
@@ -892,7 +981,7 @@ impl LockStore {
             granted.sort_by_key(|l| items.iter().position(|i| *i == l.item));
             return Ok(BatchAcquired::Granted {
                 locks: granted,
-                events,
+                events: in_id_order(events),
             });
         }
         Err(StoreError::Contended)
@@ -913,17 +1002,38 @@ impl LockStore {
         order.sort_by(|a, b| items[*a].0.cmp(&items[*b].0));
         let mut tx = self.begin().await?;
         let mut events = Vec::new();
+        let mut touched = Vec::new();
         let mut outcomes: Vec<Option<(String, TokenCheck)>> =
             (0..items.len()).map(|_| None).collect();
         for i in order {
             let (item, token) = &items[i];
-            let outcome = self
-                .release_in(&mut tx, team, item, holder, *token, &mut events)
-                .await?;
+            let outcome = if self.dialect == Dialect::Postgres {
+                match self
+                    .release_pg(&mut *tx, team, item, holder, *token)
+                    .await?
+                    .token_check()?
+                {
+                    TokenCheck::Done { lock, events: mine } => {
+                        events.extend(mine);
+                        TokenCheck::Done {
+                            lock,
+                            events: Vec::new(),
+                        }
+                    }
+                    other => other,
+                }
+            } else {
+                self.release_in(&mut tx, team, item, holder, *token, &mut touched)
+                    .await?
+            };
             outcomes[i] = Some((item.clone(), outcome));
         }
+        events.extend(self.outbox_of(&mut tx, &touched).await?);
         tx.commit().await?;
-        Ok((outcomes.into_iter().flatten().collect(), events))
+        Ok((
+            outcomes.into_iter().flatten().collect(),
+            in_id_order(events),
+        ))
     }
 
     /// Announces up to `limit` expiries nobody announced yet; each is claimed in the database,
@@ -940,7 +1050,7 @@ impl LockStore {
             self.dialect.skip_locked()
         ));
         let rows = sqlx::query(&sql).bind(limit).fetch_all(&mut *tx).await?;
-        let mut events = Vec::new();
+        let mut touched = Vec::new();
         for row in &rows {
             let lock = lock_from(row)?;
             let now: i64 = row.try_get("now")?;
@@ -950,9 +1060,11 @@ impl LockStore {
                 .bind(lock.token)
                 .execute(&mut *tx)
                 .await?;
-            self.expired_events(&mut tx, now, &lock, &mut events)
-                .await?;
+            let event = LockEvent::Expired(&lock);
+            self.event(&mut tx, now, event).await?;
+            touched.push(event.lock_key());
         }
+        let events = self.outbox_of(&mut tx, &touched).await?;
         tx.commit().await?;
         Ok(events)
     }
@@ -993,7 +1105,7 @@ impl LockStore {
             self.dialect.skip_locked()
         ));
         let rows = sqlx::query(&sql).bind(limit).fetch_all(&mut *tx).await?;
-        let mut events = Vec::new();
+        let mut touched = Vec::new();
         for row in &rows {
             let session: String = row.try_get("session")?;
             let now: i64 = row.try_get("now")?;
@@ -1009,17 +1121,13 @@ impl LockStore {
                 let lock = lock?;
                 self.set_released(&mut tx, &lock.team, &lock.item, now)
                     .await?;
-                let data = json!({"team": lock.team, "item": lock.item, "holder": lock.holder, "token": lock.token, "reason": "session_closed", "released_at": crate::locks::rfc3339(now)});
-                events.push(
-                    self.event(
-                        &mut tx,
-                        now,
-                        format!("/team/{}", lock.team),
-                        "lock.released",
-                        &data,
-                    )
-                    .await?,
-                );
+                let event = LockEvent::Released {
+                    lock: &lock,
+                    reason: Reason::SessionClosed,
+                    at: now,
+                };
+                self.event(&mut tx, now, event).await?;
+                touched.push(event.lock_key());
             }
             sqlx::query(
                 &self
@@ -1030,6 +1138,7 @@ impl LockStore {
             .execute(&mut *tx)
             .await?;
         }
+        let events = self.outbox_of(&mut tx, &touched).await?;
         tx.commit().await?;
         Ok(events)
     }
@@ -1183,13 +1292,88 @@ impl LockStore {
     }
 }
 
-fn acquired_data(lock: &LockState) -> serde_json::Value {
-    json!({
-        "team": lock.team,
-        "item": lock.item,
-        "holder": lock.holder,
-        "token": lock.token,
-        "acquired_at": crate::locks::rfc3339(lock.acquired_at),
-        "expires_at": crate::locks::rfc3339(lock.expires_at),
+/// Events of several decisions, each once, in id order.
+fn in_id_order(mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
+    events.sort_by_key(|e| e.id);
+    events.dedup_by_key(|e| e.id);
+    events
+}
+
+fn stored_event(row: &AnyRow, id: &str) -> Result<StoredEvent, sqlx::Error> {
+    Ok(StoredEvent {
+        id: row.try_get(id)?,
+        topic: row.try_get(if id == "id" { "topic" } else { "event_topic" })?,
+        event_type: row.try_get("event_type")?,
+        data: row.try_get(if id == "id" { "data" } else { "event_data" })?,
     })
+}
+
+/// What a PostgreSQL decision function answered (see `0004_lock_decisions.sql`): its outcome,
+/// the lock it is about, and the item's outbox rows to publish.
+struct Answer {
+    outcome: String,
+    lock: Option<LockState>,
+    events: Vec<StoredEvent>,
+}
+
+impl Answer {
+    fn from_rows(rows: &[AnyRow], team: &str, item: &str) -> Result<Answer, StoreError> {
+        let first = rows
+            .first()
+            .ok_or_else(|| StoreError::unexpected("no row"))?;
+        let outcome: String = first.try_get("outcome")?;
+        let lock = match first.try_get::<Option<i64>, _>("token")? {
+            Some(token) => Some(LockState {
+                team: team.to_owned(),
+                item: item.to_owned(),
+                holder: first.try_get("holder")?,
+                session: first.try_get("session")?,
+                token,
+                acquired_at: first.try_get("acquired_at")?,
+                expires_at: first.try_get("expires_at")?,
+            }),
+            None => None,
+        };
+        let mut events = Vec::new();
+        for row in rows {
+            if row.try_get::<Option<i64>, _>("event_id")?.is_some() {
+                events.push(stored_event(row, "event_id")?);
+            }
+        }
+        Ok(Answer {
+            outcome,
+            lock,
+            events,
+        })
+    }
+
+    fn acquired(self) -> Result<Acquired, StoreError> {
+        match (self.outcome.as_str(), self.lock) {
+            ("granted", Some(lock)) => Ok(Acquired::Granted {
+                lock,
+                extended: false,
+                events: self.events,
+            }),
+            ("extended", Some(lock)) => Ok(Acquired::Granted {
+                lock,
+                extended: true,
+                events: self.events,
+            }),
+            ("held", Some(lock)) => Ok(Acquired::Held(lock)),
+            ("session_gone", _) => Ok(Acquired::SessionGone),
+            (other, _) => Err(StoreError::unexpected(other)),
+        }
+    }
+
+    fn token_check(self) -> Result<TokenCheck, StoreError> {
+        match (self.outcome.as_str(), self.lock) {
+            ("done", Some(lock)) => Ok(TokenCheck::Done {
+                lock,
+                events: self.events,
+            }),
+            ("held", Some(lock)) => Ok(TokenCheck::HeldByOther(lock)),
+            ("lost", _) => Ok(TokenCheck::Lost),
+            (other, _) => Err(StoreError::unexpected(other)),
+        }
+    }
 }
