@@ -2436,3 +2436,83 @@ async fn postgres_restart_answers_503_then_recovers() {
         token_of(&next)
     );
 }
+
+/// Lock events read the same, byte for byte, whichever database decides: on PostgreSQL the
+/// decision functions write the data in SQL, on SQLite (and in every sweep) `LockEvent` writes
+/// it in Rust. Each data object must be compact JSON with sorted keys (exactly what serde_json
+/// writes for the parsed value) with the same fields on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_event_data_is_the_same_on_both_databases() {
+    let pg = Postgres::start();
+    let url = pg.database("bytes");
+    // No sweep runs during the few seconds of the test (the first is at start): the expiry is
+    // announced by the next grant's decision. (The heartbeat, a tenth of the node timeout,
+    // still registers the node quickly.)
+    let no_sweeps = [
+        ("LOCKSTEP_LOCKS_SWEEP_INTERVAL", "20s"),
+        ("LOCKSTEP_LOCKS_NODE_TIMEOUT", "80s"),
+    ];
+    let mut shapes = Vec::new();
+    for database in [None, Some(url.as_str())] {
+        let node = node(database, &no_sweeps).await;
+        let mut watch = watcher(&node, "w", &["t1"], "/team/t1").await;
+        let ana = node.token("ana", &["t1"], "locks");
+        let bob = node.token("bob", &["t1"], "locks");
+        let lead = admin_token(&node, "lead", "t1");
+        let path = lock_path("t1", "i1");
+        let (s, _) = call(&node, "POST", &path, &ana, Some(json!({"ttl_ms": 1000}))).await;
+        assert_eq!(s, 200);
+        let list = "/api/v1/teams/t1/locks";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (s, body) = call(&node, "GET", list, &lead, None).await;
+            assert_eq!(s, 200, "{body}");
+            if body["locks"].as_array().is_some_and(Vec::is_empty) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ana's grant never expired: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (s, granted) = call(&node, "POST", &path, &bob, Some(json!({"ttl_ms": 5000}))).await;
+        assert_eq!(s, 200, "{granted}");
+        let release = json!({"token": granted["token"]});
+        let (s, body) = call(&node, "DELETE", &path, &bob, Some(release)).await;
+        assert_eq!(s, 204, "{body}");
+        let (s, _) = call(&node, "POST", &path, &ana, Some(json!({"ttl_ms": 5000}))).await;
+        assert_eq!(s, 200);
+        let (s, body) = call(&node, "DELETE", &format!("{path}?force=true"), &lead, None).await;
+        assert_eq!(s, 200, "{body}");
+
+        let mut shape = Vec::new();
+        for _ in 0..6 {
+            let frame = watch.expect_frame().await.expect("a lock event");
+            let raw = String::from_utf8(frame.body.to_vec()).expect("UTF-8 body");
+            let envelope = envelope(&frame, "s", "/team/t1");
+            let data = &envelope["data"];
+            let canonical = serde_json::to_string(data).expect("JSON");
+            assert!(
+                raw.contains(&format!("\"data\":{canonical}")),
+                "{database:?}: data is not compact with sorted keys: {raw}"
+            );
+            let keys: Vec<String> = data.as_object().expect("object").keys().cloned().collect();
+            shape.push((envelope["type"].as_str().expect("type").to_owned(), keys));
+        }
+        shapes.push(shape);
+    }
+    let types: Vec<&str> = shapes[0].iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "lock.acquired",
+            "lock.expired",
+            "lock.acquired",
+            "lock.released",
+            "lock.acquired",
+            "lock.taken_over"
+        ]
+    );
+    assert_eq!(shapes[0], shapes[1]);
+}

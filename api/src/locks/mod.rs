@@ -64,6 +64,8 @@ pub struct Locks {
     /// Checks that a `session` given to the API was issued to the caller by a node.
     sessions: SessionKey,
     closed_sessions: mpsc::Sender<outbox::Closing>,
+    /// Published outbox rows waiting to be deleted in a batch.
+    deletes: outbox::Deletes,
     /// Whether this node's row in `nodes` exists (it registered, and the cluster has not taken
     /// it for dead since). Part of readiness: locks bound to its sessions need it.
     registered: Arc<tokio::sync::watch::Sender<bool>>,
@@ -114,11 +116,14 @@ impl Locks {
             closed,
             config.session_grace,
         ));
+        let (deletes, queued) = mpsc::channel(10_000);
+        tokio::spawn(outbox::run_deleter(store.clone(), queued));
         Arc::new(Locks {
             store,
             config,
             sessions: node.sessions,
             closed_sessions,
+            deletes,
             registered,
         })
     }
@@ -454,7 +459,13 @@ fn lost(item: &str) -> ApiError {
 }
 
 async fn publish(state: &ApiState, locks: &Locks, events: &[store::StoredEvent]) {
-    outbox::publish(&locks.store, state.inner.publisher.as_ref(), events).await;
+    outbox::publish_queued(
+        &locks.store,
+        &locks.deletes,
+        state.inner.publisher.as_ref(),
+        events,
+    )
+    .await;
 }
 
 /// Acquires (or extends) the lock on an item.

@@ -28,6 +28,53 @@ pub(crate) async fn publish(
     }
 }
 
+/// What the request path queues for [`run_deleter`]: ids of published events.
+pub(crate) type Deletes = mpsc::Sender<Vec<i64>>;
+
+/// Publishes a decision's events in order and queues the published ones for deletion in a
+/// batch, off the request path: the answer waits for the broker, not for a second commit. A
+/// row whose delete is late or lost is published again by the next decision of its item or by
+/// a sweeper after its lease, and the broker drops that copy by version. When the queue is
+/// full the delete is made here, so the queue bounds memory and the database sets the pace.
+pub(crate) async fn publish_queued(
+    store: &LockStore,
+    deletes: &Deletes,
+    publisher: &dyn EventPublisher,
+    events: &[StoredEvent],
+) {
+    let done = publish_only(publisher, events).await;
+    if done.is_empty() {
+        return;
+    }
+    if let Err(mpsc::error::TrySendError::Full(done) | mpsc::error::TrySendError::Closed(done)) =
+        deletes.try_send(done)
+        && let Err(err) = store.delete_events(&done).await
+    {
+        warn!(%err, "could not delete published lock events");
+    }
+}
+
+/// Most ids deleted in one statement.
+const DELETE_BATCH: usize = 1000;
+
+/// Deletes the published events the request path queued, many per statement. It stops when
+/// every sender is gone (not on shutdown), so what was queued while the node drained is still
+/// deleted.
+pub(crate) async fn run_deleter(store: LockStore, mut queued: mpsc::Receiver<Vec<i64>>) {
+    while let Some(mut ids) = queued.recv().await {
+        while ids.len() < DELETE_BATCH {
+            match queued.try_recv() {
+                Ok(more) => ids.extend(more),
+                Err(_) => break,
+            }
+        }
+        if let Err(err) = store.delete_events(&ids).await {
+            // Published again after their lease and dropped by the broker: at least once.
+            warn!(%err, n = ids.len(), "could not delete published lock events");
+        }
+    }
+}
+
 /// Publishes events in order until one fails; returns the ids of those that went out.
 async fn publish_only(publisher: &dyn EventPublisher, events: &[StoredEvent]) -> Vec<i64> {
     let mut done = Vec::with_capacity(events.len());
