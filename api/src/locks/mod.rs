@@ -1,7 +1,7 @@
 //! Per-item edit locks (DESIGN §6, §7): the HTTP endpoints, over [`store::LockStore`].
 //!
-//! Every decision is one database transaction; its events are written in that transaction and
-//! published right after commit ([`outbox`]).
+//! Every decision is one statement on PostgreSQL (one transaction on SQLite); its events are
+//! written with it and published right after commit, its item's earlier ones first ([`outbox`]).
 
 mod event;
 pub mod outbox;

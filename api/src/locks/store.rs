@@ -1,13 +1,16 @@
-//! The lock store: every lock decision as one transaction on PostgreSQL or SQLite (sqlx).
+//! The lock store: every lock decision on PostgreSQL or SQLite (sqlx).
 //!
 //! One implementation serves both databases through sqlx's `Any` driver; the few differences
 //! (the clock expression, row locks, placeholders) live in `Dialect`. On PostgreSQL each
-//! decision locks the item's row (`SELECT … FOR UPDATE`), so concurrent nodes serialize per
-//! item. SQLite, the embedded default, runs on one connection, so decisions serialize outright.
-//! Time is always the database's clock, read inside the deciding transaction.
+//! single-item decision is one statement, a function of `0004_lock_decisions.sql` that locks
+//! the item's row (`SELECT … FOR UPDATE`, so concurrent nodes serialize per item), decides and
+//! writes in one commit. SQLite, the embedded default, runs on one connection, so decisions are
+//! short transactions here and serialize outright. Time is always the database's clock, read
+//! once the item's row is locked.
 //!
 //! Every state change writes its events into `lock_events` in the same transaction (a
-//! transactional outbox); see `outbox`.
+//! transactional outbox), and every decision returns its item's rows still there; see
+//! `outbox`.
 
 use super::event::{LockEvent, Reason};
 use sqlx::any::{AnyPoolOptions, AnyRow};
