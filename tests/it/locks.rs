@@ -1488,10 +1488,120 @@ async fn admin(
     }
 }
 
+/// A bot until `deadline`: locks two random items in one batch on a random node,
+/// holds them a moment and releases them in one batch (those still its own are released).
+async fn bot(
+    http: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    team: String,
+    token: String,
+    deadline: Instant,
+    seed: u64,
+) -> Tally {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tally = Tally::default();
+    let path = format!("/api/v1/teams/{team}/locks/batch");
+    while Instant::now() < deadline {
+        let mut items: Vec<String> = (0..2)
+            .map(|_| format!("i{}", rng.random_range(0..CONTENTION_ITEMS)))
+            .collect();
+        items.sort();
+        items.dedup();
+        let base = &bases[rng.random_range(0..bases.len())];
+        let ttl: u64 = rng.random_range(1000..=3000);
+        let body = json!({"items": items, "ttl_ms": ttl});
+        let answer = request(&http, base, "POST", &path, &token, Some(body)).await;
+        match tally.answer("batch acquire", &answer, &[200, 409]) {
+            Some(200) => {}
+            Some(_) => {
+                let pause = rng.random_range(20..100);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                continue;
+            }
+            None => {
+                tally.unanswered_acquires += items.len();
+                continue;
+            }
+        }
+        let granted = answer.expect("answered").1;
+        let held: Vec<Value> = granted["locks"]
+            .as_array()
+            .expect("locks")
+            .iter()
+            .map(|lock| json!({"item": lock["item"], "token": tally.promise(lock)}))
+            .collect();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let work = Duration::from_millis(rng.random_range(100..ttl * 8 / 10));
+        tokio::time::sleep(work.min(left)).await;
+        let base = &bases[rng.random_range(0..bases.len())];
+        let answer = request(
+            &http,
+            base,
+            "DELETE",
+            &path,
+            &token,
+            Some(json!({"items": held})),
+        )
+        .await;
+        tally.answer("batch release", &answer, &[200]);
+    }
+    tally
+}
+
+/// A browser tab until `deadline`: connects to a random node, locks a random item bound to its
+/// WebSocket session, and is closed while it holds the lock, so the lock is released after the
+/// session grace (unless it expires or is taken over first).
+async fn tab(
+    http: reqwest::Client,
+    nodes: Arc<Vec<(String, String)>>,
+    team: String,
+    token: String,
+    deadline: Instant,
+    seed: u64,
+) -> Tally {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tally = Tally::default();
+    while Instant::now() < deadline {
+        let (base, ws) = &nodes[rng.random_range(0..nodes.len())];
+        let (socket, connected) = match StompClient::connect(ws, &token).await {
+            Ok(open) => open,
+            Err(err) => {
+                tally.unexpected.push(format!("tab: connect: {err:#}"));
+                continue;
+            }
+        };
+        let session = connected.header("session").expect("session").to_owned();
+        let path = lock_path(
+            &team,
+            &format!("i{}", rng.random_range(0..CONTENTION_ITEMS)),
+        );
+        let body = json!({"session": session, "ttl_ms": 3000});
+        let answer = request(&http, base, "POST", &path, &token, Some(body)).await;
+        match tally.answer("tab acquire", &answer, &[200, 409]) {
+            Some(200) => {
+                tally.promise(&answer.expect("answered").1);
+                let left = deadline.saturating_duration_since(Instant::now());
+                let open = Duration::from_millis(rng.random_range(50..300));
+                tokio::time::sleep(open.min(left)).await;
+            }
+            Some(_) => {
+                let pause = rng.random_range(20..100);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            None => tally.unanswered_acquires += 1,
+        }
+        // The tab closes: its socket goes.
+        drop(socket);
+    }
+    tally
+}
+
 /// Events of `/team/{team}` collected by a background reader.
 #[derive(Debug, Default)]
 struct Collected {
     events: Vec<history::Event>,
+    /// `lock.released` events of grants whose session closed.
+    session_closed: usize,
     /// Why the reader stopped, if it did (it must not).
     stopped: Option<String>,
 }
@@ -1534,7 +1644,11 @@ fn collect(
                     let envelope = envelope(&frame, "s", &destination);
                     let event =
                         parse_event(envelope["type"].as_str().expect("type"), &envelope["data"]);
-                    sink.lock().events.push(event);
+                    let mut sink = sink.lock();
+                    sink.events.push(event);
+                    if envelope["data"]["reason"] == "session_closed" {
+                        sink.session_closed += 1;
+                    }
                     continue;
                 }
                 Ok(Incoming::HeartBeat) => continue,
@@ -1579,10 +1693,27 @@ fn outstanding(promises: &[history::Promise], events: &[history::Event]) -> usiz
 /// The contention tests take most of the two cores: they run one at a time.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// 200 annotators (200 distinct users) and an admin hammer 20 items of one team through
-/// `nodes` for `run`; every grant and renewal is recorded from the answers, every event from a
-/// subscriber of the team topic, and [`history::check`] must find no violation.
-async fn contention(nodes: &[Lockstep], outbox: Option<(&Postgres, &str)>, run: Duration) {
+/// Who else takes part in a contention run beside the annotators and the admin.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mix {
+    /// Annotators taking one item at a time.
+    annotators: usize,
+    /// Clients locking and releasing in batches.
+    bots: usize,
+    /// Browser tabs whose session-bound locks are released when they close.
+    tabs: usize,
+}
+
+/// `mix.annotators` annotators (distinct users, 200 in the plain runs), an admin and the
+/// mix's bots and tabs hammer 20 items of one team through `nodes` for `run`; every grant and
+/// renewal is recorded from the answers, every event from a subscriber of the team topic, and
+/// [`history::check`] must find no violation.
+async fn contention(
+    nodes: &[Lockstep],
+    outbox: Option<(&Postgres, &str)>,
+    run: Duration,
+    mix: Mix,
+) {
     let team = "crowd";
     let bases: Arc<Vec<String>> = Arc::new(nodes.iter().map(Lockstep::http).collect());
     let subscriber = watcher(&nodes[0], "watch", &[team], &format!("/team/{team}")).await;
@@ -1594,7 +1725,7 @@ async fn contention(nodes: &[Lockstep], outbox: Option<(&Postgres, &str)>, run: 
     let started = Instant::now();
     let deadline = started + run;
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..CONTENTION_CLIENTS {
+    for i in 0..mix.annotators {
         let user = format!("u{i}");
         let token = nodes[0].token(&user, &[team], "locks");
         tasks.spawn(annotator(
@@ -1614,6 +1745,30 @@ async fn contention(nodes: &[Lockstep], outbox: Option<(&Postgres, &str)>, run: 
         admin_token(&nodes[0], "lead", team),
         deadline,
     ));
+    for i in 0..mix.bots {
+        let token = nodes[0].token(&format!("bot{i}"), &[team], "locks");
+        tasks.spawn(bot(
+            http.clone(),
+            bases.clone(),
+            team.to_owned(),
+            token,
+            deadline,
+            1000 + i as u64,
+        ));
+    }
+    let sockets: Arc<Vec<(String, String)>> =
+        Arc::new(nodes.iter().map(|n| (n.http(), n.ws())).collect());
+    for i in 0..mix.tabs {
+        let token = nodes[0].token(&format!("tab{i}"), &[team], "locks");
+        tasks.spawn(tab(
+            http.clone(),
+            sockets.clone(),
+            team.to_owned(),
+            token,
+            deadline,
+            2000 + i as u64,
+        ));
+    }
     let mut tally = Tally::default();
     // Each task stops at the deadline; its last request is bounded by the client timeout.
     let joined = tokio::time::timeout(run + Duration::from_secs(30), async {
@@ -1702,6 +1857,16 @@ async fn contention(nodes: &[Lockstep], outbox: Option<(&Postgres, &str)>, run: 
         summary.released > 0 && summary.expired > 0 && summary.taken_over > 0,
         "{summary:?}"
     );
+    if mix.bots > 0 {
+        let batches = tally.statuses.get(&("batch acquire", 200)).copied();
+        assert!(batches.unwrap_or(0) > 0, "no batch was granted");
+    }
+    if mix.tabs > 0 {
+        assert!(
+            collected.session_closed > 0,
+            "no lock was released by its session's end: {summary:?}"
+        );
+    }
     // The checker allows what the broker's versions allow (a late event dropped behind a
     // newer one of its item), but every decision publishes its item's earlier outbox rows
     // first, so none is: a subscriber sees every grant and every end.
@@ -1719,14 +1884,71 @@ async fn contention_is_safe_on_three_postgres_nodes() {
     let url = pg.database("contention");
     let redis = RedisServer::start();
     let nodes = cluster(3, &url, &redis, &[]).await;
-    contention(&nodes, Some((&pg, "contention")), Duration::from_secs(10)).await;
+    contention(
+        &nodes,
+        Some((&pg, "contention")),
+        Duration::from_secs(10),
+        Mix {
+            annotators: CONTENTION_CLIENTS,
+            ..Mix::default()
+        },
+    )
+    .await;
+}
+
+/// Grace for session-bound locks in the mixed runs: shorter than the tabs' 3 s TTL, so closed
+/// tabs' locks end by their session's end.
+const MIXED: &[(&str, &str)] = &[("LOCKSTEP_LOCKS_SESSION_GRACE", "500ms")];
+
+/// The contention run with bots locking in batches and tabs closing while they hold
+/// session-bound locks, beside the annotators and the admin's takeovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_contention_is_safe_on_three_postgres_nodes() {
+    let _heavy = HEAVY.lock().await;
+    let pg = Postgres::start();
+    let url = pg.database("mixed");
+    let redis = RedisServer::start();
+    let nodes = cluster(3, &url, &redis, MIXED).await;
+    let mix = Mix {
+        annotators: 20,
+        bots: 8,
+        tabs: 8,
+    };
+    contention(&nodes, Some((&pg, "mixed")), Duration::from_secs(10), mix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_contention_is_safe_on_sqlite() {
+    let _heavy = HEAVY.lock().await;
+    let node = node(None, MIXED).await;
+    let mix = Mix {
+        annotators: 20,
+        bots: 8,
+        tabs: 8,
+    };
+    contention(
+        std::slice::from_ref(&node),
+        None,
+        Duration::from_secs(10),
+        mix,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contention_is_safe_on_sqlite() {
     let _heavy = HEAVY.lock().await;
     let node = node(None, &[]).await;
-    contention(std::slice::from_ref(&node), None, Duration::from_secs(10)).await;
+    contention(
+        std::slice::from_ref(&node),
+        None,
+        Duration::from_secs(10),
+        Mix {
+            annotators: CONTENTION_CLIENTS,
+            ..Mix::default()
+        },
+    )
+    .await;
 }
 
 // ------------------------------------------------------------------------------------------
