@@ -13,8 +13,10 @@
 //! `outbox`.
 
 use super::event::{LockEvent, Reason};
+use dashmap::DashMap;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row, Transaction};
+use std::sync::LazyLock;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -117,7 +119,7 @@ pub enum BatchAcquired {
 }
 
 /// SQL differences between the two databases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Dialect {
     Postgres,
     Sqlite,
@@ -149,9 +151,29 @@ impl Dialect {
         }
     }
 
-    /// Queries are written with `$1` placeholders; SQLite wants `?1`.
-    fn sql(self, sql: &str) -> String {
-        let sql = sql.replace("{now}", self.now());
+    /// The text of a query in this dialect. Queries are written once, with `$1` placeholders
+    /// (SQLite wants `?1`) and `{now}`, `{columns}`, `{for_update}`, `{skip_locked}`; each is
+    /// rewritten on its first use and kept for the life of the process (a few dozen texts),
+    /// so a decision does no string work and sqlx's statement cache, keyed by the text,
+    /// prepares each once per connection.
+    fn sql(self, template: &'static str) -> &'static str {
+        static TEXTS: LazyLock<DashMap<(Dialect, &'static str), &'static str>> =
+            LazyLock::new(DashMap::new);
+        if let Some(text) = TEXTS.get(&(self, template)) {
+            return *text;
+        }
+        *TEXTS
+            .entry((self, template))
+            .or_insert_with(|| Box::leak(self.rewrite(template).into_boxed_str()))
+    }
+
+    /// [`Dialect::sql`] for a query whose text varies (a list of placeholders): made per call.
+    fn rewrite(self, template: &str) -> String {
+        let sql = template
+            .replace("{columns}", COLUMNS)
+            .replace("{now}", self.now())
+            .replace("{for_update}", self.for_update())
+            .replace("{skip_locked}", self.skip_locked());
         match self {
             Dialect::Postgres => sql,
             Dialect::Sqlite => sql.replace('$', "?"),
@@ -307,7 +329,7 @@ impl LockStore {
     ///
     /// When the database is unreachable.
     pub async fn now(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query(&self.dialect.sql("SELECT {now} AS now"))
+        let row = sqlx::query(self.dialect.sql("SELECT {now} AS now"))
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get("now")?)
@@ -329,16 +351,12 @@ impl LockStore {
         let sql = match self.dialect {
             // The outer projection, and so the clock, is evaluated on rows the materialized
             // (locking) CTE produced, after any wait for the row lock.
-            Dialect::Postgres => self.dialect.sql(&format!(
-                "WITH cur AS MATERIALIZED (SELECT {COLUMNS} FROM locks WHERE team = $1 AND item = $2 FOR UPDATE) \
-                 SELECT cur.*, {{now}} AS now FROM cur"
-            )),
+            Dialect::Postgres => self.dialect.sql("WITH cur AS MATERIALIZED (SELECT {columns} FROM locks WHERE team = $1 AND item = $2 FOR UPDATE) \
+                 SELECT cur.*, {now} AS now FROM cur"),
             // One connection: nothing is waited for inside a transaction.
-            Dialect::Sqlite => self.dialect.sql(&format!(
-                "SELECT {COLUMNS}, {{now}} AS now FROM locks WHERE team = $1 AND item = $2"
-            )),
+            Dialect::Sqlite => self.dialect.sql("SELECT {columns}, {now} AS now FROM locks WHERE team = $1 AND item = $2"),
         };
-        match sqlx::query(&sql)
+        match sqlx::query(sql)
             .bind(team)
             .bind(item)
             .fetch_optional(&mut **tx)
@@ -360,7 +378,7 @@ impl LockStore {
                 ))
             }
             None => {
-                let row = sqlx::query(&self.dialect.sql("SELECT {now} AS now"))
+                let row = sqlx::query(self.dialect.sql("SELECT {now} AS now"))
                     .fetch_one(&mut **tx)
                     .await?;
                 Ok((None, row.try_get("now")?))
@@ -379,7 +397,7 @@ impl LockStore {
         let data = event.data();
         let key = event.lock_key();
         for topic in event.topics() {
-            sqlx::query(&self.dialect.sql(
+            sqlx::query(self.dialect.sql(
                 "INSERT INTO lock_events (topic, event_type, data, claimed_until, lock_key) VALUES ($1, $2, $3, $4, $5)",
             ))
             .bind(topic)
@@ -410,7 +428,7 @@ impl LockStore {
         );
         let mut events = Vec::new();
         for key in keys {
-            let rows = sqlx::query(&sql).bind(key).fetch_all(&mut **tx).await?;
+            let rows = sqlx::query(sql).bind(key).fetch_all(&mut **tx).await?;
             for row in &rows {
                 events.push(stored_event(row, "id")?);
             }
@@ -530,8 +548,7 @@ impl LockStore {
             return Ok(true);
         };
         let row = sqlx::query(
-            &self
-                .dialect
+            self.dialect
                 .sql("SELECT 1 AS alive FROM nodes WHERE node = $1"),
         )
         .bind(bound.node)
@@ -556,11 +573,9 @@ impl LockStore {
         let expires_at = now + ttl_ms;
         let lock = match current {
             None => {
-                let sql = self.dialect.sql(&format!(
-                    "INSERT INTO locks ({COLUMNS}, node) VALUES ($1, $2, $3, $4, 1, $5, $6, 'held', 0, $7) \
-                     ON CONFLICT (team, item) DO NOTHING RETURNING token"
-                ));
-                let inserted = sqlx::query(&sql)
+                let sql = self.dialect.sql("INSERT INTO locks ({columns}, node) VALUES ($1, $2, $3, $4, 1, $5, $6, 'held', 0, $7) \
+                     ON CONFLICT (team, item) DO NOTHING RETURNING token");
+                let inserted = sqlx::query(sql)
                     .bind(team)
                     .bind(item)
                     .bind(holder)
@@ -593,7 +608,7 @@ impl LockStore {
                 let session = session
                     .map(|b| b.session.to_owned())
                     .or(c.lock.session.clone());
-                sqlx::query(&self.dialect.sql(
+                sqlx::query(self.dialect.sql(
                     "UPDATE locks SET expires_at = $1, session = $2, node = COALESCE($3, node) \
                      WHERE team = $4 AND item = $5",
                 ))
@@ -621,7 +636,7 @@ impl LockStore {
                     self.event(tx, now, LockEvent::Expired(&c.lock)).await?;
                 }
                 let token = c.lock.token + 1;
-                sqlx::query(&self.dialect.sql(
+                sqlx::query(self.dialect.sql(
                     "UPDATE locks SET holder = $1, session = $2, token = $3, acquired_at = $4, expires_at = $5, \
                      state = 'held', expiry_announced = 0, node = $8 WHERE team = $6 AND item = $7",
                 ))
@@ -685,8 +700,7 @@ impl LockStore {
             Some(c) if c.live() && c.lock.token == token && c.lock.holder == holder => {
                 let expires_at = now + ttl_ms;
                 sqlx::query(
-                    &self
-                        .dialect
+                    self.dialect
                         .sql("UPDATE locks SET expires_at = $1 WHERE team = $2 AND item = $3"),
                 )
                 .bind(expires_at)
@@ -789,7 +803,7 @@ impl LockStore {
         item: &str,
         now: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(&self.dialect.sql(
+        sqlx::query(self.dialect.sql(
             "UPDATE locks SET state = 'released', expires_at = $1 WHERE team = $2 AND item = $3",
         ))
         .bind(now)
@@ -831,7 +845,7 @@ impl LockStore {
         let Some(c) = current.filter(Current::live) else {
             return Ok(None);
         };
-        sqlx::query(&self.dialect.sql(
+        sqlx::query(self.dialect.sql(
             "UPDATE locks SET state = 'taken_over', expires_at = $1 WHERE team = $2 AND item = $3",
         ))
         .bind(now)
@@ -856,10 +870,8 @@ impl LockStore {
     ///
     /// [`StoreError`] when the database fails.
     pub async fn get(&self, team: &str, item: &str) -> Result<Option<LockState>, StoreError> {
-        let sql = self.dialect.sql(&format!(
-            "SELECT {COLUMNS} FROM locks WHERE team = $1 AND item = $2 AND state = 'held' AND expires_at > {{now}}"
-        ));
-        let row = sqlx::query(&sql)
+        let sql = self.dialect.sql("SELECT {columns} FROM locks WHERE team = $1 AND item = $2 AND state = 'held' AND expires_at > {now}");
+        let row = sqlx::query(sql)
             .bind(team)
             .bind(item)
             .fetch_optional(&self.pool)
@@ -873,10 +885,8 @@ impl LockStore {
     ///
     /// [`StoreError`] when the database fails.
     pub async fn list(&self, team: &str) -> Result<Vec<LockState>, StoreError> {
-        let sql = self.dialect.sql(&format!(
-            "SELECT {COLUMNS} FROM locks WHERE team = $1 AND state = 'held' AND expires_at > {{now}} ORDER BY item"
-        ));
-        let rows = sqlx::query(&sql).bind(team).fetch_all(&self.pool).await?;
+        let sql = self.dialect.sql("SELECT {columns} FROM locks WHERE team = $1 AND state = 'held' AND expires_at > {now} ORDER BY item");
+        let rows = sqlx::query(sql).bind(team).fetch_all(&self.pool).await?;
         Ok(rows.iter().map(lock_from).collect::<Result<_, _>>()?)
     }
 
@@ -895,8 +905,8 @@ impl LockStore {
             .map(|i| format!("${}", i + 2))
             .collect();
         // The one-row subquery gives the time even when no lock matches.
-        let sql = self.dialect.sql(&format!(
-            "SELECT n.now AS now, {COLUMNS} FROM (SELECT {{now}} AS now) n LEFT JOIN locks \
+        let sql = self.dialect.rewrite(&format!(
+            "SELECT n.now AS now, {{columns}} FROM (SELECT {{now}} AS now) n LEFT JOIN locks \
              ON team = $1 AND item IN ({}) AND state = 'held' AND expires_at > n.now",
             placeholders.join(", ")
         ));
@@ -1047,17 +1057,14 @@ impl LockStore {
     /// [`StoreError`] when the database fails.
     pub async fn sweep_expired(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
         let mut tx = self.begin().await?;
-        let sql = self.dialect.sql(&format!(
-            "SELECT {COLUMNS}, {{now}} AS now FROM locks WHERE state = 'held' AND expiry_announced = 0 \
-             AND expires_at <= {{now}} ORDER BY expires_at LIMIT $1{}",
-            self.dialect.skip_locked()
-        ));
-        let rows = sqlx::query(&sql).bind(limit).fetch_all(&mut *tx).await?;
+        let sql = self.dialect.sql("SELECT {columns}, {now} AS now FROM locks WHERE state = 'held' AND expiry_announced = 0 \
+             AND expires_at <= {now} ORDER BY expires_at LIMIT $1{skip_locked}");
+        let rows = sqlx::query(sql).bind(limit).fetch_all(&mut *tx).await?;
         let mut touched = Vec::new();
         for row in &rows {
             let lock = lock_from(row)?;
             let now: i64 = row.try_get("now")?;
-            sqlx::query(&self.dialect.sql("UPDATE locks SET expiry_announced = 1 WHERE team = $1 AND item = $2 AND token = $3"))
+            sqlx::query(self.dialect.sql("UPDATE locks SET expiry_announced = 1 WHERE team = $1 AND item = $2 AND token = $3"))
                 .bind(&lock.team)
                 .bind(&lock.item)
                 .bind(lock.token)
@@ -1084,7 +1091,7 @@ impl LockStore {
              WHERE EXISTS (SELECT 1 FROM locks WHERE session = $3 AND state = 'held') \
              ON CONFLICT (session) DO NOTHING",
         );
-        sqlx::query(&sql)
+        sqlx::query(sql)
             .bind(session)
             .bind(grace_ms)
             .bind(session)
@@ -1103,19 +1110,13 @@ impl LockStore {
         limit: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let mut tx = self.begin().await?;
-        let sql = self.dialect.sql(&format!(
-            "SELECT session, {{now}} AS now FROM closed_sessions WHERE release_at <= {{now}} ORDER BY release_at LIMIT $1{}",
-            self.dialect.skip_locked()
-        ));
-        let rows = sqlx::query(&sql).bind(limit).fetch_all(&mut *tx).await?;
+        let sql = self.dialect.sql("SELECT session, {now} AS now FROM closed_sessions WHERE release_at <= {now} ORDER BY release_at LIMIT $1{skip_locked}");
+        let rows = sqlx::query(sql).bind(limit).fetch_all(&mut *tx).await?;
         let mut touched = Vec::new();
         for row in &rows {
             let session: String = row.try_get("session")?;
             let now: i64 = row.try_get("now")?;
-            let held = sqlx::query(&self.dialect.sql(&format!(
-                "SELECT {COLUMNS} FROM locks WHERE session = $1 AND state = 'held' AND expires_at > $2 ORDER BY team, item{}",
-                self.dialect.for_update()
-            )))
+            let held = sqlx::query(self.dialect.sql("SELECT {columns} FROM locks WHERE session = $1 AND state = 'held' AND expires_at > $2 ORDER BY team, item{for_update}"))
             .bind(&session)
             .bind(now)
             .fetch_all(&mut *tx)
@@ -1133,8 +1134,7 @@ impl LockStore {
                 touched.push(event.lock_key());
             }
             sqlx::query(
-                &self
-                    .dialect
+                self.dialect
                     .sql("DELETE FROM closed_sessions WHERE session = $1"),
             )
             .bind(&session)
@@ -1156,10 +1156,7 @@ impl LockStore {
             "INSERT INTO nodes (node, seen_at) VALUES ($1, {now}) \
              ON CONFLICT (node) DO UPDATE SET seen_at = excluded.seen_at",
         );
-        sqlx::query(&sql)
-            .bind(node)
-            .execute(&self.heartbeat)
-            .await?;
+        sqlx::query(sql).bind(node).execute(&self.heartbeat).await?;
         Ok(())
     }
 
@@ -1175,10 +1172,7 @@ impl LockStore {
         let sql = self
             .dialect
             .sql("UPDATE nodes SET seen_at = {now} WHERE node = $1");
-        let done = sqlx::query(&sql)
-            .bind(node)
-            .execute(&self.heartbeat)
-            .await?;
+        let done = sqlx::query(sql).bind(node).execute(&self.heartbeat).await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -1194,7 +1188,7 @@ impl LockStore {
             "SELECT DISTINCT session FROM locks WHERE node = $1 AND state = 'held' \
              AND session IS NOT NULL AND expires_at > {now}",
         );
-        Ok(sqlx::query_scalar(&sql)
+        Ok(sqlx::query_scalar(sql)
             .bind(node)
             .fetch_all(&self.pool)
             .await?)
@@ -1213,17 +1207,14 @@ impl LockStore {
         grace_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
         let mut tx = self.begin().await?;
-        let sql = self.dialect.sql(&format!(
-            "SELECT node FROM nodes WHERE seen_at < {{now}} - $1 ORDER BY node LIMIT 100{}",
-            self.dialect.skip_locked()
-        ));
-        let dead: Vec<String> = sqlx::query_scalar(&sql)
+        let sql = self.dialect.sql("SELECT node FROM nodes WHERE seen_at < {now} - $1 ORDER BY node LIMIT 100{skip_locked}");
+        let dead: Vec<String> = sqlx::query_scalar(sql)
             .bind(timeout_ms)
             .fetch_all(&mut *tx)
             .await?;
         for node in &dead {
             // An exact match: no pattern, no case folding, so no other node's sessions.
-            sqlx::query(&self.dialect.sql(
+            sqlx::query(self.dialect.sql(
                 "INSERT INTO closed_sessions (session, release_at) \
                  SELECT DISTINCT session, {now} + $1 FROM locks \
                  WHERE state = 'held' AND node = $2 AND session IS NOT NULL \
@@ -1233,7 +1224,7 @@ impl LockStore {
             .bind(node)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(&self.dialect.sql("DELETE FROM nodes WHERE node = $1"))
+            sqlx::query(self.dialect.sql("DELETE FROM nodes WHERE node = $1"))
                 .bind(node)
                 .execute(&mut *tx)
                 .await?;
@@ -1249,18 +1240,14 @@ impl LockStore {
     /// [`StoreError`] when the database fails.
     pub async fn claim_orphaned_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
         let mut tx = self.begin().await?;
-        let sql = self.dialect.sql(&format!(
-            "SELECT id, topic, event_type, data, {{now}} AS now FROM lock_events WHERE claimed_until <= {{now}} ORDER BY id LIMIT $1{}",
-            self.dialect.skip_locked()
-        ));
-        let rows = sqlx::query(&sql).bind(limit).fetch_all(&mut *tx).await?;
+        let sql = self.dialect.sql("SELECT id, topic, event_type, data, {now} AS now FROM lock_events WHERE claimed_until <= {now} ORDER BY id LIMIT $1{skip_locked}");
+        let rows = sqlx::query(sql).bind(limit).fetch_all(&mut *tx).await?;
         let mut events = Vec::new();
         for row in &rows {
             let id: i64 = row.try_get("id")?;
             let now: i64 = row.try_get("now")?;
             sqlx::query(
-                &self
-                    .dialect
+                self.dialect
                     .sql("UPDATE lock_events SET claimed_until = $1 WHERE id = $2"),
             )
             .bind(now + self.event_lease_ms)
