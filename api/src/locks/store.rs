@@ -430,7 +430,7 @@ impl LockStore {
         for key in keys {
             let rows = sqlx::query(sql).bind(key).fetch_all(&mut **tx).await?;
             for row in &rows {
-                events.push(stored_event(row, "id")?);
+                events.push(stored_event(row, OUTBOX_COLUMNS)?);
             }
         }
         events.sort_by_key(|e| e.id);
@@ -1254,12 +1254,7 @@ impl LockStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-            events.push(StoredEvent {
-                id,
-                topic: row.try_get("topic")?,
-                event_type: row.try_get("event_type")?,
-                data: row.try_get("data")?,
-            });
+            events.push(stored_event(row, OUTBOX_COLUMNS)?);
         }
         tx.commit().await?;
         Ok(events)
@@ -1289,12 +1284,19 @@ fn in_id_order(mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
     events
 }
 
-fn stored_event(row: &AnyRow, id: &str) -> Result<StoredEvent, sqlx::Error> {
+/// The columns an outbox row is read from: `lock_events`' own, or a decision function's.
+const OUTBOX_COLUMNS: [&str; 4] = ["id", "topic", "event_type", "data"];
+const ANSWER_COLUMNS: [&str; 4] = ["event_id", "event_topic", "event_type", "event_data"];
+
+fn stored_event(
+    row: &AnyRow,
+    [id, topic, event_type, data]: [&str; 4],
+) -> Result<StoredEvent, sqlx::Error> {
     Ok(StoredEvent {
         id: row.try_get(id)?,
-        topic: row.try_get(if id == "id" { "topic" } else { "event_topic" })?,
-        event_type: row.try_get("event_type")?,
-        data: row.try_get(if id == "id" { "data" } else { "event_data" })?,
+        topic: row.try_get(topic)?,
+        event_type: row.try_get(event_type)?,
+        data: row.try_get(data)?,
     })
 }
 
@@ -1327,7 +1329,7 @@ impl Answer {
         let mut events = Vec::new();
         for row in rows {
             if row.try_get::<Option<i64>, _>("event_id")?.is_some() {
-                events.push(stored_event(row, "event_id")?);
+                events.push(stored_event(row, ANSWER_COLUMNS)?);
             }
         }
         Ok(Answer {
