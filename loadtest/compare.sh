@@ -573,9 +573,11 @@ run_presence() {
   stop_pids "$lockstep_pid"
   extra_env=()
   start_lockstep
-  start_redis
   local members
   for members in 2000 10000; do
+    # A fresh Redis each: the last run's members stay present for the leave delay after their
+    # nodes stop, and would join the next run silently.
+    start_redis
     echo "== presence: $members members join one team topic on node A (2 nodes + Redis) at $((members / 10))/s;"
     echo "   a watcher on node B; the list read whole 50 times; Redis commands/s over a 30 s hold (3 refreshes)"
     start_lockstep_pair "redis://127.0.0.1:$redis_port"
@@ -585,9 +587,8 @@ run_presence() {
       --server-pid "${pair_pids[0]}" 2>"$work/presence.$members.err" | record >"$work/presence.$members" \
       || { echo "loadtest presence failed:" >&2; tail -5 "$work/presence.$members.err" >&2; }
     jq -r '"\(.joined)/\(.members) joins seen on node B: p50 \(.join_latency.p50_ms) ms, p99 \(.join_latency.p99_ms) ms; list p50 \(.list_latency.p50_ms) ms, p99 \(.list_latency.p99_ms) ms (correct: \(.list_correct)); Redis \(.redis_commands_per_sec|floor) commands/s (\(.redis_scripts_per_sec*100|floor/100) script calls/s) held; node A \(.rss_per_member_kib) KiB RSS per member"' "$work/presence.$members"
-    stop_pids "${pair_pids[@]}"
+    stop_pids "${pair_pids[@]}" "$redis_pid"
   done
-  stop_pids "$redis_pid"
 }
 
 case "$scenario" in

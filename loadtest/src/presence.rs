@@ -90,6 +90,22 @@ pub async fn run(config: &PresenceConfig) -> anyhow::Result<PresenceReport> {
     .await
     .context("watcher")?;
     watcher.subscribe("w", TOPIC).await.context("watcher")?;
+    // Users still present from an earlier run (a node stopped within the leave delay keeps its
+    // entries until the delay is over) would join silently: the watcher would wait for them.
+    let http = reqwest::Client::new();
+    let reader = token(WATCHER)?;
+    let path = format!(
+        "{}/api/v1/topics/%2Fteam%2Ft0/presence",
+        config.http.trim_end_matches('/')
+    );
+    let (_, before) = read_list(&http, &path, &reader).await?;
+    let others = before.iter().filter(|u| *u != WATCHER).count();
+    if others > 0 {
+        bail!(
+            "{TOPIC} already has {others} users present (left by an earlier run within the leave \
+             delay?): give each run a fresh Redis"
+        );
+    }
 
     // When each member sent its SUBSCRIBE; the watcher matches the joins against it.
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -162,33 +178,11 @@ pub async fn run(config: &PresenceConfig) -> anyhow::Result<PresenceReport> {
 
     let mut list = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
     let mut list_correct = true;
-    let http = reqwest::Client::new();
-    let reader = token(WATCHER)?;
-    let path = format!(
-        "{}/api/v1/topics/%2Fteam%2Ft0/presence",
-        config.http.trim_end_matches('/')
-    );
     for _ in 0..config.lists {
         let start = Instant::now();
-        let mut users = 0;
-        let mut after: Option<String> = None;
-        let count = loop {
-            let mut request = http
-                .get(&path)
-                .bearer_auth(&reader)
-                .query(&[("limit", "1000")]);
-            if let Some(after) = &after {
-                request = request.query(&[("after", after)]);
-            }
-            let page: serde_json::Value = request.send().await?.error_for_status()?.json().await?;
-            users += page["users"].as_array().map_or(0, Vec::len);
-            match page["next"].as_str() {
-                Some(next) => after = Some(next.to_owned()),
-                None => break page["count"].as_u64().unwrap_or(0),
-            }
-        };
+        let (count, users) = read_list(&http, &path, &reader).await?;
         list.saturating_record(start.elapsed().as_micros() as u64);
-        list_correct &= count == config.members as u64 + 1 && users == config.members + 1;
+        list_correct &= count == config.members as u64 + 1 && users.len() == config.members + 1;
     }
 
     let redis_before = match &config.redis {
@@ -229,6 +223,34 @@ pub async fn run(config: &PresenceConfig) -> anyhow::Result<PresenceReport> {
             .zip(rss_after)
             .map(|(b, a)| (a.saturating_sub(b)) as f64 / config.members.max(1) as f64),
     })
+}
+
+/// Reads the whole list, pages of 1,000: the count the last page gave, and every user named.
+async fn read_list(
+    http: &reqwest::Client,
+    path: &str,
+    token: &str,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    let mut users = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut request = http.get(path).bearer_auth(token).query(&[("limit", "1000")]);
+        if let Some(after) = &after {
+            request = request.query(&[("after", after)]);
+        }
+        let page: serde_json::Value = request.send().await?.error_for_status()?.json().await?;
+        users.extend(
+            page["users"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|u| u["user"].as_str().map(str::to_owned)),
+        );
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return Ok((page["count"].as_u64().unwrap_or(0), users)),
+        }
+    }
 }
 
 /// Commands Redis has run (`INFO commandstats`, summed, so commands inside scripts count
