@@ -234,7 +234,10 @@ async fn read_list(
     let mut users = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let mut request = http.get(path).bearer_auth(token).query(&[("limit", "1000")]);
+        let mut request = http
+            .get(path)
+            .bearer_auth(token)
+            .query(&[("limit", "1000")]);
         if let Some(after) = &after {
             request = request.query(&[("after", after)]);
         }
