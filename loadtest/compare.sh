@@ -9,7 +9,8 @@
 #   loadtest/compare.sh redis       # 2 nodes through Redis, then through a 3-master Redis Cluster,
 #                                   # against the single in-process node in the same run
 #   loadtest/compare.sh locks       # acquire+release pairs/s: SQLite, PostgreSQL 1 and 3 nodes; references:
-#                                   # the same decisions as raw SQL (SQLite, PostgreSQL), Redis SET NX PX
+#                                   # the same decisions as raw SQL (SQLite, PostgreSQL), Redis SET NX PX,
+#                                   # and the database alone (pgbench: decision functions vs raw CTEs)
 #   loadtest/compare.sh presign     # presigned URLs/s on one core vs boto3, and through the HTTP API
 #   loadtest/compare.sh history    # history on vs off vs the commit before history (BASELINE, default
 #                                   # 4292fc8): fan-out on 1 node and 2 nodes + Redis, Redis CPU
@@ -316,6 +317,23 @@ sign_line() { jq -r '"\(.urls_per_sec|floor) URLs/s, p50 \(.latency.p50_ms) ms, 
 
 locks_line() { jq -r '"\(.operations_per_sec|floor) pairs/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms, \(.errors) errors"'; }
 
+# The database alone, no node: pgbench drives the decision functions (loadtest/pgbench/
+# decisions.sql) and the raw reference's CTEs (raw.sql) with the same clients, so the ratio
+# shows how much of the gap the functions themselves make. pgbench opens one connection per
+# client (the loadtest's raw reference shares a pool of 16).
+run_locks_db() { # clients
+  local pgbench tps_f tps_r
+  pgbench="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/pgbench"
+  [ -x "$pgbench" ] || { echo "pgbench not found: no database-alone cell" >&2; return; }
+  LOCKSTEP_JWT_SECRET=$secret LOCKSTEP_DATA_DIR="$work/migrate" LOCKSTEP_DATABASE_URL="$pg_url" \
+    "$bin/lockstep" migrate >/dev/null 2>&1
+  psql -q "$pg_url" -f loadtest/pgbench/tables.sql >/dev/null 2>&1
+  tps_f=$("$pgbench" -n -c "$1" -j 2 -T 10 -M prepared -f loadtest/pgbench/decisions.sql "$pg_url" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+  tps_r=$("$pgbench" -n -c "$1" -j 2 -T 10 -M prepared -f loadtest/pgbench/raw.sql "$pg_url" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+  echo "{\"scenario\":\"locks-db\",\"clients\":$1,\"functions_pairs_per_sec\":${tps_f:-null},\"raw_pairs_per_sec\":${tps_r:-null}}" | record >/dev/null
+  echo "database alone (pgbench, $1 connections): decision functions ${tps_f%.*} pairs/s, raw CTEs ${tps_r%.*} pairs/s; functions / raw = $(ratio "${tps_f:-0}" "${tps_r:-1}")"
+}
+
 run_locks() {
   echo "== locks: acquire+release pairs/s, each client on its own item, 10 s per cell"
   # Lock requests draw on their token's event budget (api.publish_rate, 1000/s): one client
@@ -332,6 +350,7 @@ run_locks() {
     echo "raw SQL on SQLite (reference): $(locks_line <"$work/locks.rawsqlite")"
     "$bin/loadtest" locks --raw "$pg_url" --concurrency "$conc" --duration 10s 2>/dev/null | record >"$work/locks.rawpg"
     echo "raw SQL on PostgreSQL, 16 connections (reference): $(locks_line <"$work/locks.rawpg")"
+    run_locks_db "$conc"
     start_api_nodes 1 "sqlite://$work/bench-$conc.db" ""
     "$bin/loadtest" locks --http "$api_http" --concurrency "$conc" --duration 10s 2>/dev/null | record >"$work/locks.sqlite"
     echo "SQLite, 1 node: $(locks_line <"$work/locks.sqlite")"
