@@ -96,6 +96,7 @@ keys! {
     "presence.timeout", "30s", "Within this a dead node's users leave presence (its entries expire and a live node sweeps them); nodes refresh their entries three times per timeout.";
     "presence.batch", "50ms", "Presence changes within this window go to the store, and out as events, together.";
     "presence.max_listed", "10000", "Above this many users present in a topic, `GET /api/v1/topics/{topic}/presence` answers the count only.";
+    "control.revocation_ttl", "24h", "How long a control call (disconnect, unsubscribe) keeps refusing the user's tokens issued before it: at least your longest token lifetime (an older token still valid after this is accepted again).";
     "redis.url", "", "Cluster broker: `redis://host:port` (standalone) or `redis-cluster://host:port,host:port` (Redis Cluster, sharded pub/sub). Empty: the in-process broker (a single node).";
     "redis.channel_prefix", "lockstep:", "Prefix of the Redis key and channel names, so several deployments can share one Redis (no `{` or `}`: each topic's keys share a hash tag).";
     "redis.probe_interval", "2s", "How often each node checks its pub/sub connection with a probe message; a probe that does not come back forces a reconnect.";
@@ -493,6 +494,7 @@ impl Sources {
                 batch: p.duration("presence.batch"),
                 max_listed: p.positive("presence.max_listed"),
             },
+            revocation_ttl: p.duration("control.revocation_ttl"),
             // Both set by `serve`, which makes the node's id and knows the secrets.
             ..HubConfig::default()
         };

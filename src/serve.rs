@@ -252,6 +252,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let backends = api::Backends {
             locks: Some(locks),
             storage,
+            control: Some(Arc::new(HubControl(hub.clone()))),
         };
         let state = ApiState::new(
             config.api.clone(),
@@ -470,6 +471,64 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The control API acts through the hub.
+#[derive(Debug)]
+struct HubControl(Hub);
+
+impl api::control::ControlPlane for HubControl {
+    fn revoke<'a>(
+        &'a self,
+        user: &'a str,
+        topic: Option<&'a Topic>,
+    ) -> BoxFuture<'a, Result<api::control::RevocationView, String>> {
+        Box::pin(async move {
+            let revoked = match topic {
+                None => self.0.disconnect_user(user).await,
+                Some(topic) => self.0.unsubscribe_user(user, topic).await,
+            }
+            .map_err(|e| e.to_string())?;
+            let r = revoked.revocation;
+            Ok(api::control::RevocationView::new(
+                user,
+                r.topic.as_deref(),
+                r.cutoff,
+                r.until,
+            ))
+        })
+    }
+
+    fn connections<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<api::control::ConnectionsView, String>> {
+        Box::pin(async move {
+            let found = self
+                .0
+                .user_connections(user)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(api::control::ConnectionsView {
+                user: user.to_owned(),
+                connections: found
+                    .connections
+                    .into_iter()
+                    .map(|c| api::control::ConnectionView {
+                        node: c.node,
+                        session: c.session,
+                        since: humantime::format_rfc3339_millis(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.since_ms),
+                        )
+                        .to_string(),
+                        topics: c.topics,
+                    })
+                    .collect(),
+                nodes_answered: found.answered,
+                nodes_missing: found.missing,
+            })
+        })
     }
 }
 

@@ -9,6 +9,8 @@
 //! - `extract`: [`extract::ApiJson`] and [`extract::Caller`] (bearer-token authentication).
 //! - `publish`: `POST /api/v1/publish` and `/publish/batch`.
 //! - `topics`: a topic's position and history (`/api/v1/topics/{topic}/…`).
+//! - [`control`]: the control API (`/api/v1/users/{user}/…`): disconnect, unsubscribe, list
+//!   connections, through a [`control::ControlPlane`] the binary plugs in.
 //! - [`locks`]: per-item edit locks: the endpoints, [`locks::store::LockStore`] (sqlx,
 //!   PostgreSQL or SQLite) and the event outbox.
 //! - [`presign`]: presigned object URLs ([`presign::Storage`], aws-sdk-s3) and upload commits.
@@ -16,6 +18,7 @@
 //! - [`metrics`]: the API's Prometheus metric names and the request-counting middleware.
 //! - `openapi`: the OpenAPI document at `/api/v1/openapi.json`.
 
+pub mod control;
 pub mod error;
 pub mod extract;
 mod health;
@@ -226,6 +229,8 @@ struct Inner {
     locks: Option<Arc<locks::Locks>>,
     /// Object storage; `None` answers 503 `storage_not_configured`.
     storage: Option<presign::Storage>,
+    /// The hub's control plane; `None` answers 503 `control_not_configured`.
+    control: Option<Arc<dyn control::ControlPlane>>,
 }
 
 /// The stateful services behind the API, each optional.
@@ -233,6 +238,7 @@ struct Inner {
 pub struct Backends {
     pub locks: Option<Arc<locks::Locks>>,
     pub storage: Option<presign::Storage>,
+    pub control: Option<Arc<dyn control::ControlPlane>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -269,6 +275,7 @@ impl ApiState {
                 limiter,
                 locks: backends.locks,
                 storage: backends.storage,
+                control: backends.control,
             }),
         }
     }
@@ -299,6 +306,9 @@ pub fn app(state: ApiState) -> Router {
         .route("/topics/{topic}/events", get(topics::events))
         .route("/topics/{topic}/snapshot", get(topics::snapshot))
         .route("/topics/{topic}/presence", get(topics::presence))
+        .route("/users/{user}/disconnect", post(control::disconnect))
+        .route("/users/{user}/unsubscribe", post(control::unsubscribe))
+        .route("/users/{user}/connections", get(control::connections))
         .route("/openapi.json", get(openapi::document))
         .fallback(not_found);
     let timeout = config.request_timeout;

@@ -15,7 +15,7 @@ use utoipa::{Modify, OpenApi};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Lockstep API", description = "Publish events, manage edit locks, presign object URLs."),
+    info(title = "Lockstep API", description = "Publish events, manage edit locks, presign object URLs, control users' connections."),
     paths(
         crate::publish::publish,
         crate::publish::publish_batch,
@@ -33,6 +33,9 @@ use utoipa::{Modify, OpenApi};
         crate::topics::events,
         crate::topics::snapshot,
         crate::topics::presence,
+        crate::control::disconnect,
+        crate::control::unsubscribe,
+        crate::control::connections,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&BearerAuth)
@@ -171,6 +174,7 @@ fn add_shared(doc: &mut Value) {
         ("PresignRequest", "name", "ObjectName"),
         ("BatchObject", "name", "ObjectName"),
         ("CommitRequest", "name", "ObjectName"),
+        ("UnsubscribeRequest", "topic", "Topic"),
     ] {
         if let Some(property) = property(doc, schema, field) {
             // The field's own description and example stay beside the reference.

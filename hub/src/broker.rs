@@ -11,6 +11,7 @@
 //! in count, age and bytes, and the epoch is made anew at every process start.
 
 use crate::config::HistoryConfig;
+use crate::control::Revocation;
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
@@ -116,6 +117,9 @@ pub trait Delivery: Send + Sync + std::fmt::Debug + 'static {
     /// The broker knows it dropped inbound events (it fell behind its connection): every
     /// topic's position must be checked, since the lost event may be a topic's last.
     fn lost(&self) {}
+
+    /// A control message (`crate::control`) reached this node.
+    fn control(&self, _message: &str) {}
 }
 
 /// Moves events between nodes, and keeps each topic's recent history.
@@ -156,6 +160,26 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Whether the broker is reachable and its subscriptions are live.
     fn is_ready(&self) -> bool;
 
+    /// Sends a control message to every node, this one included, through
+    /// [`Delivery::control`]. Best effort, like any pub/sub message: what must hold even when
+    /// it is lost is also kept with [`Broker::revoke`].
+    fn control<'a>(&'a self, message: &'a str) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Keeps `revocation` of `user`'s tokens until it lapses, for every node to check on
+    /// `CONNECT`, `SUBSCRIBE` and token refresh. A later revocation of the same scope (all
+    /// connections, or one topic) replaces the earlier one.
+    fn revoke<'a>(
+        &'a self,
+        user: &'a str,
+        revocation: &'a Revocation,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// The revocations of `user`'s tokens that have not lapsed.
+    fn revocations<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Revocation>, BrokerError>>;
+
     /// Changes whenever the broker (re)connected and may have lost this node's subscriptions;
     /// the subscription manager then resubscribes every topic. `None`: subscriptions are never
     /// lost.
@@ -193,6 +217,8 @@ pub struct MemoryBroker {
     /// dropped first, whatever its topic, when the bytes exceed `config.memory_bytes`. A
     /// `parking_lot` mutex held for a push or a few pops, never across an `.await`.
     retained: Mutex<Retained>,
+    /// User → revocations of their tokens (lapsed ones are dropped when the user's are read).
+    revocations: DashMap<String, Vec<Revocation>>,
 }
 
 #[derive(Debug, Default)]
@@ -232,6 +258,7 @@ impl MemoryBroker {
             epoch: new_epoch(),
             topics: DashMap::new(),
             retained: Mutex::new(Retained::default()),
+            revocations: DashMap::new(),
         }
     }
 
@@ -474,6 +501,36 @@ impl Broker for MemoryBroker {
 
     fn is_ready(&self) -> bool {
         true
+    }
+
+    fn control<'a>(&'a self, message: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.delivery.control(message);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        user: &'a str,
+        revocation: &'a Revocation,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let mut kept = self.revocations.entry(user.to_owned()).or_default();
+        kept.retain(|r| r.topic != revocation.topic);
+        kept.push(revocation.clone());
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn revocations<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Revocation>, BrokerError>> {
+        let now = crate::control::unix_now();
+        let mut found = Vec::new();
+        self.revocations.remove_if_mut(user, |_, kept| {
+            kept.retain(|r| r.until > now);
+            found.clone_from(kept);
+            kept.is_empty()
+        });
+        Box::pin(std::future::ready(Ok(found)))
     }
 }
 

@@ -144,6 +144,10 @@ pub struct HubConfig {
     /// What history keeps, and how far a resume may reach back.
     pub history: HistoryConfig,
     pub presence: PresenceConfig,
+    /// How long a control call's revocation is kept: at least the lifetime of the longest
+    /// token it must refuse (a token issued before the call and still valid after this would
+    /// be accepted again).
+    pub revocation_ttl: Duration,
 }
 
 impl Default for HubConfig {
@@ -174,6 +178,7 @@ impl Default for HubConfig {
             session_key: SessionKey::new(&rand::random::<[u8; 32]>()),
             history: HistoryConfig::default(),
             presence: PresenceConfig::default(),
+            revocation_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -16,6 +16,7 @@
 //! take the slots of real clients nor keep a real client from connecting (a real client sends
 //! `CONNECT` within a round trip and is out of the pool long before it would be evicted).
 
+use crate::control::ConnectionInfo;
 use crate::registry::ConnId;
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -34,6 +35,9 @@ pub(crate) struct ConnHandle {
     /// A close asked of the session; taken by the session when it wakes. A `parking_lot`
     /// mutex, held for a store or a take.
     closing: Mutex<Option<Disconnect>>,
+    /// Topics whose subscriptions the node asked the session to end (the control API); taken
+    /// by the session when it wakes. Without duplicates, so bounded by the topics there are.
+    ending: Mutex<Vec<Arc<str>>>,
     /// Wakes the session. A `Notify` keeps one permit, so a request made while the session is
     /// busy is seen at its next turn.
     wake: Notify,
@@ -46,6 +50,17 @@ pub(crate) struct ConnHandle {
 pub(crate) struct Connected {
     pub(crate) session: Arc<str>,
     pub(crate) user: Arc<str>,
+    /// When its current token was issued (it changes when the token is refreshed).
+    pub(crate) issued_at: Option<u64>,
+    pub(crate) since: SystemTime,
+}
+
+/// What the node asks of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Request {
+    Close(Disconnect),
+    /// End the subscriptions to these topics (a team topic: and its items).
+    End(Vec<Arc<str>>),
 }
 
 /// A user subscribed to a topic on this node.
@@ -79,13 +94,39 @@ impl ConnHandle {
         self.wake.notify_one();
     }
 
-    /// Resolves when a close was asked; returns it.
-    pub(crate) async fn closed(&self) -> Disconnect {
+    /// Asks the session to end its subscriptions to `topic`.
+    pub(crate) fn end_topic(&self, topic: Arc<str>) {
+        let mut ending = self.ending.lock();
+        if !ending.contains(&topic) {
+            ending.push(topic);
+        }
+        drop(ending);
+        self.wake.notify_one();
+    }
+
+    /// Resolves when something was asked of the session: a close first, if one was.
+    pub(crate) async fn next_request(&self) -> Request {
         loop {
             if let Some(disconnect) = *self.closing.lock() {
-                return disconnect;
+                return Request::Close(disconnect);
+            }
+            let ending = std::mem::take(&mut *self.ending.lock());
+            if !ending.is_empty() {
+                return Request::End(ending);
             }
             self.wake.notified().await;
+        }
+    }
+
+    /// When the connection's token was issued (`None` before `CONNECT`, or when it says not).
+    pub(crate) fn issued_at(&self) -> Option<u64> {
+        self.user.read().as_ref().and_then(|c| c.issued_at)
+    }
+
+    /// The connection refreshed its token.
+    pub(crate) fn refreshed(&self, issued_at: Option<u64>) {
+        if let Some(c) = self.user.write().as_mut() {
+            c.issued_at = issued_at;
         }
     }
 }
@@ -131,6 +172,7 @@ impl Connections {
             conn,
             user: parking_lot::RwLock::new(None),
             closing: Mutex::new(None),
+            ending: Mutex::new(Vec::new()),
             wake: Notify::new(),
             topics: Mutex::new(HashMap::new()),
         });
@@ -273,6 +315,47 @@ impl Connections {
         self.users.len()
     }
 
+    /// The connections `user` has on this node.
+    pub(crate) fn handles_of(&self, user: &str) -> Vec<Arc<ConnHandle>> {
+        let Some(conns) = self.users.get(user) else {
+            return Vec::new();
+        };
+        conns
+            .iter()
+            .filter_map(|conn| self.all.get(conn).map(|h| h.clone()))
+            .collect()
+    }
+
+    /// Every user connected to this node.
+    pub(crate) fn users(&self) -> Vec<Arc<str>> {
+        self.users.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// `user`'s connections here, as the control API lists them.
+    pub(crate) fn describe(&self, user: &str, node: &str) -> Vec<ConnectionInfo> {
+        self.handles_of(user)
+            .iter()
+            .filter_map(|handle| {
+                let (session, since) = handle
+                    .user
+                    .read()
+                    .as_ref()
+                    .map(|c| (c.session.to_string(), c.since))?;
+                let mut topics: Vec<String> =
+                    handle.topics.lock().keys().map(|t| t.to_string()).collect();
+                topics.sort();
+                Some(ConnectionInfo {
+                    node: node.to_owned(),
+                    session,
+                    since_ms: since
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    topics,
+                })
+            })
+            .collect()
+    }
+
     /// The sessions `user` has open on this node.
     pub(crate) fn sessions_of(&self, user: &str) -> Vec<Arc<str>> {
         let Some(conns) = self.users.get(user) else {
@@ -354,6 +437,8 @@ mod tests {
         Connected {
             session: session.into(),
             user: user.into(),
+            issued_at: Some(1),
+            since: SystemTime::now(),
         }
     }
 
@@ -402,11 +487,26 @@ mod tests {
         let table = Connections::new(10);
         let a = table.admit(1);
         // Asked before the session waits: the permit is kept.
+        a.end_topic("/team/t1".into());
+        a.end_topic("/team/t1".into());
+        a.end_topic("/team/t2".into());
+        assert_eq!(
+            a.next_request().await,
+            Request::End(vec!["/team/t1".into(), "/team/t2".into()])
+        );
         a.close(Disconnect::NODE_EXPIRED);
         a.close(Disconnect::SHUTTING_DOWN);
-        assert_eq!(a.closed().await, Disconnect::NODE_EXPIRED);
+        a.end_topic("/team/t3".into());
+        // A close comes first, whatever else was asked.
+        assert_eq!(
+            a.next_request().await,
+            Request::Close(Disconnect::NODE_EXPIRED)
+        );
         let b = table.admit(2);
         table.close_all(Disconnect::NODE_EXPIRED);
-        assert_eq!(b.closed().await, Disconnect::NODE_EXPIRED);
+        assert_eq!(
+            b.next_request().await,
+            Request::Close(Disconnect::NODE_EXPIRED)
+        );
     }
 }

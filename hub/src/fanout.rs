@@ -40,6 +40,17 @@ pub struct Fanout {
     max_held: usize,
     /// Itself, for the fills it spawns.
     me: Weak<Fanout>,
+    /// Where control messages go (the hub); set once the hub exists.
+    control: OnceLock<ControlHandler>,
+}
+
+/// Takes the control messages the broker delivers.
+pub(crate) struct ControlHandler(pub(crate) Box<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for ControlHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlHandler")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -60,7 +71,13 @@ impl Fanout {
             max_fill,
             max_held,
             me: me.clone(),
+            control: OnceLock::new(),
         })
+    }
+
+    /// Connects the hub that control messages go to.
+    pub(crate) fn set_control(&self, handler: ControlHandler) {
+        let _ = self.control.set(handler);
     }
 
     /// Connects the broker the gaps are filled from.
@@ -208,6 +225,12 @@ impl Fanout {
 }
 
 impl Delivery for Fanout {
+    fn control(&self, message: &str) {
+        if let Some(handler) = self.control.get() {
+            (handler.0)(message);
+        }
+    }
+
     fn deliver(&self, topic: &str, event: StreamEvent) {
         // A topic nobody here holds (an event in flight past an unsubscribe) is not tracked:
         // cursors exist only for topics with local subscribers.

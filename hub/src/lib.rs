@@ -19,6 +19,9 @@
 //! - [`broker`]: the [`Broker`] trait (publish with a position, history) and [`MemoryBroker`].
 //! - [`fanout`]: [`Fanout`], the brokers' [`broker::Delivery`]: each topic in offset order to the
 //!   registry, gaps filled from history once per topic, `lockstep.reset` when they cannot be.
+//! - [`control`]: the control API's side in the hub (DESIGN §15): revocations kept by the
+//!   broker and checked on `CONNECT` and `SUBSCRIBE`, control messages that close connections
+//!   or end subscriptions on every node, and the connections survey.
 //! - [`presence`]: who subscribes to team and item topics across the cluster: the
 //!   [`PresenceStore`] trait with [`MemoryPresence`] (the Redis store is
 //!   [`redis::RedisBroker`]'s), and the node's tracker, which batches changes, waits out the
@@ -30,6 +33,7 @@
 pub mod broker;
 pub mod config;
 mod connections;
+pub mod control;
 pub mod fanout;
 pub mod metrics;
 pub mod presence;
@@ -44,6 +48,7 @@ mod upgrade;
 pub use broker::{Broker, BrokerError, History, MemoryBroker, PublishOptions, Published, Snapshot};
 pub use config::{HistoryConfig, HubConfig, OriginPolicy, PresenceConfig};
 pub use connections::Member;
+pub use control::{ConnectionInfo, Revocation};
 pub use fanout::Fanout;
 pub use presence::{Listing, MemoryPresence, PresenceStore};
 pub use registry::Registry;
@@ -95,6 +100,8 @@ struct Inner {
     connections: Connections,
     /// The node's side of presence: sessions tell it what changed.
     presence: Arc<presence::Tracker>,
+    /// The node's side of the control plane: live nodes, surveys in flight.
+    control: control::Control,
     /// `SEND` budgets per token, shared by all of a token's connections on this node.
     budgets: KeyedBuckets,
     /// The clock the budgets count on.
@@ -160,6 +167,7 @@ impl Hub {
         let hub = Hub {
             inner: Arc::new(Inner {
                 presence: tracker.clone(),
+                control: control::Control::default(),
                 slots: Arc::new(Semaphore::new(config.max_connections)),
                 connections: Connections::new(config.max_pending_connections),
                 // Past 10,000 tokens, those idle for a minute are forgotten.
@@ -181,6 +189,15 @@ impl Hub {
             }),
         };
         tracker.spawn(Arc::new(hub.clone()), hub.inner.shutdown.clone());
+        let weak = Arc::downgrade(&hub.inner);
+        hub.inner
+            .fanout
+            .set_control(fanout::ControlHandler(Box::new(move |message: &str| {
+                if let Some(inner) = weak.upgrade() {
+                    Hub { inner }.on_control(message);
+                }
+            })));
+        hub.spawn_control();
         hub
     }
 

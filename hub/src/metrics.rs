@@ -39,6 +39,11 @@ pub const REDIS_PROBE_FAILURES: &str = "lockstep_redis_probe_failures_total";
 pub const PRESENCE_UPDATES: &str = "lockstep_presence_updates_total";
 pub const PRESENCE_CHANGES: &str = "lockstep_presence_changes_total";
 pub const PRESENCE_FAILURES: &str = "lockstep_presence_failures_total";
+pub const CONTROL_CALLS: &str = "lockstep_control_calls_total";
+pub const CONTROL_APPLIED: &str = "lockstep_control_applied_total";
+pub const UNSUBSCRIBED: &str = "lockstep_subscriptions_ended_total";
+pub const TOKEN_REFRESHES: &str = "lockstep_token_refreshes_total";
+pub const REVOCATION_CHECK_SECONDS: &str = "lockstep_revocation_check_seconds";
 
 /// Registers help texts and units. Call once, after the recorder is installed.
 pub fn describe() {
@@ -147,6 +152,29 @@ pub fn describe() {
         REDIS_PROBE_FAILURES,
         "Pub/sub probes that did not come back, each forcing a resubscribe."
     );
+    describe_counter!(
+        CONTROL_CALLS,
+        "Control API calls this node made, by op (disconnect, unsubscribe)."
+    );
+    describe_counter!(
+        CONTROL_APPLIED,
+        "Connections on this node a control call reached, by op (closed with 4011, or \
+         subscriptions ended)."
+    );
+    describe_counter!(
+        UNSUBSCRIBED,
+        "Subscriptions ended by the server with lockstep.unsubscribed, by reason (revoked by the \
+         control API, or no longer allowed by a refreshed token)."
+    );
+    describe_counter!(
+        TOKEN_REFRESHES,
+        "Token refreshes over /lockstep/token, by outcome (ok, refused)."
+    );
+    describe_histogram!(
+        REVOCATION_CHECK_SECONDS,
+        Unit::Seconds,
+        "Time to read a user's revocations from the broker (once per CONNECT and SUBSCRIBE)."
+    );
     // Unlabelled counters exist from the start, so rate() and absence alerts work before the
     // first event.
     for name in [
@@ -179,6 +207,8 @@ pub(crate) struct HubMetrics {
     pub(crate) publish_failures: Counter,
     /// Publish to confirmation, one sample per event.
     pub(crate) publish_seconds: Histogram,
+    /// One sample per revocation read on `CONNECT` and `SUBSCRIBE`.
+    pub(crate) revocation_check_seconds: Histogram,
 }
 
 impl HubMetrics {
@@ -188,6 +218,7 @@ impl HubMetrics {
             published: ::metrics::counter!(EVENTS_PUBLISHED),
             publish_failures: ::metrics::counter!(PUBLISH_FAILURES),
             publish_seconds: ::metrics::histogram!(BROKER_PUBLISH_SECONDS),
+            revocation_check_seconds: ::metrics::histogram!(REVOCATION_CHECK_SECONDS),
         }
     }
 }
@@ -230,6 +261,7 @@ fn close_label(code: u16) -> &'static str {
         4008 => "4008",
         4009 => "4009",
         4010 => "4010",
+        4011 => "4011",
         _ => "other",
     }
 }

@@ -159,6 +159,8 @@ const PRESENCE_LIST_LUA: &str = concat!(
     include_str!("redis/presence_list.lua")
 );
 
+const REVOKE_LUA: &str = include_str!("redis/revoke.lua");
+
 /// A script and its SHA1, which `EVALSHA` names it by.
 #[derive(Debug)]
 struct Script {
@@ -258,12 +260,15 @@ pub struct RedisBroker {
     snapshot: Arc<Script>,
     presence: Script,
     presence_list: Script,
+    revoke: Script,
     state: Arc<State>,
 }
 
 #[derive(Debug)]
 struct State {
     probe_channel: String,
+    /// Every node's control messages (`crate::control`).
+    control_channel: String,
     probes_sent: AtomicU64,
     probes_seen: AtomicU64,
     probe_ok: AtomicBool,
@@ -402,6 +407,7 @@ impl RedisBroker {
             .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
         let state = Arc::new(State {
             probe_channel: format!("{}probe:{node_id}", settings.channel_prefix),
+            control_channel: format!("{}control", settings.channel_prefix),
             probes_sent: AtomicU64::new(0),
             probes_seen: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
@@ -422,6 +428,7 @@ impl RedisBroker {
             snapshot: Arc::new(Script::new(SNAPSHOT_LUA)),
             presence: Script::new(PRESENCE_LUA),
             presence_list: Script::new(PRESENCE_LIST_LUA),
+            revoke: Script::new(REVOKE_LUA),
             state,
         });
         tokio::spawn(publish_batches(
@@ -470,6 +477,17 @@ impl RedisBroker {
                         if channel == state.probe_channel {
                             let seq = message.value.as_u64().unwrap_or(0);
                             state.probes_seen.fetch_max(seq, Ordering::Relaxed);
+                            continue;
+                        }
+                        if channel == state.control_channel {
+                            match message
+                                .value
+                                .as_bytes()
+                                .and_then(|b| std::str::from_utf8(b).ok())
+                            {
+                                Some(text) => delivery.control(text),
+                                None => warn!("ignoring a non-UTF-8 control message"),
+                            }
                             continue;
                         }
                         let Some(topic) = channel
@@ -549,6 +567,10 @@ impl RedisBroker {
                 if let Err(err) = broker.subscriber.ssubscribe(probe).await {
                     debug!(%err, "probe subscription failed; the probe will force a reconnect");
                 }
+                let control = broker.state.control_channel.clone();
+                if let Err(err) = broker.subscriber.ssubscribe(control).await {
+                    warn!(%err, "control channel subscription failed; control calls reach this node only through revocations until the next reconnect");
+                }
                 let sent = broker.state.probes_sent.load(Ordering::Relaxed);
                 broker.state.probes_seen.fetch_max(sent, Ordering::Relaxed);
                 broker.state.probe_ok.store(true, Ordering::Relaxed);
@@ -603,6 +625,11 @@ impl RedisBroker {
 
     fn channel(&self, topic: &str) -> String {
         TopicKeys::new(&self.prefix, topic).channel
+    }
+
+    /// The hash of `user`'s revocations (field: topic or `*`; value: the revocation's JSON).
+    fn revocations_key(&self, user: &str) -> String {
+        format!("{}revoked:{user}", self.prefix)
     }
 }
 
@@ -1029,6 +1056,68 @@ impl Broker for RedisBroker {
 
     fn connection_epoch(&self) -> Option<watch::Receiver<u64>> {
         Some(self.state.epoch.subscribe())
+    }
+
+    fn control<'a>(&'a self, message: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let Some(client) = self.publisher.current() else {
+                return Err(BrokerError::Unavailable(
+                    "not connected to Redis".to_owned(),
+                ));
+            };
+            let _: i64 = client
+                .spublish(self.state.control_channel.as_str(), message)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            Ok(())
+        })
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        user: &'a str,
+        revocation: &'a crate::control::Revocation,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let key = self.revocations_key(user);
+            let slot = fred::util::redis_keyslot(key.as_bytes());
+            let now = crate::control::unix_now();
+            let keep_ms = revocation
+                .until
+                .saturating_sub(now)
+                .saturating_mul(1000)
+                .max(1);
+            let args = vec![
+                Value::from(revocation.topic.as_deref().unwrap_or("*")),
+                Value::from(serde_json::to_string(revocation).expect("revocations serialize")),
+                Value::from(i64::try_from(keep_ms).unwrap_or(i64::MAX)),
+            ];
+            self.run_script(&self.revoke, slot, &[key], args).await?;
+            Ok(())
+        })
+    }
+
+    fn revocations<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<crate::control::Revocation>, BrokerError>> {
+        Box::pin(async move {
+            let Some(client) = self.publisher.current() else {
+                return Err(BrokerError::Unavailable(
+                    "not connected to Redis".to_owned(),
+                ));
+            };
+            let all: HashMap<String, String> = client
+                .hgetall(self.revocations_key(user))
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let now = crate::control::unix_now();
+            Ok(all
+                .values()
+                .filter_map(|v| serde_json::from_str::<crate::control::Revocation>(v).ok())
+                .filter(|r| r.until > now)
+                .collect())
+        })
     }
 }
 

@@ -16,9 +16,9 @@
 //! close code, then removes the session's subscriptions.
 
 use crate::broker::{History, PublishOptions, Published, StreamEvent};
-use crate::connections::{self, ConnHandle};
+use crate::connections::{self, ConnHandle, Request};
 use crate::registry::{ConnId, Held, Recovery, Subscriber};
-use crate::send_queue::{Ready, SendQueue};
+use crate::send_queue::{Pushed, Ready, SendQueue};
 use crate::{Hub, PublishError};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::BytesMut;
@@ -173,6 +173,8 @@ struct Session {
     batch: usize,
     /// A ping went out and nothing was read since.
     pinged: bool,
+    /// The token was refreshed: its expiry moved, so the timer must be set again.
+    refreshed: bool,
 }
 
 /// Runs a session to its end.
@@ -211,6 +213,7 @@ pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
         last_write: now,
         batch: MAX_BATCH,
         pinged: false,
+        refreshed: false,
     };
     metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
     session.serve_and_close().instrument(span).await;
@@ -237,13 +240,24 @@ impl Session {
         let shutting_down = shutdown.cancelled();
         tokio::pin!(shutting_down);
         let handle = self.handle.clone();
-        let asked_to_close = handle.closed();
-        tokio::pin!(asked_to_close);
+        let asked = handle.next_request();
+        tokio::pin!(asked);
         loop {
             // Not biased: every ready branch gets its turn (see the module docs).
             tokio::select! {
                 () = &mut shutting_down => return Ending::close(Disconnect::SHUTTING_DOWN),
-                disconnect = &mut asked_to_close => return self.asked_to_close(disconnect),
+                request = &mut asked => match request {
+                    Request::Close(disconnect) => return self.asked_to_close(disconnect),
+                    Request::End(topics) => {
+                        let ended = |topic: &Topic| {
+                            topics.iter().any(|t| crate::control::covers_topic(t, topic.as_str()))
+                        };
+                        if let Err(ending) = self.end_subscriptions(REVOKED, ended) {
+                            return ending;
+                        }
+                        asked.set(handle.next_request());
+                    }
+                },
                 () = &mut timer => {
                     match self.on_timer() {
                         Ok(Timer::Next(next)) => timer.as_mut().reset(next),
@@ -286,7 +300,7 @@ impl Session {
                     if let Err(ending) = self.on_message(message).await {
                         return ending;
                     }
-                    if !was_connected && self.connected.is_some() {
+                    if (!was_connected && self.connected.is_some()) || std::mem::take(&mut self.refreshed) {
                         timer.as_mut().reset(self.next_deadline());
                     }
                 }
@@ -593,11 +607,17 @@ impl Session {
             }
             ClientCommand::Unsubscribe { id } => self.on_unsubscribe(&id),
             ClientCommand::Send {
+                destination, token, ..
+            } if destination == TOKEN_DESTINATION => {
+                return self.on_refresh(token.as_deref(), receipt).await;
+            }
+            ClientCommand::Send {
                 destination,
                 event_type,
                 key,
                 content_type,
                 body,
+                ..
             } => {
                 // Its receipt waits for the broker's confirmation.
                 return self.on_send(
@@ -672,6 +692,22 @@ impl Session {
                 )
             })?;
         tracing::Span::current().record("user.id", field::display(&principal.sub));
+        match self
+            .hub
+            .revoked(&principal.sub, None, principal.issued_at)
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                return Err(Ending::error(
+                    Disconnect::REMOVED,
+                    "token revoked",
+                    "this user's connections were removed; connect with a token issued after that",
+                    None,
+                ));
+            }
+            Err(err) => return Err(revocations_unavailable(&err, None)),
+        }
         let hub = &self.hub.inner;
         let Ok(permit) = hub.slots.clone().try_acquire_owned() else {
             return Err(Ending::error(
@@ -721,6 +757,8 @@ impl Session {
             connections::Connected {
                 session: session_id.as_str().into(),
                 user: principal.sub.as_str().into(),
+                issued_at: principal.issued_at,
+                since: SystemTime::now(),
             },
         );
         // Authenticated: frames up to the configured limits from now on.
@@ -762,6 +800,31 @@ impl Session {
                 format!("cannot subscribe to {destination}: {err}"),
                 receipt,
             ));
+        }
+        // The platform may have ended this user's access since the token was issued, on
+        // whichever node: the revocation is read from the broker, not from this node's memory.
+        match self
+            .hub
+            .revoked(&principal.sub, Some(topic.as_str()), principal.issued_at)
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(revocation)) => {
+                let (disconnect, why) = match revocation.topic {
+                    None => (Disconnect::REMOVED, "this user's connections were removed"),
+                    Some(_) => (
+                        Disconnect::FORBIDDEN,
+                        "access was revoked after this token was issued",
+                    ),
+                };
+                return Err(Ending::error(
+                    disconnect,
+                    "forbidden",
+                    format!("cannot subscribe to {destination}: {why}; get a new token"),
+                    receipt,
+                ));
+            }
+            Err(err) => return Err(revocations_unavailable(&err, receipt)),
         }
         if self.subscriptions.contains_key(id.as_str()) {
             return Err(Ending::error(
@@ -990,6 +1053,156 @@ impl Session {
         }
     }
 
+    /// A token refresh: the connection goes on under `token` from now on (its expiry, teams
+    /// and scopes), and the subscriptions it no longer allows end with
+    /// `lockstep.unsubscribed`.
+    ///
+    /// A refused token (invalid, expired, another user's, revoked) gets an `ERROR` frame but
+    /// does not close the connection, unlike every other `ERROR`: the connection keeps its
+    /// old token, which is still valid, until that expires (4002 as usual). Closing would
+    /// punish a client for a token its provider got wrong while the one it has still works,
+    /// and a client that cannot refresh learns it now rather than at expiry.
+    async fn on_refresh(
+        &mut self,
+        token: Option<&str>,
+        receipt: Option<&str>,
+    ) -> Result<(), Ending> {
+        let outcome = self.refresh(token).await;
+        let result = match outcome {
+            Ok(ended) => {
+                metrics::counter!(crate::metrics::TOKEN_REFRESHES, "outcome" => "ok").increment(1);
+                debug!(ended, "token refreshed");
+                Ok(())
+            }
+            Err(Refused::Unavailable(err)) => return Err(revocations_unavailable(&err, receipt)),
+            Err(Refused::Slow) => return Err(Ending::close(Disconnect::SLOW_CONSUMER)),
+            Err(Refused::Token(why)) => {
+                metrics::counter!(crate::metrics::TOKEN_REFRESHES, "outcome" => "refused")
+                    .increment(1);
+                debug!(%why, "token refresh refused");
+                Err(why)
+            }
+        };
+        match result {
+            Ok(()) => {
+                if let Some(id) = receipt {
+                    self.send_frame(&server::receipt(id)).await?;
+                }
+                Ok(())
+            }
+            Err(why) => {
+                let frame = server::error(
+                    "token refused",
+                    receipt,
+                    &format!("{why}; the connection keeps its current token until it expires"),
+                );
+                self.send_frame(&frame).await
+            }
+        }
+    }
+
+    /// Verifies and applies a new token; answers how many subscriptions it ended.
+    async fn refresh(&mut self, token: Option<&str>) -> Result<usize, Refused> {
+        let token = token.ok_or_else(|| {
+            Refused::Token(
+                "no token: send it in the passcode or Authorization header of the SEND".to_owned(),
+            )
+        })?;
+        let now_ms = unix_now_ms();
+        let principal = self
+            .hub
+            .inner
+            .auth
+            .verify(token, now_ms / 1000)
+            .map_err(|e| Refused::Token(e.to_string()))?;
+        let current = &self.connected.as_ref().expect("connected").principal;
+        if principal.sub != current.sub {
+            return Err(Refused::Token(
+                "the new token is another user's (its sub differs)".to_owned(),
+            ));
+        }
+        let revocations = tokio::time::timeout(
+            crate::broker::HISTORY_TIMEOUT,
+            self.hub.inner.broker.revocations(&principal.sub),
+        )
+        .await
+        .map_err(|_| Refused::Unavailable("revocation read timed out".to_owned()))?
+        .map_err(|e| Refused::Unavailable(e.to_string()))?;
+        if revocations
+            .iter()
+            .any(|r| r.topic.is_none() && r.covers_token(principal.issued_at))
+        {
+            return Err(Refused::Token(
+                "the new token was revoked (this user's connections were removed)".to_owned(),
+            ));
+        }
+        let left = Duration::from_millis(principal.exp.saturating_mul(1000).saturating_sub(now_ms));
+        let expires = Instant::now()
+            .checked_add(left)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+        let issued_at = principal.issued_at;
+        let still_allowed = |topic: &Topic| {
+            principal.can_subscribe(topic).is_ok()
+                && !revocations
+                    .iter()
+                    .any(|r| r.covers(Some(topic.as_str()), issued_at))
+        };
+        let ended: Vec<Topic> = self
+            .subscriptions
+            .values()
+            .filter(|t| !still_allowed(t))
+            .cloned()
+            .collect();
+        let connected = self.connected.as_mut().expect("connected");
+        connected.principal = principal;
+        connected.expires = expires;
+        self.handle.refreshed(issued_at);
+        self.refreshed = true;
+        let count = ended.len();
+        self.end_subscriptions(TOKEN_CHANGED, |t| ended.contains(t))
+            .map_err(|_| Refused::Slow)?;
+        Ok(count)
+    }
+
+    /// Ends the subscriptions whose topic `ended` says, each with a final
+    /// `lockstep.unsubscribed` MESSAGE giving `reason`, queued behind whatever the
+    /// subscription already had queued.
+    fn end_subscriptions(
+        &mut self,
+        reason: &str,
+        ended: impl Fn(&Topic) -> bool,
+    ) -> Result<(), Ending> {
+        let ids: Vec<(Arc<str>, Topic)> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, topic)| ended(topic))
+            .map(|(id, topic)| (id.clone(), topic.clone()))
+            .collect();
+        let unescaped = self.version() == "1.0";
+        for (id, topic) in ids {
+            self.on_unsubscribe(&id);
+            let ts = protocol::envelope::format_ts(SystemTime::now());
+            let notice = stream::unsubscribed(topic.as_str(), &self.hub.new_id(), &ts, reason);
+            let prefix = if unescaped {
+                server::subscription_prefix_unescaped(&id)
+            } else {
+                server::subscription_prefix(&id)
+            };
+            let target = Target {
+                topic: &topic,
+                prefix: &prefix,
+                unescaped,
+                presence: true,
+            };
+            metrics::counter!(crate::metrics::UNSUBSCRIBED, "reason" => reason.to_owned())
+                .increment(1);
+            if matches!(self.queue.push(frame_for(&notice, &target)), Pushed::Full) {
+                return Err(Ending::close(Disconnect::SLOW_CONSUMER));
+            }
+        }
+        Ok(())
+    }
+
     fn on_send(
         &mut self,
         destination: &str,
@@ -1174,6 +1387,22 @@ fn next_confirmation(
     })
 }
 
+/// Where a `SEND` refreshes the connection's token (DESIGN §15).
+const TOKEN_DESTINATION: &str = "/lockstep/token";
+
+/// `lockstep.unsubscribed` reasons.
+const REVOKED: &str = "revoked";
+const TOKEN_CHANGED: &str = "token";
+
+fn revocations_unavailable(err: &dyn std::fmt::Display, receipt: Option<&str>) -> Ending {
+    Ending::error(
+        Disconnect::UNAVAILABLE,
+        "broker unavailable",
+        format!("could not check whether this token was revoked ({err}); reconnect later"),
+        receipt,
+    )
+}
+
 fn token_expired() -> Ending {
     Ending::error(
         Disconnect::TOKEN_EXPIRED,
@@ -1191,6 +1420,17 @@ fn unknown_command(command: &str, receipt: Option<&str>) -> Ending {
         format!("unknown command '{shown}'"),
         receipt,
     )
+}
+
+/// Why a token refresh did not happen.
+#[derive(Debug)]
+enum Refused {
+    /// The token: the client is told, the connection goes on.
+    Token(String),
+    /// The revocations could not be read.
+    Unavailable(String),
+    /// The client's queue is full.
+    Slow,
 }
 
 /// The subscription a resume serves.

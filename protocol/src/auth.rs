@@ -23,6 +23,9 @@ pub enum Scope {
     Locks,
     /// Get presigned object URLs.
     Presign,
+    /// Act on other users' connections: disconnect them, end their subscriptions, list them
+    /// (the control API, DESIGN §15). For the platform's backend, never for a browser.
+    Control,
 }
 
 impl Scope {
@@ -32,6 +35,7 @@ impl Scope {
             "publish:global" => Some(Scope::PublishGlobal),
             "locks" => Some(Scope::Locks),
             "presign" => Some(Scope::Presign),
+            "control" => Some(Scope::Control),
             _ => None,
         }
     }
@@ -42,6 +46,7 @@ impl Scope {
             Scope::PublishGlobal => "publish:global",
             Scope::Locks => "locks",
             Scope::Presign => "presign",
+            Scope::Control => "control",
         }
     }
 }
@@ -58,6 +63,7 @@ struct Claims {
     scope: String,
     exp: Option<u64>,
     nbf: Option<u64>,
+    iat: Option<u64>,
     /// A service token's own publish rate (events per second), bounded by configuration.
     publish_rate: Option<u32>,
 }
@@ -75,6 +81,9 @@ pub struct Principal {
     pub scopes: HashSet<Scope>,
     /// `exp`, seconds since the Unix epoch (leeway included), at most [`MAX_EXP`].
     pub exp: u64,
+    /// When the token was issued, seconds since the Unix epoch: its `iat`, else its `nbf`,
+    /// else `None` (a token that does not say is taken as older than any revocation).
+    pub issued_at: Option<u64>,
     /// The token's `publish_rate` claim: events per second this caller may publish, where the
     /// configuration allows tokens to ask for their own rate. `None`: the configured default.
     pub publish_rate: Option<u32>,
@@ -409,6 +418,7 @@ impl Authenticator {
                 .filter_map(Scope::parse)
                 .collect(),
             exp: exp.saturating_add(self.leeway).min(MAX_EXP),
+            issued_at: claims.iat.or(claims.nbf),
             publish_rate: claims.publish_rate,
         })
     }

@@ -47,6 +47,9 @@ pub enum ClientCommand {
         /// The `x-key` header: the event's key in its topic.
         key: Option<String>,
         content_type: Option<String>,
+        /// A bearer token in `passcode` or `Authorization: Bearer …`: what a token refresh
+        /// (`SEND` to `/lockstep/token`) carries.
+        token: Option<String>,
         body: Bytes,
     },
     Ack {
@@ -82,13 +85,7 @@ pub struct Connect {
 impl Connect {
     /// The bearer token this frame carries: `passcode`, else `Authorization: Bearer …`.
     pub fn token(&self) -> Option<&str> {
-        let from_passcode = self.passcode.as_deref().filter(|p| !p.is_empty());
-        let from_header = self.authorization.as_deref().and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-                .map(str::trim)
-        });
-        from_passcode.or(from_header)
+        bearer(self.passcode.as_deref(), self.authorization.as_deref())
     }
 
     /// The highest version both sides speak, if any.
@@ -100,6 +97,17 @@ impl Connect {
             .into_iter()
             .find(|v| self.accept_version.iter().any(|a| a == v))
     }
+}
+
+/// The token a frame carries: `passcode`, else `Authorization: Bearer …`.
+fn bearer<'a>(passcode: Option<&'a str>, authorization: Option<&'a str>) -> Option<&'a str> {
+    let from_passcode = passcode.filter(|p| !p.is_empty());
+    let from_header = authorization.and_then(|h| {
+        h.strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+            .map(str::trim)
+    });
+    from_passcode.or(from_header)
 }
 
 /// A frame that names a known command but lacks what that command needs.
@@ -175,6 +183,8 @@ impl TryFrom<Frame> for ClientFrame {
                 event_type: frame.header("event-type").map(str::to_owned),
                 key: frame.header(crate::server::KEY_HEADER).map(str::to_owned),
                 content_type: frame.header("content-type").map(str::to_owned),
+                token: bearer(frame.header("passcode"), frame.header("authorization"))
+                    .map(str::to_owned),
                 body: frame.body.clone(),
             },
             Command::Ack => ClientCommand::Ack {

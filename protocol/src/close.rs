@@ -4,8 +4,8 @@
 //! Codes 4000–4999 are the application range of RFC 6455; 1000 and 1013 are RFC 6455's own. A
 //! close frame's payload is at most 125 bytes, two of them the code, so every reason here stays
 //! under 123 bytes. A client should reconnect after 1013 (later), 4002 (with a fresh token),
-//! 4008, 4009 and 4010, and after a 4003 heart-beat timeout; 4001, other 4003s and 4004 mean the
-//! same request will fail again.
+//! 4008, 4009 and 4010, and after a 4003 heart-beat timeout; 4001, other 4003s, 4004 and 4011
+//! mean the same request will fail again (after 4011 only a token issued later is accepted).
 
 /// A close code and its reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +68,12 @@ impl Disconnect {
         code: 4003,
         reason: "heart-beat timeout",
     };
+    /// The platform removed this user's connections (the control API): do not reconnect with
+    /// the same token; it is refused from now on.
+    pub const REMOVED: Disconnect = Disconnect {
+        code: 4011,
+        reason: "removed",
+    };
     /// The cluster broker is unavailable (RFC 6455 "try again later").
     pub const UNAVAILABLE: Disconnect = Disconnect {
         code: 1013,
@@ -75,7 +81,7 @@ impl Disconnect {
     };
 
     /// Every close the hub sends, for documentation and tests.
-    pub const ALL: [Disconnect; 11] = [
+    pub const ALL: [Disconnect; 12] = [
         Disconnect::NORMAL,
         Disconnect::UNAUTHORIZED,
         Disconnect::TOKEN_EXPIRED,
@@ -86,6 +92,7 @@ impl Disconnect {
         Disconnect::SHUTTING_DOWN,
         Disconnect::NODE_EXPIRED,
         Disconnect::HEARTBEAT_TIMEOUT,
+        Disconnect::REMOVED,
         Disconnect::UNAVAILABLE,
     ];
 
@@ -119,5 +126,6 @@ mod tests {
         assert!(Disconnect::HEARTBEAT_TIMEOUT.should_reconnect());
         assert!(Disconnect::NODE_EXPIRED.should_reconnect());
         assert!(Disconnect::UNAVAILABLE.should_reconnect());
+        assert!(!Disconnect::REMOVED.should_reconnect());
     }
 }

@@ -21,6 +21,10 @@ pub const RECOVERED_HEADER: &str = "x-recovered";
 
 /// The first frame of a subscription that asked for a start position.
 pub const SUBSCRIBED_EVENT: &str = "lockstep.subscribed";
+/// The last frame of a subscription the server ended: the platform revoked the user's access
+/// to the topic, or a refreshed token no longer allows it. `data.reason` says which
+/// (`revoked`, `token`).
+pub const UNSUBSCRIBED_EVENT: &str = "lockstep.unsubscribed";
 /// Sent to a topic's subscribers when a node could not deliver part of the stream: what they
 /// hold may be stale; the new position is in its headers.
 pub const RESET_EVENT: &str = "lockstep.reset";
@@ -199,6 +203,12 @@ pub fn subscribed(
             headers(position.offset, &position.epoch)
         ),
     )
+}
+
+/// The last frame of a subscription the server ended, and why.
+pub fn unsubscribed(destination: &str, id: &str, ts: &str, reason: &str) -> MessageTemplate {
+    let data = serde_json::json!({ "reason": reason }).to_string();
+    notice(destination, id, ts, UNSUBSCRIBED_EVENT, &data)
 }
 
 /// Tells a topic's subscribers that part of its stream could not be delivered (`reason`), so

@@ -182,3 +182,64 @@ fn stompjs_in_headless_chromium_opens_a_dashboard_mid_run() {
     .to_string();
     run(&node, "node", "browser/dashboard.mjs", &config);
 }
+
+/// Token refresh over the open socket (DESIGN §15) with the real stompjs: three refreshes,
+/// each before the current token's `exp`, over a connection that outlives three tokens
+/// without reconnecting and without missing an event; the third drops a team and ends that
+/// subscription with `lockstep.unsubscribed`; then the control API ends the other
+/// (`shared/refresh_scenario.mjs`).
+fn refresh_config(node: &Lockstep, page_port: Option<u16>) -> String {
+    let start = tests::now();
+    // Three seconds per token: long enough for a loaded machine's refresh round trip, short
+    // enough that the run outlives three of them in about ten seconds. The first lives longer
+    // in Chromium, which takes a few seconds to start before the page connects.
+    let lead = if page_port.is_some() { 8 } else { 3 };
+    let expires: Vec<u64> = (0..4).map(|i| start + lead + 3 * i).collect();
+    let token = |i: usize, teams: &[&str]| {
+        node.token_with(&json!({
+            "sub": "ana", "teams": teams, "iat": start, "exp": expires[i],
+        }))
+    };
+    json!({
+        "http": node.http(),
+        "ws": node.ws(),
+        "user": "ana",
+        "team": "t1",
+        "team2": "t2",
+        "tokens": {
+            "t0": token(0, &["t1", "t2"]),
+            "t1": token(1, &["t1", "t2"]),
+            "t2": token(2, &["t1", "t2"]),
+            "t3": token(3, &["t1"]),
+            "publisher": node.token("backend", &["t1", "t2"], "publish"),
+            "control": node.token("platform", &[], "control"),
+        },
+        "expires": expires,
+        "heartbeat_ms": HEARTBEAT_MS,
+        "page_port": page_port,
+    })
+    .to_string()
+}
+
+#[test]
+fn stompjs_in_node_refreshes_its_token() {
+    let node = node(None);
+    run(
+        &node,
+        "node",
+        "node/refresh.mjs",
+        &refresh_config(&node, None),
+    );
+}
+
+#[test]
+fn stompjs_in_headless_chromium_refreshes_its_token() {
+    let page_port = free_port();
+    let node = node(Some(page_port));
+    run(
+        &node,
+        "node",
+        "browser/refresh.mjs",
+        &refresh_config(&node, Some(page_port)),
+    );
+}

@@ -3,6 +3,7 @@
 mod api;
 mod clients;
 mod cluster;
+mod control;
 mod deploy;
 mod fanout;
 mod hardening;

@@ -25,7 +25,7 @@ async fn schemathesis_finds_no_failure() {
         "sub": "ana",
         "teams": [TEAM],
         "admin_of": [TEAM],
-        "scope": "publish publish:global locks presign",
+        "scope": "publish publish:global locks presign control",
         "exp": tests::now() + 3600,
     }));
     let url = format!("{}/api/v1/openapi.json", node.http());
