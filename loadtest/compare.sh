@@ -23,6 +23,9 @@
 #   loadtest/compare.sh presence   # idle RSS per connection, presence on vs off (alternated); 2,000 and
 #                                   # 10,000 members on 2 nodes + Redis: join latency across nodes, list
 #                                   # latency, Redis commands/s while held, RSS per member
+#   loadtest/compare.sh control    # the revocation check's cost per connection setup against the commit
+#                                   # before it (BASELINE, default f75c5fa), 1 node + Redis; disconnect
+#                                   # and unsubscribe latency across 3 nodes + Redis
 #   BASELINE=<git rev> loadtest/compare.sh ab
 #                                   # this tree against an earlier commit, alternating twice:
 #                                   # CPU per delivery, fanout p99, idle RSS per connection
@@ -613,8 +616,55 @@ run_presence() {
   done
 }
 
+# The control API (DESIGN §15). What the revocation check (one Redis read on every CONNECT and
+# every SUBSCRIBE) costs a connection's setup, against the commit before it (BASELINE, default
+# f75c5fa), both on one node through Redis, alternating twice; then how fast disconnect and
+# unsubscribe reach a user's connections on two other nodes of three.
+run_control() {
+  local rev=${BASELINE:-f75c5fa} tree="$work/baseline" round name url b c sum count
+  git worktree add -q --detach "$tree" "$rev"
+  (cd "$tree" && cargo build --release --locked -q -p lockstep)
+  cp "$bin/lockstep" "$work/lockstep-baseline"
+  git worktree remove --force "$tree"
+  cargo build --release --locked -q -p lockstep -p loadtest
+  stop_pids "$ceiling_pid" "$lockstep_pid"
+  start_redis
+  echo "== control: 10,000 x (TCP + upgrade + CONNECT + SUBSCRIBE with receipt), 64 at a time, 1 node + Redis;"
+  echo "   $(git rev-parse --short "$rev") (baseline: no revocation check) against this tree, alternating twice"
+  for round in 1 2; do
+    for name in baseline current; do
+      lockstep_bin=$([ $name = baseline ] && echo "$work/lockstep-baseline" || echo "$bin/lockstep")
+      start_api_nodes 1 "" "redis://127.0.0.1:$redis_port"
+      url="ws://${api_http#http://}/ws"
+      "$bin/loadtest" connect --target lockstep --url "$url" --connections 10000 --concurrency 64 --sources 4 2>/dev/null \
+        | record >"$work/control.$name.$round"
+      [ $name = current ] && curl -s "$api_http/metrics" >"$work/control.metrics.$round"
+      stop_pids "${api_pids[@]}"
+      echo "round $round $name: $(jq -r '"\(.connections_per_sec) connections/s (\(.failed) failed), setup p50 \(.setup_latency.p50_ms) ms, p99 \(.setup_latency.p99_ms) ms"' "$work/control.$name.$round")"
+    done
+  done
+  unset lockstep_bin
+  for field in connections_per_sec setup_latency.p50_ms setup_latency.p99_ms; do
+    b=$(jq -s "map(.$field) | add / length * 100 | round / 100" "$work"/control.baseline.*)
+    c=$(jq -s "map(.$field) | add / length * 100 | round / 100" "$work"/control.current.*)
+    echo "$field, current / baseline = $(ratio "$c" "$b") (means of both rounds: $c vs $b)"
+  done
+  sum=$(cat "$work"/control.metrics.* | awk '/^lockstep_revocation_check_seconds_sum/ {s += $2} END {print s}')
+  count=$(cat "$work"/control.metrics.* | awk '/^lockstep_revocation_check_seconds_count/ {s += $2} END {print s}')
+  echo "revocation check (Redis HGETALL): $count checks, mean $(python3 -c "import sys; print(round(float(sys.argv[1]) / float(sys.argv[2]) * 1e6))" "$sum" "$count") µs"
+  echo "== control: 3 nodes + Redis; 200 users each on nodes 1 and 2 (team + item subscriptions), the call on node 3, 8 users at a time"
+  start_api_nodes 3 "" "redis://127.0.0.1:$redis_port"
+  local hosts
+  IFS=, read -r -a hosts <<<"$api_http"
+  "$bin/loadtest" control --url "ws://${hosts[0]#http://}/ws,ws://${hosts[1]#http://}/ws" --http "${hosts[2]}" \
+    --users 200 --concurrency 8 2>/dev/null | record >"$work/control.latency"
+  jq -r '"disconnect (both connections closed 4011): p50 \(.disconnect.p50_ms) ms, p99 \(.disconnect.p99_ms) ms, max \(.disconnect.max_ms) ms; unsubscribe (4 subscriptions ended): p50 \(.unsubscribe.p50_ms) ms, p99 \(.unsubscribe.p99_ms) ms, max \(.unsubscribe.max_ms) ms; HTTP answer p99 \(.call_answer.p99_ms) ms (\(.calls) calls)"' "$work/control.latency"
+  stop_pids "${api_pids[@]}" "$redis_pid"
+}
+
 case "$scenario" in
   presence) run_presence ;;
+  control) run_control ;;
   fanout) run_fanout ;;
   fanout10) run_fanout10 ;;
   idle) run_idle ;;

@@ -17,6 +17,7 @@ pub mod api_load;
 pub mod ceiling;
 pub mod client;
 pub mod connect;
+pub mod control;
 pub mod fanout;
 pub mod idle;
 pub mod presence;

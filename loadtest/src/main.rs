@@ -80,6 +80,22 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// The control API across nodes: users connected to two nodes, the call to a third; time
+    /// from the call to its effect on every connection (4011 close, `lockstep.unsubscribed`).
+    Control {
+        /// WebSocket URLs; users connect to the first two.
+        #[arg(long, value_delimiter = ',', required = true)]
+        url: Vec<String>,
+        /// HTTP base URL of the node the calls go to.
+        #[arg(long)]
+        http: String,
+        #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "")]
+        jwt_secret: String,
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Many clients resuming at once: SUBSCRIBE with an offset `missed` events back, time to
     /// the last replayed event.
     Resume {
@@ -374,6 +390,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 report.succeeded,
                 report.failed,
                 report.setup_latency.p99_ms
+            );
+            emit(&report)?;
+        }
+        Command::Control {
+            url,
+            http,
+            jwt_secret,
+            users,
+            concurrency,
+        } => {
+            let report = loadtest::control::run(&loadtest::control::ControlConfig {
+                urls: url,
+                http,
+                secret: jwt_secret,
+                users,
+                concurrency,
+            })
+            .await?;
+            eprintln!(
+                "control: disconnect p50 {} ms p99 {} ms; unsubscribe p50 {} ms p99 {} ms ({} calls)",
+                report.disconnect.p50_ms,
+                report.disconnect.p99_ms,
+                report.unsubscribe.p50_ms,
+                report.unsubscribe.p99_ms,
+                report.calls
             );
             emit(&report)?;
         }
