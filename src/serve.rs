@@ -228,6 +228,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if config.api_enabled {
         let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
             Arc::new(BrokerCheck(hub.clone())),
+            Arc::new(ControlCheck(hub.clone())),
             Arc::new(StoreCheck {
                 store: store.clone(),
                 migrated: migrated.clone(),
@@ -500,6 +501,20 @@ impl api::control::ControlPlane for HubControl {
         })
     }
 
+    fn is_revoked<'a>(
+        &'a self,
+        user: &'a str,
+        topic: &'a Topic,
+        issued_at: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            self.0
+                .is_revoked(user, topic, issued_at)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn connections<'a>(
         &'a self,
         user: &'a str,
@@ -718,6 +733,21 @@ impl ReadinessCheck for StoreCheck {
 
 #[derive(Debug)]
 struct BrokerCheck(Hub);
+
+/// The node hears the control channel (its own announcements come back): otherwise control
+/// calls reach its connections only at their next `CONNECT`, `SUBSCRIBE` or refresh.
+#[derive(Debug)]
+struct ControlCheck(Hub);
+
+impl ReadinessCheck for ControlCheck {
+    fn name(&self) -> &'static str {
+        "control"
+    }
+
+    fn is_ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(self.0.control_in_step()))
+    }
+}
 
 impl ReadinessCheck for BrokerCheck {
     fn name(&self) -> &'static str {

@@ -26,6 +26,15 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
         topic: Option<&'a Topic>,
     ) -> BoxFuture<'a, Result<RevocationView, String>>;
 
+    /// Whether a revocation refuses `user`'s token issued at `issued_at` for `topic` (checked
+    /// before the API publishes to or reads a topic for a caller).
+    fn is_revoked<'a>(
+        &'a self,
+        user: &'a str,
+        topic: &'a Topic,
+        issued_at: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, String>>;
+
     /// `user`'s connections on every node that answered.
     fn connections<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<ConnectionsView, String>>;
 }
@@ -95,6 +104,32 @@ pub(crate) struct UnsubscribeRequest {
     /// The topic whose subscriptions end: `/team/{id}` (its item topics too),
     /// `/team/{id}/items/{item}`, `/user/{id}` or `/global`.
     topic: String,
+}
+
+/// Refuses (403) a caller whose access to `topic` the control API revoked after its token was
+/// issued. Nodes without a control plane check nothing.
+///
+/// # Errors
+///
+/// 403 when revoked, 503 when the revocations cannot be read.
+pub(crate) async fn check_access(
+    state: &ApiState,
+    caller: &Principal,
+    topic: &Topic,
+) -> Result<(), ApiError> {
+    let Some(plane) = state.inner.control.as_deref() else {
+        return Ok(());
+    };
+    if plane
+        .is_revoked(&caller.sub, topic, caller.issued_at)
+        .await
+        .map_err(unavailable)?
+    {
+        return Err(ApiError::forbidden(format!(
+            "access to {topic} was revoked after this token was issued; get a new token"
+        )));
+    }
+    Ok(())
 }
 
 fn control_caller(caller: &Principal) -> Result<(), ApiError> {

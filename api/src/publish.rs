@@ -99,6 +99,7 @@ pub(crate) async fn publish(
     ApiJson(request): ApiJson<PublishRequest>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     let (topic, event_type) = validate(&state, &caller, &request).map_err(|e| e.at(None))?;
+    crate::control::check_access(&state, &caller, &topic).await?;
     state.inner.limiter.check(&caller, 1)?;
     let published = state
         .inner
@@ -146,6 +147,9 @@ pub(crate) async fn publish_batch(
         .enumerate()
         .map(|(i, e)| validate(&state, &caller, e).map_err(|err| err.at(Some(i))))
         .collect::<Result<Vec<_>, _>>()?;
+    for (topic, _) in &validated {
+        crate::control::check_access(&state, &caller, topic).await?;
+    }
     #[allow(clippy::cast_possible_truncation)] // bounded by max_batch
     state
         .inner

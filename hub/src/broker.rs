@@ -513,6 +513,13 @@ impl Broker for MemoryBroker {
         user: &'a str,
         revocation: &'a Revocation,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        // Calls are rare: each sweeps every lapsed revocation, so users who never come back
+        // do not stay.
+        let now = crate::control::unix_now();
+        self.revocations.retain(|_, kept| {
+            kept.retain(|r| r.until > now);
+            !kept.is_empty()
+        });
         let mut kept = self.revocations.entry(user.to_owned()).or_default();
         kept.retain(|r| r.topic != revocation.topic);
         kept.push(revocation.clone());

@@ -16,7 +16,7 @@
 //! take the slots of real clients nor keep a real client from connecting (a real client sends
 //! `CONNECT` within a round trip and is out of the pool long before it would be evicted).
 
-use crate::control::ConnectionInfo;
+use crate::control::{ConnectionInfo, Revocation};
 use crate::registry::ConnId;
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -35,9 +35,10 @@ pub(crate) struct ConnHandle {
     /// A close asked of the session; taken by the session when it wakes. A `parking_lot`
     /// mutex, held for a store or a take.
     closing: Mutex<Option<Disconnect>>,
-    /// Topics whose subscriptions the node asked the session to end (the control API); taken
-    /// by the session when it wakes. Without duplicates, so bounded by the topics there are.
-    ending: Mutex<Vec<Arc<str>>>,
+    /// Revocations of topics whose subscriptions the node asked the session to end (the
+    /// control API); taken by the session when it wakes. One per topic (the latest cutoff),
+    /// so bounded by the topics there are.
+    ending: Mutex<Vec<Revocation>>,
     /// Wakes the session. A `Notify` keeps one permit, so a request made while the session is
     /// busy is seen at its next turn.
     wake: Notify,
@@ -59,8 +60,9 @@ pub(crate) struct Connected {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Request {
     Close(Disconnect),
-    /// End the subscriptions to these topics (a team topic: and its items).
-    End(Vec<Arc<str>>),
+    /// End the subscriptions to these revocations' topics (a team topic: and its items), if
+    /// they still cover the session's token when it looks (it may have been refreshed since).
+    End(Vec<Revocation>),
 }
 
 /// A user subscribed to a topic on this node.
@@ -94,11 +96,13 @@ impl ConnHandle {
         self.wake.notify_one();
     }
 
-    /// Asks the session to end its subscriptions to `topic`.
-    pub(crate) fn end_topic(&self, topic: Arc<str>) {
+    /// Asks the session to end its subscriptions to the revocation's topic.
+    pub(crate) fn end_topic(&self, revocation: Revocation) {
         let mut ending = self.ending.lock();
-        if !ending.contains(&topic) {
-            ending.push(topic);
+        match ending.iter_mut().find(|r| r.topic == revocation.topic) {
+            Some(known) if known.cutoff >= revocation.cutoff => {}
+            Some(known) => *known = revocation,
+            None => ending.push(revocation),
         }
         drop(ending);
         self.wake.notify_one();
@@ -487,16 +491,23 @@ mod tests {
         let table = Connections::new(10);
         let a = table.admit(1);
         // Asked before the session waits: the permit is kept.
-        a.end_topic("/team/t1".into());
-        a.end_topic("/team/t1".into());
-        a.end_topic("/team/t2".into());
+        let revoked = |topic: &str, cutoff| Revocation {
+            topic: Some(topic.to_owned()),
+            cutoff,
+            until: u64::MAX,
+        };
+        a.end_topic(revoked("/team/t1", 5));
+        a.end_topic(revoked("/team/t1", 7));
+        a.end_topic(revoked("/team/t1", 6));
+        a.end_topic(revoked("/team/t2", 5));
         assert_eq!(
             a.next_request().await,
-            Request::End(vec!["/team/t1".into(), "/team/t2".into()])
+            Request::End(vec![revoked("/team/t1", 7), revoked("/team/t2", 5)]),
+            "one per topic, the latest cutoff"
         );
         a.close(Disconnect::NODE_EXPIRED);
         a.close(Disconnect::SHUTTING_DOWN);
-        a.end_topic("/team/t3".into());
+        a.end_topic(revoked("/team/t3", 5));
         // A close comes first, whatever else was asked.
         assert_eq!(
             a.next_request().await,

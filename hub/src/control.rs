@@ -23,6 +23,7 @@ use crate::{Hub, metrics};
 use dashmap::DashMap;
 use protocol::Disconnect;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -35,6 +36,12 @@ const NODE_SILENCE: Duration = Duration::from_millis(3500);
 
 /// Longest a survey waits for the nodes' answers.
 pub const SURVEY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the API's view of a user's revocations may be: DESIGN §15's "within a second".
+const CACHE_FOR: Duration = Duration::from_secs(1);
+
+/// Most users whose revocations the API keeps at once.
+const MAX_CACHED: usize = 10_000;
 
 /// Most surveys of one node in flight; more are refused as overloaded.
 const MAX_SURVEYS: usize = 256;
@@ -137,12 +144,31 @@ pub struct Revoked {
 }
 
 /// The node's side of the control plane: who else is alive, and the surveys in flight.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Control {
     /// Node id → when it was last heard from.
     nodes: DashMap<String, Instant>,
+    /// When this node last heard its own announcement: the control channel works both ways.
+    /// A `parking_lot` mutex held for a store or a read.
+    heard_self: parking_lot::Mutex<Instant>,
+    /// User → their revocations and when they were read: what the API checks its requests
+    /// against, at most [`CACHE_FOR`] old (dropped when a control message for the user
+    /// arrives; cleared whole past [`MAX_CACHED`] users).
+    cached: DashMap<String, (Instant, Arc<Vec<Revocation>>)>,
     /// Survey id → where its answers go.
     surveys: DashMap<String, mpsc::Sender<(String, Vec<ConnectionInfo>)>>,
+}
+
+impl Default for Control {
+    fn default() -> Control {
+        Control {
+            nodes: DashMap::new(),
+            // A grace of one silence at start, before the first announcement came back.
+            heard_self: parking_lot::Mutex::new(Instant::now()),
+            cached: DashMap::new(),
+            surveys: DashMap::new(),
+        }
+    }
 }
 
 impl Control {
@@ -223,6 +249,13 @@ impl Hub {
         };
         ::metrics::counter!(metrics::CONTROL_CALLS, "op" => kind).increment(1);
         self.broadcast(&message).await?;
+        // Tokens issued in the call's own second are covered (`iat` has whole seconds): answer
+        // once that second is over, so every token the platform mints after the answer is
+        // issued later and accepted. The nodes act on the broadcast meanwhile.
+        let next_second = UNIX_EPOCH + Duration::from_secs(now + 1);
+        if let Ok(wait) = next_second.duration_since(SystemTime::now()) {
+            tokio::time::sleep(wait).await;
+        }
         Ok(Revoked { revocation })
     }
 
@@ -281,6 +314,13 @@ impl Hub {
         })
     }
 
+    /// Whether this node hears the control channel: its own announcement came back recently.
+    /// A node that does not misses disconnects and unsubscribes (it still enforces them on
+    /// `CONNECT` and `SUBSCRIBE`); `/readyz` says so.
+    pub fn control_in_step(&self) -> bool {
+        self.inner.control.heard_self.lock().elapsed() < NODE_SILENCE
+    }
+
     /// A control message arrived from the broker.
     pub(crate) fn on_control(&self, text: &str) {
         let message = match serde_json::from_str::<Message>(text) {
@@ -291,6 +331,9 @@ impl Hub {
             }
         };
         let inner = &self.inner;
+        if let Message::Disconnect { user, .. } | Message::Unsubscribe { user, .. } = &message {
+            inner.control.cached.remove(user);
+        }
         match message {
             Message::Disconnect { user, cutoff } => {
                 let revocation = Revocation {
@@ -313,6 +356,9 @@ impl Hub {
                 self.apply(&user, &[revocation]);
             }
             Message::Node { node } => {
+                if node == inner.config.node_id {
+                    *inner.control.heard_self.lock() = Instant::now();
+                }
                 inner.control.nodes.insert(node, Instant::now());
             }
             Message::List { id, from, user } => {
@@ -364,10 +410,10 @@ impl Hub {
                             .increment(1);
                         handle.close(Disconnect::REMOVED);
                     }
-                    Some(topic) => {
+                    Some(_) => {
                         ::metrics::counter!(metrics::CONTROL_APPLIED, "op" => "unsubscribe")
                             .increment(1);
-                        handle.end_topic(topic.as_str().into());
+                        handle.end_topic(revocation.clone());
                     }
                 }
             }
@@ -439,14 +485,9 @@ impl Hub {
         );
     }
 
-    /// The first revocation of `user`'s that refuses a token issued at `issued_at` for `topic`
-    /// (`None`: connecting), read from the broker.
-    pub(crate) async fn revoked(
-        &self,
-        user: &str,
-        topic: Option<&str>,
-        issued_at: Option<u64>,
-    ) -> Result<Option<Revocation>, BrokerError> {
+    /// `user`'s revocations in force, read from the broker (the check of every `CONNECT`,
+    /// `SUBSCRIBE` and refresh: one read, timed).
+    pub(crate) async fn revocations_of(&self, user: &str) -> Result<Vec<Revocation>, BrokerError> {
         let started = Instant::now();
         let read = tokio::time::timeout(
             crate::broker::HISTORY_TIMEOUT,
@@ -458,7 +499,44 @@ impl Hub {
             .metrics
             .revocation_check_seconds
             .record(started.elapsed());
-        Ok(read.into_iter().find(|r| r.covers(topic, issued_at)))
+        Ok(read)
+    }
+
+    /// Whether one of `user`'s revocations refuses a token issued at `issued_at` for `topic`
+    /// (the API's check before it publishes to or reads a topic).
+    ///
+    /// # Errors
+    ///
+    /// When the broker cannot be read.
+    ///
+    /// The user's revocations are read at most once a second per node (and again at once
+    /// when a control message for the user arrives), so the check costs the API's hot paths
+    /// (publishing) little.
+    pub async fn is_revoked(
+        &self,
+        user: &str,
+        topic: &protocol::Topic,
+        issued_at: Option<u64>,
+    ) -> Result<bool, BrokerError> {
+        let cached = &self.inner.control.cached;
+        let fresh = cached
+            .get(user)
+            .filter(|e| e.0.elapsed() < CACHE_FOR)
+            .map(|e| e.1.clone());
+        let revocations = match fresh {
+            Some(revocations) => revocations,
+            None => {
+                let read = Arc::new(self.revocations_of(user).await?);
+                if cached.len() >= MAX_CACHED {
+                    cached.clear();
+                }
+                cached.insert(user.to_owned(), (Instant::now(), read.clone()));
+                read
+            }
+        };
+        Ok(revocations
+            .iter()
+            .any(|r| r.covers(Some(topic.as_str()), issued_at)))
     }
 }
 

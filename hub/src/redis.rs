@@ -269,6 +269,9 @@ struct State {
     probe_channel: String,
     /// Every node's control messages (`crate::control`).
     control_channel: String,
+    /// False once a control channel subscription failed, until one works: the probe task
+    /// retries it meanwhile.
+    control_subscribed: AtomicBool,
     probes_sent: AtomicU64,
     probes_seen: AtomicU64,
     probe_ok: AtomicBool,
@@ -408,6 +411,7 @@ impl RedisBroker {
         let state = Arc::new(State {
             probe_channel: format!("{}probe:{node_id}", settings.channel_prefix),
             control_channel: format!("{}control", settings.channel_prefix),
+            control_subscribed: AtomicBool::new(true),
             probes_sent: AtomicU64::new(0),
             probes_seen: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
@@ -567,10 +571,7 @@ impl RedisBroker {
                 if let Err(err) = broker.subscriber.ssubscribe(probe).await {
                     debug!(%err, "probe subscription failed; the probe will force a reconnect");
                 }
-                let control = broker.state.control_channel.clone();
-                if let Err(err) = broker.subscriber.ssubscribe(control).await {
-                    warn!(%err, "control channel subscription failed; control calls reach this node only through revocations until the next reconnect");
-                }
+                broker.subscribe_control().await;
                 let sent = broker.state.probes_sent.load(Ordering::Relaxed);
                 broker.state.probes_seen.fetch_max(sent, Ordering::Relaxed);
                 broker.state.probe_ok.store(true, Ordering::Relaxed);
@@ -593,6 +594,9 @@ impl RedisBroker {
                 };
                 if !broker.subscriber.is_connected() {
                     continue;
+                }
+                if !broker.state.control_subscribed.load(Ordering::Relaxed) {
+                    broker.subscribe_control().await;
                 }
                 let state = &broker.state;
                 let sent = state.probes_sent.load(Ordering::Relaxed);
@@ -625,6 +629,22 @@ impl RedisBroker {
 
     fn channel(&self, topic: &str) -> String {
         TopicKeys::new(&self.prefix, topic).channel
+    }
+
+    /// Subscribes to the control channel (after every reconnection, and on every probe tick
+    /// until it worked).
+    async fn subscribe_control(&self) {
+        let control = self.state.control_channel.clone();
+        match self.subscriber.ssubscribe(control).await {
+            Ok(()) => self.state.control_subscribed.store(true, Ordering::Relaxed),
+            Err(err) => {
+                if self.state.control_subscribed.swap(false, Ordering::Relaxed) {
+                    warn!(%err, "control channel subscription failed; retrying with every probe (control calls reach this node only through revocations meanwhile)");
+                } else {
+                    debug!(%err, "control channel subscription failed again");
+                }
+            }
+        }
     }
 
     /// The hash of `user`'s revocations (field: topic or `*`; value: the revocation's JSON).

@@ -17,6 +17,7 @@
 
 use crate::broker::{History, PublishOptions, Published, StreamEvent};
 use crate::connections::{self, ConnHandle, Request};
+use crate::control::Revocation;
 use crate::registry::{ConnId, Held, Recovery, Subscriber};
 use crate::send_queue::{Pushed, Ready, SendQueue};
 use crate::{Hub, PublishError};
@@ -175,6 +176,11 @@ struct Session {
     pinged: bool,
     /// The token was refreshed: its expiry moved, so the timer must be set again.
     refreshed: bool,
+    /// The user's revocations this session knows of (read on `CONNECT`, `SUBSCRIBE` and
+    /// refresh, and told by the control API): what its `SEND`s are checked against.
+    revocations: Vec<Revocation>,
+    /// Token refreshes refused in a row; too many close the connection.
+    refused_refreshes: u32,
 }
 
 /// Runs a session to its end.
@@ -214,6 +220,8 @@ pub(crate) async fn run(ws: WebSocket, hub: Hub, context: SessionContext) {
         batch: MAX_BATCH,
         pinged: false,
         refreshed: false,
+        revocations: Vec::new(),
+        refused_refreshes: 0,
     };
     metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
     session.serve_and_close().instrument(span).await;
@@ -248,11 +256,8 @@ impl Session {
                 () = &mut shutting_down => return Ending::close(Disconnect::SHUTTING_DOWN),
                 request = &mut asked => match request {
                     Request::Close(disconnect) => return self.asked_to_close(disconnect),
-                    Request::End(topics) => {
-                        let ended = |topic: &Topic| {
-                            topics.iter().any(|t| crate::control::covers_topic(t, topic.as_str()))
-                        };
-                        if let Err(ending) = self.end_subscriptions(REVOKED, ended) {
+                    Request::End(revocations) => {
+                        if let Err(ending) = self.on_revoked(revocations) {
                             return ending;
                         }
                         asked.set(handle.next_request());
@@ -286,6 +291,10 @@ impl Session {
                 () = held_until(self.held.as_ref()), if self.held.is_some() => {
                     if let Err(ending) = self.release_held().await {
                         return ending;
+                    }
+                    // The input behind the held SEND may have refreshed the token.
+                    if std::mem::take(&mut self.refreshed) {
+                        timer.as_mut().reset(self.next_deadline());
                     }
                 }
                 message = self.ws.next(), if self.can_read() => {
@@ -692,22 +701,6 @@ impl Session {
                 )
             })?;
         tracing::Span::current().record("user.id", field::display(&principal.sub));
-        match self
-            .hub
-            .revoked(&principal.sub, None, principal.issued_at)
-            .await
-        {
-            Ok(None) => {}
-            Ok(Some(_)) => {
-                return Err(Ending::error(
-                    Disconnect::REMOVED,
-                    "token revoked",
-                    "this user's connections were removed; connect with a token issued after that",
-                    None,
-                ));
-            }
-            Err(err) => return Err(revocations_unavailable(&err, None)),
-        }
         let hub = &self.hub.inner;
         let Ok(permit) = hub.slots.clone().try_acquire_owned() else {
             return Err(Ending::error(
@@ -761,6 +754,27 @@ impl Session {
                 since: SystemTime::now(),
             },
         );
+        // Read only now that the connection is in the table under its user: a control call
+        // racing with this CONNECT either wrote its revocation before the read (refused here)
+        // or finds the connection when its broadcast arrives (asked to close or narrow).
+        match self.hub.revocations_of(&principal.sub).await {
+            Ok(revocations) => {
+                if revocations
+                    .iter()
+                    .any(|r| r.covers(None, principal.issued_at))
+                {
+                    return Err(Ending::error(
+                        Disconnect::REMOVED,
+                        "token revoked",
+                        "this user's connections were removed; connect with a token issued after that",
+                        None,
+                    ));
+                }
+                self.revocations = revocations;
+            }
+            Err(err) => return Err(revocations_unavailable(&err, None)),
+        }
+        let config = &self.hub.inner.config;
         // Authenticated: frames up to the configured limits from now on.
         self.decoder.set_limits(config.limits);
         self.connected = Some(Box::new(Connected {
@@ -803,13 +817,17 @@ impl Session {
         }
         // The platform may have ended this user's access since the token was issued, on
         // whichever node: the revocation is read from the broker, not from this node's memory.
-        match self
-            .hub
-            .revoked(&principal.sub, Some(topic.as_str()), principal.issued_at)
-            .await
-        {
-            Ok(None) => {}
-            Ok(Some(revocation)) => {
+        let issued_at = principal.issued_at;
+        let read = self.hub.revocations_of(&principal.sub).await;
+        let revocations = read.map_err(|err| revocations_unavailable(&err, receipt))?;
+        let refused = revocations
+            .iter()
+            .find(|r| r.covers(Some(topic.as_str()), issued_at))
+            .cloned();
+        self.revocations = revocations;
+        match refused {
+            None => {}
+            Some(revocation) => {
                 let (disconnect, why) = match revocation.topic {
                     None => (Disconnect::REMOVED, "this user's connections were removed"),
                     Some(_) => (
@@ -824,7 +842,6 @@ impl Session {
                     receipt,
                 ));
             }
-            Err(err) => return Err(revocations_unavailable(&err, receipt)),
         }
         if self.subscriptions.contains_key(id.as_str()) {
             return Err(Ending::error(
@@ -1057,40 +1074,56 @@ impl Session {
     /// and scopes), and the subscriptions it no longer allows end with
     /// `lockstep.unsubscribed`.
     ///
-    /// A refused token (invalid, expired, another user's, revoked) gets an `ERROR` frame but
-    /// does not close the connection, unlike every other `ERROR`: the connection keeps its
-    /// old token, which is still valid, until that expires (4002 as usual). Closing would
-    /// punish a client for a token its provider got wrong while the one it has still works,
-    /// and a client that cannot refresh learns it now rather than at expiry.
+    /// A refused token (invalid, expired, another user's, revoked, or over the refresh budget)
+    /// gets an `ERROR` frame but does not close the connection, unlike every other `ERROR`: the
+    /// connection keeps its old token, which is still valid, until that expires (4002 as
+    /// usual). Closing would drop a client whose current token still works because its
+    /// provider produced a bad one, and the `ERROR` tells it now rather than at expiry. Two
+    /// things do close: [`MAX_REFUSED_REFRESHES`] refusals in a row (4001), and a refresh that
+    /// finds the *current* token revoked (4011: this node missed the control message).
     async fn on_refresh(
         &mut self,
         token: Option<&str>,
         receipt: Option<&str>,
     ) -> Result<(), Ending> {
-        let outcome = self.refresh(token).await;
-        let result = match outcome {
+        match self.refresh(token).await {
             Ok(ended) => {
                 metrics::counter!(crate::metrics::TOKEN_REFRESHES, "outcome" => "ok").increment(1);
                 debug!(ended, "token refreshed");
+                self.refused_refreshes = 0;
+                // Queued behind the `lockstep.unsubscribed` frames the refresh caused: a
+                // client that waits for the receipt has seen them.
+                if let Some(id) = receipt {
+                    let frame = server::receipt(id);
+                    crate::metrics::frame_out(&frame.command);
+                    let text = server::to_text_for(&frame, self.version());
+                    if matches!(self.queue.push(Utf8Bytes::from(text)), Pushed::Full) {
+                        return Err(Ending::close(Disconnect::SLOW_CONSUMER));
+                    }
+                }
                 Ok(())
             }
-            Err(Refused::Unavailable(err)) => return Err(revocations_unavailable(&err, receipt)),
-            Err(Refused::Slow) => return Err(Ending::close(Disconnect::SLOW_CONSUMER)),
+            Err(Refused::Unavailable(err)) => Err(revocations_unavailable(&err, receipt)),
+            Err(Refused::Slow) => Err(Ending::close(Disconnect::SLOW_CONSUMER)),
+            Err(Refused::Removed) => Err(Ending::error(
+                Disconnect::REMOVED,
+                "token revoked",
+                "this user's connections were removed; connect with a token issued after that",
+                receipt,
+            )),
             Err(Refused::Token(why)) => {
                 metrics::counter!(crate::metrics::TOKEN_REFRESHES, "outcome" => "refused")
                     .increment(1);
                 debug!(%why, "token refresh refused");
-                Err(why)
-            }
-        };
-        match result {
-            Ok(()) => {
-                if let Some(id) = receipt {
-                    self.send_frame(&server::receipt(id)).await?;
+                self.refused_refreshes += 1;
+                if self.refused_refreshes >= MAX_REFUSED_REFRESHES {
+                    return Err(Ending::error(
+                        Disconnect::UNAUTHORIZED,
+                        "token refused",
+                        format!("{why}; {MAX_REFUSED_REFRESHES} refreshes in a row were refused"),
+                        receipt,
+                    ));
                 }
-                Ok(())
-            }
-            Err(why) => {
                 let frame = server::error(
                     "token refused",
                     receipt,
@@ -1103,6 +1136,15 @@ impl Session {
 
     /// Verifies and applies a new token; answers how many subscriptions it ended.
     async fn refresh(&mut self, token: Option<&str>) -> Result<usize, Refused> {
+        let current = &self.connected.as_ref().expect("connected").principal;
+        // A refresh costs a signature check and a broker read: it draws on the token's SEND
+        // budget like a SEND, but is refused rather than held when the budget is spent.
+        if self.hub.take_budget(current).is_err() {
+            metrics::counter!(crate::metrics::SEND_THROTTLED).increment(1);
+            return Err(Refused::Token(
+                "too many token refreshes: they count against the token's SEND rate".to_owned(),
+            ));
+        }
         let token = token.ok_or_else(|| {
             Refused::Token(
                 "no token: send it in the passcode or Authorization header of the SEND".to_owned(),
@@ -1121,16 +1163,22 @@ impl Session {
                 "the new token is another user's (its sub differs)".to_owned(),
             ));
         }
-        let revocations = tokio::time::timeout(
-            crate::broker::HISTORY_TIMEOUT,
-            self.hub.inner.broker.revocations(&principal.sub),
-        )
-        .await
-        .map_err(|_| Refused::Unavailable("revocation read timed out".to_owned()))?
-        .map_err(|e| Refused::Unavailable(e.to_string()))?;
+        let current_issued = current.issued_at;
+        let revocations = self
+            .hub
+            .revocations_of(&principal.sub)
+            .await
+            .map_err(|e| Refused::Unavailable(e.to_string()))?;
+        // What this node may have missed: the connection itself is revoked.
         if revocations
             .iter()
-            .any(|r| r.topic.is_none() && r.covers_token(principal.issued_at))
+            .any(|r| r.covers(None, current_issued))
+        {
+            return Err(Refused::Removed);
+        }
+        if revocations
+            .iter()
+            .any(|r| r.covers(None, principal.issued_at))
         {
             return Err(Refused::Token(
                 "the new token was revoked (this user's connections were removed)".to_owned(),
@@ -1157,11 +1205,40 @@ impl Session {
         connected.principal = principal;
         connected.expires = expires;
         self.handle.refreshed(issued_at);
+        self.revocations = revocations;
         self.refreshed = true;
         let count = ended.len();
         self.end_subscriptions(TOKEN_CHANGED, |t| ended.contains(t))
             .map_err(|_| Refused::Slow)?;
         Ok(count)
+    }
+
+    /// The control API revoked topics of this user: the subscriptions they cover end (with
+    /// `lockstep.unsubscribed`), unless the token was refreshed to one issued after them.
+    fn on_revoked(&mut self, revocations: Vec<Revocation>) -> Result<(), Ending> {
+        let Some(c) = &self.connected else {
+            return Ok(());
+        };
+        let issued_at = c.principal.issued_at;
+        let covering: Vec<Revocation> = revocations
+            .into_iter()
+            .filter(|r| r.covers_token(issued_at))
+            .collect();
+        if covering.is_empty() {
+            return Ok(());
+        }
+        let ended = |topic: &Topic| {
+            covering
+                .iter()
+                .filter_map(|r| r.topic.as_deref())
+                .any(|t| crate::control::covers_topic(t, topic.as_str()))
+        };
+        self.end_subscriptions(REVOKED, ended)?;
+        for revocation in covering {
+            self.revocations.retain(|r| r.topic != revocation.topic);
+            self.revocations.push(revocation);
+        }
+        Ok(())
     }
 
     /// Ends the subscriptions whose topic `ended` says, each with a final
@@ -1223,6 +1300,22 @@ impl Session {
                 Disconnect::FORBIDDEN,
                 "forbidden",
                 format!("cannot publish to {destination}: {err}"),
+                receipt,
+            ));
+        }
+        // Checked against the revocations this session knows (no read per SEND: a node that
+        // missed the control message learns of it at the connection's next SUBSCRIBE).
+        if self
+            .revocations
+            .iter()
+            .any(|r| r.covers(Some(topic.as_str()), principal.issued_at))
+        {
+            return Err(Ending::error(
+                Disconnect::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "cannot publish to {destination}: access was revoked after this token was issued; get a new token"
+                ),
                 receipt,
             ));
         }
@@ -1387,6 +1480,9 @@ fn next_confirmation(
     })
 }
 
+/// Token refreshes refused in a row before the connection is closed (4001).
+const MAX_REFUSED_REFRESHES: u32 = 5;
+
 /// Where a `SEND` refreshes the connection's token (DESIGN §15).
 const TOKEN_DESTINATION: &str = "/lockstep/token";
 
@@ -1427,6 +1523,8 @@ fn unknown_command(command: &str, receipt: Option<&str>) -> Ending {
 enum Refused {
     /// The token: the client is told, the connection goes on.
     Token(String),
+    /// The connection's current token is revoked (4011).
+    Removed,
     /// The revocations could not be read.
     Unavailable(String),
     /// The client's queue is full.

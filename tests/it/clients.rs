@@ -190,11 +190,12 @@ fn stompjs_in_headless_chromium_opens_a_dashboard_mid_run() {
 /// (`shared/refresh_scenario.mjs`).
 fn refresh_config(node: &Lockstep, page_port: Option<u16>) -> String {
     let start = tests::now();
-    // Three seconds per token: long enough for a loaded machine's refresh round trip, short
-    // enough that the run outlives three of them in about ten seconds. The first lives longer
-    // in Chromium, which takes a few seconds to start before the page connects.
-    let lead = if page_port.is_some() { 8 } else { 3 };
-    let expires: Vec<u64> = (0..4).map(|i| start + lead + 3 * i).collect();
+    // Four seconds per token, each refreshed two before its exp: a margin a loaded machine's
+    // timers and round trips keep, and a run that outlives three tokens in about 14 s. The
+    // first lives longer in Chromium, which takes a few seconds to start before the page
+    // connects.
+    let lead = if page_port.is_some() { 9 } else { 4 };
+    let expires: Vec<u64> = (0..4).map(|i| start + lead + 4 * i).collect();
     let token = |i: usize, teams: &[&str]| {
         node.token_with(&json!({
             "sub": "ana", "teams": teams, "iat": start, "exp": expires[i],

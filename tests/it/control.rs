@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use tests::redis::RedisServer;
 use tests::{Lockstep, Options, now, random_secret};
 
-/// `n` nodes sharing `redis_url` and one secret; `urls` overrides the Redis URL per node.
+/// `n` nodes sharing `redis_url` and one secret; `urls` overrides the Redis URL per node (those
+/// nodes are not waited for: the test knows what state they reach).
 fn nodes(n: usize, redis_url: &str, urls: &[(usize, String)]) -> Vec<Lockstep> {
     let secret = random_secret();
     let nodes: Vec<Lockstep> = (0..n)
@@ -28,10 +29,18 @@ fn nodes(n: usize, redis_url: &str, urls: &[(usize, String)]) -> Vec<Lockstep> {
             )
         })
         .collect();
-    for node in &nodes {
-        node.wait_readyz(200, Duration::from_secs(20)).unwrap();
+    for (i, node) in nodes.iter().enumerate() {
+        if !urls.iter().any(|(j, _)| *j == i) {
+            node.wait_readyz(200, Duration::from_secs(20)).unwrap();
+        }
     }
     nodes
+}
+
+/// `GET /readyz`: status and body.
+async fn readyz(node: &Lockstep) -> (u16, Value) {
+    let response = reqwest::get(format!("{}/readyz", node.http())).await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
 }
 
 /// The platform backend's token: scope `control`.
@@ -39,9 +48,9 @@ fn backend(node: &Lockstep) -> String {
     node.token("backend", &[], "control publish")
 }
 
-/// A token of `sub` in `teams`, issued at `iat`.
-fn issued(node: &Lockstep, sub: &str, teams: &[&str], iat: u64) -> String {
-    node.token_with(&json!({"sub": sub, "teams": teams, "iat": iat, "exp": now() + 3600}))
+/// A token of `sub` in `teams` with `scope`, issued at `iat`.
+fn issued(node: &Lockstep, sub: &str, teams: &[&str], scope: &str, iat: u64) -> String {
+    node.token_with(&json!({"sub": sub, "teams": teams, "scope": scope, "iat": iat, "exp": now() + 3600}))
 }
 
 /// `method path` with `body` as `token`: status and JSON body.
@@ -129,7 +138,7 @@ async fn disconnect_closes_a_user_everywhere_within_a_second() {
     let mut latencies = Vec::new();
     for round in 0..30 {
         let user = format!("ana{round}");
-        let token = nodes[0].token(&user, &["t1"], "");
+        let token = issued(&nodes[0], &user, &["t1"], "", now() - 10);
         let mut a = connect(&nodes[0], &token).await;
         let mut b = connect(&nodes[1], &token).await;
         a.subscribe("t", "/team/t1").await.unwrap();
@@ -163,8 +172,9 @@ async fn disconnect_closes_a_user_everywhere_within_a_second() {
                     .to_string();
                 assert!(refused.contains("token revoked"), "{refused}");
             }
-            // A token issued after the call connects.
-            let later = issued(&nodes[0], &user, &["t1"], now() + 1);
+            // A token issued once the call answered connects (the answer waits out the call's
+            // second, so this one is issued after the cutoff).
+            let later = issued(&nodes[0], &user, &["t1"], "", now());
             let mut fresh = connect(&nodes[1], &later).await;
             fresh.subscribe("t", "/team/t1").await.unwrap();
         }
@@ -214,6 +224,20 @@ async fn unsubscribe_ends_a_team_and_holds_on_a_node_that_missed_it() {
         .expect("ACL SETUSER");
     let deaf_url = format!("redis://deaf:deaf-pw@127.0.0.1:{}", redis.port);
     let nodes = nodes(3, &redis.url(), &[(1, deaf_url)]);
+    // The deaf node connects to Redis, fails to subscribe to the control channel, and says
+    // so on /readyz once its own announcements stay away.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = readyz(&nodes[1]).await;
+        if status == 503
+            && body["checks"]["broker"] == "ok"
+            && body["checks"]["control"] == "unavailable"
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "deaf node readiness: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         nodes[1]
             .log()
@@ -221,7 +245,7 @@ async fn unsubscribe_ends_a_team_and_holds_on_a_node_that_missed_it() {
         "the deaf node could subscribe to the control channel:\n{}",
         nodes[1].log()
     );
-    let token = nodes[0].token("ana", &["t1", "t2"], "");
+    let token = issued(&nodes[0], "ana", &["t1", "t2"], "publish", now() - 10);
     let mut a = connect(&nodes[0], &token).await;
     a.subscribe("team", "/team/t1").await.unwrap();
     a.subscribe("item", "/team/t1/items/doc-1").await.unwrap();
@@ -295,10 +319,39 @@ async fn unsubscribe_ends_a_team_and_holds_on_a_node_that_missed_it() {
         let (_, code) = closed(client).await;
         assert_eq!(code, 4004);
     }
-    // A token issued after the call may subscribe again, on the deaf node too.
-    let later = issued(&nodes[0], "ana", &["t1"], now() + 1);
+    // The old token may neither publish to the team nor read it over HTTP, on any node.
+    let (status, body) = crate::http_publish(
+        &nodes[1],
+        &token,
+        &json!({"topic": "/team/t1/items/doc-1", "type": "note.added", "data": {}}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("revoked"), "{body}");
+    let (status, _) = call(&nodes[0], &token, "GET", "/topics/%2Fteam%2Ft1/events", None).await;
+    assert_eq!(status, 403);
+    let (status, _) = call(&nodes[0], &token, "GET", "/topics/%2Fteam%2Ft2/events", None).await;
+    assert_eq!(status, 200, "another team is still readable");
+    // A token minted once the call answered (maybe in the second of the cutoff: the answer
+    // waited that second out) may subscribe again, on the deaf node too.
+    let later = issued(&nodes[0], "ana", &["t1"], "", now());
     let mut back = connect(&nodes[1], &later).await;
     back.subscribe("team", "/team/t1").await.unwrap();
+    // On node 0, which heard the unsubscribe, a SEND to the team with the old token is
+    // refused without a broker read.
+    a.publish("/team/t1/items/doc-1", "note.added", "{}", None).await.unwrap();
+    let (error, code) = closed(&mut a).await;
+    assert_eq!(code, 4004);
+    assert!(String::from_utf8_lossy(&error.unwrap().body).contains("revoked"));
+
+    // A disconnect the deaf node never hears of: its connection stays, but the first refresh
+    // finds the connection's own token revoked and closes it with 4011.
+    let (status, body) = call(&nodes[0], &control, "POST", "/users/ana/disconnect", None).await;
+    assert_eq!(status, 200, "{body}");
+    back.send(&frame_to_token(&later)).await.unwrap();
+    let (error, code) = closed(&mut back).await;
+    assert_eq!(code, 4011);
+    assert_eq!(error.unwrap().header("message"), Some("token revoked"));
 }
 
 /// `GET /users/{id}/connections` lists a user's connections on every node: node, session,
@@ -311,6 +364,10 @@ async fn connections_are_listed_across_nodes() {
     let mut a = connect(&nodes[0], &token).await;
     a.subscribe("t", "/team/t1").await.unwrap();
     a.subscribe("u", "/user/ana").await.unwrap();
+    for node in &nodes {
+        let (status, body) = readyz(node).await;
+        assert_eq!((status, &body["checks"]["control"]), (200, &json!("ok")), "{body}");
+    }
     let mut b = connect(&nodes[2], &token).await;
     b.subscribe("t", "/team/t1/items/doc-1").await.unwrap();
     let control = backend(&nodes[1]);
@@ -453,7 +510,7 @@ async fn refresh(client: &mut StompClient, token: &str, receipt: &str) -> Frame 
 #[tokio::test]
 async fn a_token_refresh_extends_the_connection_and_narrows_it() {
     let node = Lockstep::start();
-    let short = node.token_with(&json!({"sub": "ana", "teams": ["t1", "t2"], "exp": now() + 2}));
+    let short = node.token_with(&json!({"sub": "ana", "teams": ["t1", "t2"], "exp": now() + 3}));
     let mut ana = connect(&node, &short).await;
     ana.subscribe("t1", "/team/t1").await.unwrap();
     ana.subscribe("t2", "/team/t2").await.unwrap();
@@ -536,6 +593,21 @@ async fn a_token_refresh_extends_the_connection_and_narrows_it() {
     let frame = c.expect_frame_within(Duration::from_secs(5)).await.unwrap();
     assert_eq!(frame.command, Command::Error);
     assert!(String::from_utf8_lossy(&frame.body).contains("no token"));
-    // The connection goes on after the refused refresh.
+    // The connection goes on after the refused refresh, but not after five in a row: 4001.
     c.subscribe("t1", "/team/t1").await.unwrap();
+    for _ in 2..5 {
+        c.send(&frame_to_token("garbage")).await.unwrap();
+        let frame = c.expect_frame_within(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(frame.command, Command::Error);
+    }
+    c.send(&frame_to_token("garbage")).await.unwrap();
+    let (error, code) = closed(&mut c).await;
+    assert_eq!(code, 4001);
+    assert!(String::from_utf8_lossy(&error.unwrap().body).contains("5 refreshes in a row"));
+}
+
+fn frame_to_token(token: &str) -> Frame {
+    Frame::new(Command::Send)
+        .with_header("destination", "/lockstep/token")
+        .with_header("passcode", token)
 }

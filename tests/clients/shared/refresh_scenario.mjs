@@ -97,9 +97,9 @@ export async function runRefreshScenario({ Client, cfg, fetch: fetchImpl, log = 
     currentStep = 'b: three refreshes';
     let team2Until = null;
     for (const [i, next] of [['1', 't1'], ['2', 't2'], ['3', 't3']]) {
-      // Refresh a second before the current token's exp.
+      // Refresh two seconds before the current token's exp.
       const exp = cfg.expires[Number(i) - 1] * 1000;
-      const wait = exp - 1000 - Date.now();
+      const wait = exp - 2000 - Date.now();
       if (wait > 0) await delay(wait);
       if (Date.now() >= exp) fail(`token t${Number(i) - 1} already expired before its refresh`);
       const receipt = `refresh-${i}`;
