@@ -106,6 +106,13 @@ pub(crate) struct UnsubscribeRequest {
     topic: String,
 }
 
+/// What a caller wants of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Publish,
+    Read,
+}
+
 /// Refuses (403) a caller whose access to `topic` the control API revoked after its token was
 /// issued. Nodes without a control plane check nothing.
 ///
@@ -116,15 +123,23 @@ pub(crate) async fn check_access(
     state: &ApiState,
     caller: &Principal,
     topic: &Topic,
+    access: Access,
 ) -> Result<(), ApiError> {
     let Some(plane) = state.inner.control.as_deref() else {
         return Ok(());
     };
-    if plane
+    let revoked = plane
         .is_revoked(&caller.sub, topic, caller.issued_at)
         .await
-        .map_err(unavailable)?
-    {
+        .map_err(|err| {
+            if access == Access::Publish {
+                // A publish refused because the broker is away is a publish failure to the
+                // operator, whichever read found it away first.
+                ::metrics::counter!(crate::metrics::PUBLISH_FAILURES).increment(1);
+            }
+            unavailable(err)
+        })?;
+    if revoked {
         return Err(ApiError::forbidden(format!(
             "access to {topic} was revoked after this token was issued; get a new token"
         )));

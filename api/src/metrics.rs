@@ -23,6 +23,9 @@ pub const LOCK_LOST: &str = "lockstep_lock_lost_total";
 pub const PRESIGNED_URLS: &str = "lockstep_presigned_urls_total";
 pub const UPLOADS_COMMITTED: &str = "lockstep_uploads_committed_total";
 pub const RATE_LIMITED: &str = "lockstep_http_rate_limited_total";
+/// The hub's publish failure counter (`hub::metrics::PUBLISH_FAILURES`, described there): the
+/// API adds the publishes it refuses before they reach the hub because the broker is away.
+pub const PUBLISH_FAILURES: &str = "lockstep_publish_failures_total";
 
 /// Registers help texts and units. Call once, after the recorder is installed.
 pub fn describe() {

@@ -99,7 +99,7 @@ pub(crate) async fn publish(
     ApiJson(request): ApiJson<PublishRequest>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     let (topic, event_type) = validate(&state, &caller, &request).map_err(|e| e.at(None))?;
-    crate::control::check_access(&state, &caller, &topic).await?;
+    crate::control::check_access(&state, &caller, &topic, crate::control::Access::Publish).await?;
     state.inner.limiter.check(&caller, 1)?;
     let published = state
         .inner
@@ -148,7 +148,8 @@ pub(crate) async fn publish_batch(
         .map(|(i, e)| validate(&state, &caller, e).map_err(|err| err.at(Some(i))))
         .collect::<Result<Vec<_>, _>>()?;
     for (topic, _) in &validated {
-        crate::control::check_access(&state, &caller, topic).await?;
+        crate::control::check_access(&state, &caller, topic, crate::control::Access::Publish)
+            .await?;
     }
     #[allow(clippy::cast_possible_truncation)] // bounded by max_batch
     state

@@ -154,7 +154,7 @@ pub(crate) async fn position(
     ApiPath(topic): ApiPath<String>,
 ) -> Result<Json<PositionView>, ApiError> {
     let topic = readable(&caller, &topic)?;
-    crate::control::check_access(&state, &caller, &topic).await?;
+    crate::control::check_access(&state, &caller, &topic, crate::control::Access::Read).await?;
     let page = state
         .inner
         .publisher
@@ -176,7 +176,7 @@ pub(crate) async fn events(
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<Events>, ApiError> {
     let topic = readable(&caller, &topic)?;
-    crate::control::check_access(&state, &caller, &topic).await?;
+    crate::control::check_access(&state, &caller, &topic, crate::control::Access::Read).await?;
     if let Some(epoch) = &query.epoch
         && !protocol::stream::is_epoch(epoch)
     {
@@ -208,7 +208,7 @@ pub(crate) async fn snapshot(
     ApiPath(topic): ApiPath<String>,
 ) -> Result<Json<TopicState>, ApiError> {
     let topic = readable(&caller, &topic)?;
-    crate::control::check_access(&state, &caller, &topic).await?;
+    crate::control::check_access(&state, &caller, &topic, crate::control::Access::Read).await?;
     let page: StatePage = state
         .inner
         .publisher
@@ -244,7 +244,7 @@ pub(crate) async fn presence(
     ApiQuery(query): ApiQuery<PresenceQuery>,
 ) -> Result<Json<PresenceView>, ApiError> {
     let topic = readable(&caller, &topic)?;
-    crate::control::check_access(&state, &caller, &topic).await?;
+    crate::control::check_access(&state, &caller, &topic, crate::control::Access::Read).await?;
     if !matches!(topic.kind(), TopicKind::Team | TopicKind::Item) {
         return Err(ApiError::invalid(
             "no_presence",

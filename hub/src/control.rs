@@ -13,6 +13,11 @@
 //! token that says neither is covered), so the platform's next token works at once: a member
 //! put back on a team gets a token issued after the call.
 //!
+//! The call answers once the second of its cutoff is over, so every token minted after the
+//! answer is issued later and accepted. Sessions also check their `SEND`s against the
+//! revocations they read, and the API checks publishing and topic reads through
+//! [`Hub::is_revoked`] (cached for a second per user).
+//!
 //! `GET /users/{id}/connections` is a survey: the asking node broadcasts a [`Message::List`],
 //! every node answers with the user's connections it holds, and the answer is complete when
 //! every node known to be alive answered. Nodes know each other from a [`Message::Node`] each
@@ -26,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, warn};
 
 /// How often a node says it is alive.
 pub const NODE_INTERVAL: Duration = Duration::from_secs(1);
@@ -365,17 +370,20 @@ impl Hub {
                 let node = inner.config.node_id.clone();
                 let connections = inner.connections.describe(&user, &node);
                 let hub = self.clone();
-                tokio::spawn(async move {
-                    let answer = Message::Listed {
-                        id,
-                        to: from,
-                        node,
-                        connections,
-                    };
-                    if let Err(err) = hub.broadcast(&answer).await {
-                        debug!(%err, "could not answer a connections survey");
+                tokio::spawn(
+                    async move {
+                        let answer = Message::Listed {
+                            id,
+                            to: from,
+                            node,
+                            connections,
+                        };
+                        if let Err(err) = hub.broadcast(&answer).await {
+                            debug!(%err, "could not answer a connections survey");
+                        }
                     }
-                });
+                    .instrument(tracing::debug_span!("control.survey_answer")),
+                );
             }
             Message::Listed {
                 id,
@@ -426,43 +434,49 @@ impl Hub {
     pub(crate) fn spawn_control(&self) {
         let hub = self.clone();
         let shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(NODE_INTERVAL);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let node = Message::Node {
-                node: hub.inner.config.node_id.clone(),
-            };
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
-                if let Err(err) = hub.broadcast(&node).await {
-                    debug!(%err, "could not say this node is alive");
+        tokio::spawn(
+            async move {
+                let mut ticker = tokio::time::interval(NODE_INTERVAL);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let node = Message::Node {
+                    node: hub.inner.config.node_id.clone(),
+                };
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        _ = ticker.tick() => {}
+                    }
+                    if let Err(err) = hub.broadcast(&node).await {
+                        debug!(%err, "could not say this node is alive");
+                    }
                 }
             }
-        });
+            .instrument(tracing::info_span!("control.announce")),
+        );
         let Some(mut epoch) = self.inner.broker.connection_epoch() else {
             return;
         };
         let hub = self.clone();
         let shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    changed = epoch.changed() => if changed.is_err() { return },
-                }
-                // Wait until the broker is back before reading.
-                while !hub.inner.broker.is_ready() {
+        tokio::spawn(
+            async move {
+                loop {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        changed = epoch.changed() => if changed.is_err() { return },
                     }
+                    // Wait until the broker is back before reading.
+                    while !hub.inner.broker.is_ready() {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                    }
+                    hub.recheck_all().await;
                 }
-                hub.recheck_all().await;
             }
-        });
+            .instrument(tracing::info_span!("control.recheck")),
+        );
     }
 
     /// Reads the revocations of every user connected here and applies them.

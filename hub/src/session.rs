@@ -1170,10 +1170,7 @@ impl Session {
             .await
             .map_err(|e| Refused::Unavailable(e.to_string()))?;
         // What this node may have missed: the connection itself is revoked.
-        if revocations
-            .iter()
-            .any(|r| r.covers(None, current_issued))
-        {
+        if revocations.iter().any(|r| r.covers(None, current_issued)) {
             return Err(Refused::Removed);
         }
         if revocations
