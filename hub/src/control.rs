@@ -3,9 +3,9 @@
 //!
 //! A call does two things. It keeps a [`Revocation`] in the broker, for as long as the tokens
 //! it covers can live (`control.revocation_ttl`), which every node checks on `CONNECT`,
-//! `SUBSCRIBE` and token refresh; and it broadcasts a [`Message`], on which every node acts on
-//! the connections it has now: closes them with 4011, or ends their subscriptions to a topic
-//! with a final `lockstep.unsubscribed`. The broadcast is pub/sub, so it can be lost (most
+//! `SUBSCRIBE` and token refresh; and it broadcasts a control message (`Message`), on which
+//! every node acts on the connections it has now: closes them with 4011, or ends their
+//! subscriptions to a topic with a final `lockstep.unsubscribed`. The broadcast is pub/sub, so it can be lost (most
 //! likely while a node is reconnecting to Redis); a node that reconnects reads the revocations
 //! of every user connected to it and applies them, so what it missed meanwhile still ends.
 //!
@@ -18,9 +18,9 @@
 //! revocations they read, and the API checks publishing and topic reads through
 //! [`Hub::is_revoked`] (cached for a second per user).
 //!
-//! `GET /users/{id}/connections` is a survey: the asking node broadcasts a [`Message::List`],
+//! `GET /users/{id}/connections` is a survey: the asking node broadcasts a `Message::List`,
 //! every node answers with the user's connections it holds, and the answer is complete when
-//! every node known to be alive answered. Nodes know each other from a [`Message::Node`] each
+//! every node known to be alive answered. Nodes know each other from a `Message::Node` each
 //! broadcasts every [`NODE_INTERVAL`] (as Centrifuge's nodes do).
 
 use crate::broker::BrokerError;
