@@ -19,7 +19,7 @@ use crate::ApiState;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, Caller, whole};
 use crate::locks::store::LockState;
-use crate::locks::{authorize, rfc3339};
+use crate::locks::{authorize_now, rfc3339};
 use aws_sdk_s3::presigning::{PresignedRequest, PresigningConfig};
 use axum::Json;
 use axum::extract::State;
@@ -592,7 +592,7 @@ pub(crate) async fn presign(
     ApiPath((team, item)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<PresignRequest>,
 ) -> Result<Json<Presigned>, ApiError> {
-    authorize(&caller, &team, Scope::Presign, &[])?;
+    authorize_now(&state, &caller, &team, Scope::Presign, &[]).await?;
     let storage = storage(&state)?;
     let object = Object {
         item: &item,
@@ -630,7 +630,7 @@ pub(crate) async fn presign_batch(
     ApiPath(team): ApiPath<String>,
     ApiJson(request): ApiJson<BatchPresignRequest>,
 ) -> Result<Json<PresignedBatch>, ApiError> {
-    authorize(&caller, &team, Scope::Presign, &[])?;
+    authorize_now(&state, &caller, &team, Scope::Presign, &[]).await?;
     let storage = storage(&state)?;
     let max = storage.config.max_batch;
     if request.objects.len() > max {
@@ -710,7 +710,7 @@ pub(crate) async fn commit(
     ApiPath((team, item)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<CommitRequest>,
 ) -> Result<Json<Committed>, ApiError> {
-    authorize(&caller, &team, Scope::Presign, &[])?;
+    authorize_now(&state, &caller, &team, Scope::Presign, &[]).await?;
     let storage = storage(&state)?;
     validate(
         &storage.config,

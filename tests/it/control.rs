@@ -253,7 +253,7 @@ async fn unsubscribe_ends_a_team_and_holds_on_a_node_that_missed_it() {
         "the deaf node could subscribe to the control channel:\n{}",
         nodes[1].log()
     );
-    let token = issued(&nodes[0], "ana", &["t1", "t2"], "publish", now() - 10);
+    let token = issued(&nodes[0], "ana", &["t1", "t2"], "publish locks", now() - 10);
     let mut a = connect(&nodes[0], &token).await;
     a.subscribe("team", "/team/t1").await.unwrap();
     a.subscribe("item", "/team/t1/items/doc-1").await.unwrap();
@@ -360,6 +360,33 @@ async fn unsubscribe_ends_a_team_and_holds_on_a_node_that_missed_it() {
     )
     .await;
     assert_eq!(status, 200, "another team is still readable");
+    // Nor take a lock in the team (the lock API checks the same revocations), while the other
+    // team's items still lock.
+    let (status, body) = call(
+        &nodes[2],
+        &token,
+        "POST",
+        "/teams/t1/items/doc-1/lock",
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{body}"
+    );
+    let (status, body) = call(
+        &nodes[2],
+        &token,
+        "POST",
+        "/teams/t2/items/doc-1/lock",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     // A token minted once the call answered (maybe in the second of the cutoff: the answer
     // waited that second out) may subscribe again, on the deaf node too.
     let later = issued(&nodes[0], "ana", &["t1"], "", now());

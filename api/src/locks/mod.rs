@@ -341,6 +341,36 @@ pub(crate) fn store_error(err: &StoreError) -> ApiError {
     }
 }
 
+/// [`authorize`], and the control API has not revoked the caller's access to the team (or to
+/// one of `items`) since the token was issued (DESIGN §15: a member removed from a team loses
+/// its locks and files at once, not at the token's expiry).
+///
+/// # Errors
+///
+/// As [`authorize`]; 403 when revoked, 503 when the revocations cannot be read.
+pub(crate) async fn authorize_now(
+    state: &ApiState,
+    caller: &Principal,
+    team: &str,
+    scope: Scope,
+    items: &[&str],
+) -> Result<(), ApiError> {
+    authorize(caller, team, scope, items)?;
+    let topics = std::iter::once(format!("/team/{team}")).chain(
+        items
+            .iter()
+            .map(|item| format!("/team/{team}/items/{item}")),
+    );
+    for topic in topics {
+        // Valid ids make valid topics; anything else was refused above.
+        if let Ok(topic) = protocol::Topic::parse(&topic) {
+            crate::control::check_access(state, caller, &topic, crate::control::Access::Read)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks the ids are valid and the caller may use `scope` (locks or presigned URLs) in
 /// `team`: the scope, and membership or administration of the team.
 pub(crate) fn authorize(
@@ -478,7 +508,7 @@ pub(crate) async fn acquire(
     ApiPath((team, item)): ApiPath<(String, String)>,
     body: Option<ApiJson<AcquireRequest>>,
 ) -> Result<Json<LockView>, ApiError> {
-    authorize(&caller, &team, Scope::Locks, &[&item])?;
+    authorize_now(&state, &caller, &team, Scope::Locks, &[&item]).await?;
     let locks = locks(&state)?;
     let request = body.map(|b| b.0).unwrap_or_default();
     let ttl = ttl(&locks.config, request.ttl_ms)?;
@@ -510,7 +540,7 @@ pub(crate) async fn renew(
     ApiPath((team, item)): ApiPath<(String, String)>,
     ApiJson(request): ApiJson<RenewRequest>,
 ) -> Result<Json<LockView>, ApiError> {
-    authorize(&caller, &team, Scope::Locks, &[&item])?;
+    authorize_now(&state, &caller, &team, Scope::Locks, &[&item]).await?;
     let locks = locks(&state)?;
     let ttl = ttl(&locks.config, request.ttl_ms)?;
     match locks
@@ -537,7 +567,7 @@ pub(crate) async fn release(
     ApiQuery(query): ApiQuery<ReleaseQuery>,
     body: Option<ApiJson<ReleaseRequest>>,
 ) -> Result<Response, ApiError> {
-    authorize(&caller, &team, Scope::Locks, &[&item])?;
+    authorize_now(&state, &caller, &team, Scope::Locks, &[&item]).await?;
     let locks = locks(&state)?;
     if query.force {
         if !caller.is_admin(&team) {
@@ -602,7 +632,7 @@ pub(crate) async fn get(
     Caller(caller): Caller,
     ApiPath((team, item)): ApiPath<(String, String)>,
 ) -> Result<Json<LockView>, ApiError> {
-    authorize(&caller, &team, Scope::Locks, &[&item])?;
+    authorize_now(&state, &caller, &team, Scope::Locks, &[&item]).await?;
     let locks = locks(&state)?;
     match locks
         .store
@@ -626,7 +656,7 @@ pub(crate) async fn list(
     Caller(caller): Caller,
     ApiPath(team): ApiPath<String>,
 ) -> Result<Json<TeamLocks>, ApiError> {
-    authorize(&caller, &team, Scope::Locks, &[])?;
+    authorize_now(&state, &caller, &team, Scope::Locks, &[]).await?;
     let locks = locks(&state)?;
     // Read before the locks: a change committed after this position is announced after it, so
     // a page that lists and then subscribes from here misses nothing. (A change announced
@@ -682,7 +712,7 @@ pub(crate) async fn acquire_batch(
     ApiJson(request): ApiJson<BatchAcquireRequest>,
 ) -> Result<Json<LockList>, ApiError> {
     let items: Vec<&str> = request.items.iter().map(String::as_str).collect();
-    authorize(&caller, &team, Scope::Locks, &items)?;
+    authorize_now(&state, &caller, &team, Scope::Locks, &items).await?;
     let locks = locks(&state)?;
     check_batch(&locks.config, items.len())?;
     let ttl = ttl(&locks.config, request.ttl_ms)?;
@@ -735,7 +765,7 @@ pub(crate) async fn release_batch(
     ApiJson(request): ApiJson<BatchReleaseRequest>,
 ) -> Result<Json<ReleaseResults>, ApiError> {
     let items: Vec<&str> = request.items.iter().map(|i| i.item.as_str()).collect();
-    authorize(&caller, &team, Scope::Locks, &items)?;
+    authorize_now(&state, &caller, &team, Scope::Locks, &items).await?;
     let locks = locks(&state)?;
     check_batch(&locks.config, items.len())?;
     state
