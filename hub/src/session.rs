@@ -719,13 +719,7 @@ impl Session {
             Some(limit) => (limit, false),
             None => (config.idle_timeout, true),
         };
-        // Milliseconds, so a token is not honoured up to a second past its `exp`; saturating,
-        // so no claim can overflow the clock.
-        let left =
-            Duration::from_millis((principal.exp.saturating_mul(1000)).saturating_sub(now_ms));
-        let expires = Instant::now()
-            .checked_add(left)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+        let expires = expiry(principal.exp, now_ms);
         let session_id =
             config
                 .session_key
@@ -1181,10 +1175,7 @@ impl Session {
                 "the new token was revoked (this user's connections were removed)".to_owned(),
             ));
         }
-        let left = Duration::from_millis(principal.exp.saturating_mul(1000).saturating_sub(now_ms));
-        let expires = Instant::now()
-            .checked_add(left)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+        let expires = expiry(principal.exp, now_ms);
         let issued_at = principal.issued_at;
         let still_allowed = |topic: &Topic| {
             principal.can_subscribe(topic).is_ok()
@@ -1695,6 +1686,16 @@ fn connect_limits(limits: Limits, connect_frame_bytes: usize) -> Limits {
         max_body_bytes: limits.max_body_bytes.min(connect_frame_bytes),
         ..limits
     }
+}
+
+/// When a token with `exp` (Unix seconds) expires, on the monotonic clock. Milliseconds, so a
+/// token is not honoured up to a second past its `exp`; saturating, so no claim can overflow
+/// the clock.
+fn expiry(exp: u64, now_ms: u64) -> Instant {
+    let left = Duration::from_millis(exp.saturating_mul(1000).saturating_sub(now_ms));
+    Instant::now()
+        .checked_add(left)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400))
 }
 
 fn unix_now_ms() -> u64 {
