@@ -486,12 +486,11 @@ impl api::control::ControlPlane for HubControl {
         topic: Option<&'a Topic>,
     ) -> BoxFuture<'a, Result<api::control::RevocationView, String>> {
         Box::pin(async move {
-            let revoked = match topic {
+            let r = match topic {
                 None => self.0.disconnect_user(user).await,
                 Some(topic) => self.0.unsubscribe_user(user, topic).await,
             }
             .map_err(|e| e.to_string())?;
-            let r = revoked.revocation;
             Ok(api::control::RevocationView::new(
                 user,
                 r.topic.as_deref(),

@@ -141,13 +141,6 @@ pub struct Connections {
     pub missing: Vec<String>,
 }
 
-/// What a control call reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Revoked {
-    /// The revocation kept.
-    pub revocation: Revocation,
-}
-
 /// The node's side of the control plane: who else is alive, and the surveys in flight.
 #[derive(Debug)]
 pub(crate) struct Control {
@@ -207,7 +200,7 @@ impl Hub {
     /// When the broker cannot keep the revocation (nothing was done then) or the broadcast
     /// fails after it was kept (nodes still enforce it on `CONNECT`, `SUBSCRIBE` and after a
     /// reconnect, but connections open now stay until then).
-    pub async fn disconnect_user(&self, user: &str) -> Result<Revoked, BrokerError> {
+    pub async fn disconnect_user(&self, user: &str) -> Result<Revocation, BrokerError> {
         self.revoke(user, None).await
     }
 
@@ -222,11 +215,11 @@ impl Hub {
         &self,
         user: &str,
         topic: &protocol::Topic,
-    ) -> Result<Revoked, BrokerError> {
+    ) -> Result<Revocation, BrokerError> {
         self.revoke(user, Some(topic.as_str())).await
     }
 
-    async fn revoke(&self, user: &str, topic: Option<&str>) -> Result<Revoked, BrokerError> {
+    async fn revoke(&self, user: &str, topic: Option<&str>) -> Result<Revocation, BrokerError> {
         let now = unix_now();
         let ttl = self.inner.config.revocation_ttl.as_secs().max(1);
         let revocation = Revocation {
@@ -236,21 +229,22 @@ impl Hub {
         };
         let broker = &self.inner.broker;
         broker.revoke(user, &revocation).await?;
-        let message = match topic {
-            None => Message::Disconnect {
-                user: user.to_owned(),
-                cutoff: now,
-            },
-            Some(topic) => Message::Unsubscribe {
-                user: user.to_owned(),
-                topic: topic.to_owned(),
-                cutoff: now,
-            },
-        };
-        let kind = if topic.is_some() {
-            "unsubscribe"
-        } else {
-            "disconnect"
+        let (message, kind) = match topic {
+            None => (
+                Message::Disconnect {
+                    user: user.to_owned(),
+                    cutoff: now,
+                },
+                "disconnect",
+            ),
+            Some(topic) => (
+                Message::Unsubscribe {
+                    user: user.to_owned(),
+                    topic: topic.to_owned(),
+                    cutoff: now,
+                },
+                "unsubscribe",
+            ),
         };
         ::metrics::counter!(metrics::CONTROL_CALLS, "op" => kind).increment(1);
         self.broadcast(&message).await?;
@@ -261,7 +255,7 @@ impl Hub {
         if let Ok(wait) = next_second.duration_since(SystemTime::now()) {
             tokio::time::sleep(wait).await;
         }
-        Ok(Revoked { revocation })
+        Ok(revocation)
     }
 
     async fn broadcast(&self, message: &Message) -> Result<(), BrokerError> {

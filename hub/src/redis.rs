@@ -280,6 +280,13 @@ struct State {
 }
 
 impl RedisBroker {
+    /// The publishing connection, when one is up.
+    fn client(&self) -> Result<Client, BrokerError> {
+        self.publisher
+            .current()
+            .ok_or_else(|| BrokerError::Unavailable("not connected to Redis".to_owned()))
+    }
+
     /// Runs a read script over a topic's keys (stream, meta, latest, updated) with a fresh
     /// epoch for a topic that has none, then `args`; loads the script where the server lacks it.
     async fn read_topic(
@@ -288,11 +295,7 @@ impl RedisBroker {
         topic: &str,
         args: &[Value],
     ) -> Result<Value, BrokerError> {
-        let Some(client) = self.publisher.current() else {
-            return Err(BrokerError::Unavailable(
-                "not connected to Redis".to_owned(),
-            ));
-        };
+        let client = self.client()?;
         let keys = TopicKeys::new(&self.prefix, topic);
         let read = |load: bool| {
             let (command, head) = script.command(keys.slot, load);
@@ -325,11 +328,7 @@ impl RedisBroker {
         keys: &[String],
         args: Vec<Value>,
     ) -> Result<Value, BrokerError> {
-        let Some(client) = self.publisher.current() else {
-            return Err(BrokerError::Unavailable(
-                "not connected to Redis".to_owned(),
-            ));
-        };
+        let client = self.client()?;
         let run = |load: bool| {
             let (command, head) = script.command(slot, load);
             let mut all = Vec::with_capacity(2 + keys.len() + args.len());
@@ -1080,11 +1079,7 @@ impl Broker for RedisBroker {
 
     fn control<'a>(&'a self, message: &'a str) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
-            let Some(client) = self.publisher.current() else {
-                return Err(BrokerError::Unavailable(
-                    "not connected to Redis".to_owned(),
-                ));
-            };
+            let client = self.client()?;
             let _: i64 = client
                 .spublish(self.state.control_channel.as_str(), message)
                 .await
@@ -1122,11 +1117,7 @@ impl Broker for RedisBroker {
         user: &'a str,
     ) -> BoxFuture<'a, Result<Vec<crate::control::Revocation>, BrokerError>> {
         Box::pin(async move {
-            let Some(client) = self.publisher.current() else {
-                return Err(BrokerError::Unavailable(
-                    "not connected to Redis".to_owned(),
-                ));
-            };
+            let client = self.client()?;
             let all: HashMap<String, String> = client
                 .hgetall(self.revocations_key(user))
                 .await

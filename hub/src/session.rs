@@ -757,12 +757,7 @@ impl Session {
                     .iter()
                     .any(|r| r.covers(None, principal.issued_at))
                 {
-                    return Err(Ending::error(
-                        Disconnect::REMOVED,
-                        "token revoked",
-                        "this user's connections were removed; connect with a token issued after that",
-                        None,
-                    ));
+                    return Err(token_revoked(None));
                 }
                 self.revocations = revocations;
             }
@@ -819,23 +814,20 @@ impl Session {
             .find(|r| r.covers(Some(topic.as_str()), issued_at))
             .cloned();
         self.revocations = revocations;
-        match refused {
-            None => {}
-            Some(revocation) => {
-                let (disconnect, why) = match revocation.topic {
-                    None => (Disconnect::REMOVED, "this user's connections were removed"),
-                    Some(_) => (
-                        Disconnect::FORBIDDEN,
-                        "access was revoked after this token was issued",
-                    ),
-                };
-                return Err(Ending::error(
-                    disconnect,
-                    "forbidden",
-                    format!("cannot subscribe to {destination}: {why}; get a new token"),
-                    receipt,
-                ));
-            }
+        if let Some(revocation) = refused {
+            let (disconnect, why) = match revocation.topic {
+                None => (Disconnect::REMOVED, "this user's connections were removed"),
+                Some(_) => (
+                    Disconnect::FORBIDDEN,
+                    "access was revoked after this token was issued",
+                ),
+            };
+            return Err(Ending::error(
+                disconnect,
+                "forbidden",
+                format!("cannot subscribe to {destination}: {why}; get a new token"),
+                receipt,
+            ));
         }
         if self.subscriptions.contains_key(id.as_str()) {
             return Err(Ending::error(
@@ -860,12 +852,7 @@ impl Session {
             .map(|_| Arc::new(Recovery::new(self.hub.inner.config.outbound_queue)));
         let sub_id: Arc<str> = id.into();
         let unescaped = self.version() == "1.0";
-        let prefix = if unescaped {
-            server::subscription_prefix_unescaped(&sub_id)
-        } else {
-            server::subscription_prefix(&sub_id)
-        };
-        let prefix: Arc<str> = prefix.into();
+        let prefix: Arc<str> = subscription_prefix(&sub_id, unescaped).into();
         let subscriber = Subscriber {
             conn: self.conn,
             sub_id: sub_id.clone(),
@@ -1099,12 +1086,7 @@ impl Session {
             }
             Err(Refused::Unavailable(err)) => Err(revocations_unavailable(&err, receipt)),
             Err(Refused::Slow) => Err(Ending::close(Disconnect::SLOW_CONSUMER)),
-            Err(Refused::Removed) => Err(Ending::error(
-                Disconnect::REMOVED,
-                "token revoked",
-                "this user's connections were removed; connect with a token issued after that",
-                receipt,
-            )),
+            Err(Refused::Removed) => Err(token_revoked(receipt)),
             Err(Refused::Token(why)) => {
                 metrics::counter!(crate::metrics::TOKEN_REFRESHES, "outcome" => "refused")
                     .increment(1);
@@ -1151,7 +1133,6 @@ impl Session {
             .auth
             .verify(token, now_ms / 1000)
             .map_err(|e| Refused::Token(e.to_string()))?;
-        let current = &self.connected.as_ref().expect("connected").principal;
         if principal.sub != current.sub {
             return Err(Refused::Token(
                 "the new token is another user's (its sub differs)".to_owned(),
@@ -1248,11 +1229,7 @@ impl Session {
             self.on_unsubscribe(&id);
             let ts = protocol::envelope::format_ts(SystemTime::now());
             let notice = stream::unsubscribed(topic.as_str(), &self.hub.new_id(), &ts, reason);
-            let prefix = if unescaped {
-                server::subscription_prefix_unescaped(&id)
-            } else {
-                server::subscription_prefix(&id)
-            };
+            let prefix = subscription_prefix(&id, unescaped);
             let target = Target {
                 topic: &topic,
                 prefix: &prefix,
@@ -1487,6 +1464,16 @@ fn revocations_unavailable(err: &dyn std::fmt::Display, receipt: Option<&str>) -
     )
 }
 
+/// The connection's token is covered by a disconnect (4011).
+fn token_revoked(receipt: Option<&str>) -> Ending {
+    Ending::error(
+        Disconnect::REMOVED,
+        "token revoked",
+        "this user's connections were removed; connect with a token issued after that",
+        receipt,
+    )
+}
+
 fn token_expired() -> Ending {
     Ending::error(
         Disconnect::TOKEN_EXPIRED,
@@ -1531,6 +1518,15 @@ struct Target<'a> {
 impl Target<'_> {
     fn wants(&self, message: &MessageTemplate) -> bool {
         self.presence || !crate::registry::is_presence(message)
+    }
+}
+
+/// A subscription's `subscription` header line, unescaped for STOMP 1.0.
+fn subscription_prefix(id: &str, unescaped: bool) -> String {
+    if unescaped {
+        server::subscription_prefix_unescaped(id)
+    } else {
+        server::subscription_prefix(id)
     }
 }
 

@@ -113,6 +113,12 @@ export class Waits {
   }
 }
 
+// A value as JSON for a failure message, cut after `max` characters.
+export function showJson(value, max) {
+  const s = JSON.stringify(value);
+  return s === undefined ? String(value) : s.length > max ? `${s.slice(0, max)}…` : s;
+}
+
 // Whether obj is a plain object with exactly these keys.
 export function sameKeys(obj, keys) {
   return !!obj && typeof obj === 'object' && !Array.isArray(obj) && Object.keys(obj).sort().join(',') === [...keys].sort().join(',');

@@ -35,7 +35,7 @@
 //       job's last event type and `done`, each item's holder or released).
 // Every wait is bounded (WAIT_MS); nothing sleeps.
 
-import { ISO_UTC, ScenarioFailure, Waits, makeConn, makeRedactor, forceClose, sameKeys } from './common.mjs';
+import { ISO_UTC, ScenarioFailure, Waits, makeConn, makeRedactor, forceClose, sameKeys, showJson } from './common.mjs';
 
 export { makeRedactor };
 
@@ -52,8 +52,7 @@ function fail(message) {
 }
 
 function show(value, max = 700) {
-  const s = JSON.stringify(value);
-  return s === undefined ? String(value) : s.length > max ? `${s.slice(0, max)}…` : s;
+  return showJson(value, max);
 }
 
 // JSON equality (key order ignored).

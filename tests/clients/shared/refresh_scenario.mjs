@@ -20,7 +20,7 @@
 //     before (d), in order, none missing or repeated; team2 every tick up to the refresh to t3,
 //     then nothing but its `lockstep.unsubscribed`.
 
-import { ScenarioFailure, Waits, makeConn, makeRedactor, forceClose } from './common.mjs';
+import { ScenarioFailure, Waits, makeConn, makeRedactor, forceClose, showJson } from './common.mjs';
 
 export { makeRedactor };
 
@@ -35,8 +35,7 @@ function fail(message) {
 }
 
 function show(value) {
-  const s = JSON.stringify(value);
-  return s === undefined ? String(value) : s.length > 900 ? `${s.slice(0, 900)}…` : s;
+  return showJson(value, 900);
 }
 
 const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));

@@ -37,7 +37,7 @@
 // runScenario() resolves with a JSON-able summary or rejects with an Error naming the step and
 // the exact frames seen. Every wait is bounded (WAIT_MS); nothing sleeps.
 
-import { ISO_UTC, ScenarioFailure, Waits, makeConn, makeRedactor, forceClose, sameKeys } from './common.mjs';
+import { ISO_UTC, ScenarioFailure, Waits, makeConn, makeRedactor, forceClose, sameKeys, showJson } from './common.mjs';
 
 // browser/page.html imports makeRedactor from its /scenario.mjs, which is this module in the resume run.
 export { makeRedactor };
@@ -54,8 +54,7 @@ function fail(message) {
 }
 
 function show(value) {
-  const s = JSON.stringify(value);
-  return s === undefined ? String(value) : s.length > 900 ? `${s.slice(0, 900)}…` : s;
+  return showJson(value, 900);
 }
 
 async function connect(conn, waits) {

@@ -10,7 +10,7 @@
 // precisely which expectation failed. Every wait is bounded (WAIT_MS); the only timed wait that is
 // not waiting *for* something is the deliberate idle period of step 6.
 
-import { WAIT_MS, ISO_UTC, ScenarioFailure, makeRedactor, forceClose } from './common.mjs';
+import { WAIT_MS, ISO_UTC, ScenarioFailure, makeRedactor, forceClose, showJson } from './common.mjs';
 
 // browser/page.html imports makeRedactor from here (this module is its /scenario.mjs).
 export { makeRedactor };
@@ -22,8 +22,7 @@ function fail(message) {
 }
 
 function show(value) {
-  const s = JSON.stringify(value);
-  return s === undefined ? String(value) : s.length > 600 ? `${s.slice(0, 600)}…` : s;
+  return showJson(value, 600);
 }
 
 // First structural difference between two JSON values, or null when they are deep-equal.
