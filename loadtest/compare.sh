@@ -26,6 +26,9 @@
 #   loadtest/compare.sh control    # the revocation check's cost per connection setup against the commit
 #                                   # before it (BASELINE, default f75c5fa), 1 node + Redis; disconnect
 #                                   # and unsubscribe latency across 3 nodes + Redis
+#   loadtest/compare.sh webhooks   # occupancy webhooks to a local receiver: delivery lag and throughput,
+#                                   # SQLite (embedded) and PostgreSQL queues, against sequential signed
+#                                   # POSTs from the load generator to the same receiver
 #   BASELINE=<git rev> loadtest/compare.sh ab
 #                                   # this tree against an earlier commit, alternating twice:
 #                                   # CPU per delivery, fanout p99, idle RSS per connection
@@ -662,7 +665,35 @@ run_control() {
   stop_pids "${api_pids[@]}" "$redis_pid"
 }
 
+# Webhooks (DESIGN §15): 5,000 item topics occupied (50 per connection, 16 connections at a
+# time), each a `topic.occupied` the load generator's own receiver must get; its reference is
+# the same receiver fed sequential signed POSTs by the load generator itself. Default batching
+# (up to 100 events per delivery) on the embedded SQLite queue and on PostgreSQL.
+run_webhooks() {
+  local port hook_secret store
+  stop_pids "$ceiling_pid" "$lockstep_pid"
+  start_postgres
+  for store in sqlite postgres; do
+    port=$(free_port)
+    hook_secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    extra_env=(LOCKSTEP_PRESENCE_ENABLED=true LOCKSTEP_WEBHOOKS_URLS="http://127.0.0.1:$port/hook"
+      LOCKSTEP_WEBHOOKS_SECRET="$hook_secret" LOCKSTEP_HUB_MAX_SUBSCRIPTIONS=64)
+    start_api_nodes 1 "$([ $store = postgres ] && echo "$pg_url")" ""
+    echo "== webhooks ($store queue): 5,000 topic.occupied to a local receiver, 1 node"
+    LOADTEST_WEBHOOK_SECRET=$hook_secret "$bin/loadtest" webhooks --url "ws://${api_http#http://}/ws" \
+      --listen "127.0.0.1:$port" --topics 5000 --per-connection 50 --concurrency 16 --reference 2000 \
+      2>"$work/webhooks.$store.err" | record >"$work/webhooks.$store" \
+      || { echo "loadtest webhooks failed:" >&2; tail -5 "$work/webhooks.$store.err" >&2; }
+    jq -r '"\(.events) events in \(.deliveries) deliveries (\(.duplicates) duplicates): \(.events_per_sec) events/s, \(.deliveries_per_sec) deliveries/s; lag p50 \(.lag.p50_ms) ms, p99 \(.lag.p99_ms) ms, max \(.lag.max_ms) ms; reference \(.reference_posts_per_sec) POSTs/s (p99 \(.reference_latency.p99_ms) ms); deliveries / reference POSTs = \(.deliveries_vs_reference)"' "$work/webhooks.$store"
+    curl -s "$api_http/metrics" | grep -E '^lockstep_webhook_(deliveries_total|delivery_lag_seconds_(sum|count))' || true
+    stop_pids "${api_pids[@]}"
+    extra_env=()
+  done
+  "${pg_stop[@]}" >/dev/null; pg_stop=()
+}
+
 case "$scenario" in
+  webhooks) run_webhooks ;;
   presence) run_presence ;;
   control) run_control ;;
   fanout) run_fanout ;;

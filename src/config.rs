@@ -9,6 +9,7 @@
 use api::locks::LockConfig;
 use api::locks::store::StoreConfig;
 use api::presign::StorageConfig;
+use api::webhooks::{Endpoint, EventFilter, WebhookConfig};
 use api::{ApiConfig, Cors};
 use hub::redis::RedisSettings;
 use hub::{HistoryConfig, HubConfig, OriginPolicy, PresenceConfig};
@@ -97,6 +98,17 @@ keys! {
     "presence.batch", "50ms", "Presence changes within this window go to the store, and out as events, together.";
     "presence.max_listed", "10000", "Above this many users present in a topic, `GET /api/v1/topics/{topic}/presence` answers the count only.";
     "control.revocation_ttl", "24h", "How long a control call (disconnect, unsubscribe) keeps refusing the user's tokens issued before it: at least your longest token lifetime (an older token still valid after this is accepted again).";
+    "webhooks.urls", "", "Comma-separated endpoint URLs (`https://…`) that get signed `POST`s of `{id, ts, events}` (DESIGN §15); each has its own durable queue in the lock store's database. Empty: webhooks are off.";
+    "webhooks.secret", "", "HMAC-SHA256 secret the deliveries are signed with (`Lockstep-Signature`), at least 32 bytes: one for every URL, or a comma-separated list with one per URL in the same order. `lockstep webhook verify` checks a delivery with it.";
+    "webhooks.events", "topic.occupied,topic.vacated", "Comma-separated event types the endpoints get: `topic.occupied`, `topic.vacated` (a team or item topic's first user in the cluster, its last one gone after presence.leave_delay), `presence.joined`, `presence.left`, `lock.acquired`, `lock.released`, `lock.expired`, `lock.taken_over`; `lock.*`-style families and `*` work too.";
+    "webhooks.batch", "100", "Most events in one delivery.";
+    "webhooks.timeout", "10s", "Longest one delivery attempt may take before it counts as failed.";
+    "webhooks.retry_min", "1s", "Delay before the first retry of a failed delivery; it doubles per attempt up to webhooks.retry_max. An endpoint's later deliveries wait behind it (they go out in id order).";
+    "webhooks.retry_max", "5m", "Longest delay between two attempts.";
+    "webhooks.retry_for", "24h", "How long after it was queued a delivery is retried; then it moves to the `webhook_dead_letters` table (counted in lockstep_webhook_dead_letters_total) and the next one goes.";
+    "webhooks.lease", "10s", "How long a node's claim on an endpoint's queue lasts without renewal: within it, another node takes over the deliveries of a node that died.";
+    "webhooks.poll_interval", "250ms", "How often the node delivering an endpoint looks for deliveries other nodes queued (its own are sent at once).";
+    "webhooks.queue", "10000", "Events a node holds in memory while the database is away; past it new ones are dropped and counted (lockstep_webhook_events_dropped_total).";
     "redis.url", "", "Cluster broker: `redis://host:port` (standalone) or `redis-cluster://host:port,host:port` (Redis Cluster, sharded pub/sub). Empty: the in-process broker (a single node).";
     "redis.channel_prefix", "lockstep:", "Prefix of the Redis key and channel names, so several deployments can share one Redis (no `{` or `}`: each topic's keys share a hash tag).";
     "redis.probe_interval", "2s", "How often each node checks its pub/sub connection with a probe message; a probe that does not come back forces a reconnect.";
@@ -168,6 +180,8 @@ pub(crate) struct Config {
     pub(crate) locks: LockConfig,
     /// `None`: presigning is off.
     pub(crate) storage: Option<StorageConfig>,
+    /// No endpoints: webhooks are off.
+    pub(crate) webhooks: WebhookConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -281,6 +295,24 @@ impl Config {
             ),
         };
         line("tokens", jwt);
+        let hooks = &self.webhooks;
+        line(
+            "webhooks",
+            if hooks.endpoints.is_empty() {
+                "off".to_owned()
+            } else {
+                format!(
+                    "{} endpoint(s), queued in the lock store: {}",
+                    hooks.endpoints.len(),
+                    hooks
+                        .endpoints
+                        .iter()
+                        .map(|e| redact(&e.url))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+        );
         line(
             "log",
             format!("{} at {}", self.log_format.as_str(), self.log_level),
@@ -579,9 +611,27 @@ impl Sources {
                 node_timeout: p.duration("locks.node_timeout"),
             },
             storage: None,
+            webhooks: WebhookConfig::default(),
         };
         let mut config = config;
         config.storage = p.storage();
+        config.webhooks = p.webhooks();
+        if !config.webhooks.endpoints.is_empty()
+            && !config.hub.presence.enabled
+            && [
+                "topic.occupied",
+                "topic.vacated",
+                "presence.joined",
+                "presence.left",
+            ]
+            .iter()
+            .any(|t| config.webhooks.events.matches(t))
+        {
+            p.errors.push(
+                "webhooks.events asks for occupancy or presence events, which presence decides: set presence.enabled = true"
+                    .to_owned(),
+            );
+        }
         config.database.url = match p.optional("database.url") {
             Some(url)
                 if url.starts_with("postgres://")
@@ -787,6 +837,79 @@ impl Parser<'_> {
         (!config.bucket.is_empty()).then_some(config)
     }
 
+    fn webhooks(&mut self) -> WebhookConfig {
+        let mut config = WebhookConfig {
+            batch: self.positive("webhooks.batch"),
+            timeout: self.duration("webhooks.timeout"),
+            retry_min: self.duration("webhooks.retry_min"),
+            retry_max: self.duration("webhooks.retry_max"),
+            retry_for: self.duration("webhooks.retry_for"),
+            lease: self.duration("webhooks.lease"),
+            poll_interval: self.duration("webhooks.poll_interval"),
+            queue: self.positive("webhooks.queue"),
+            ..WebhookConfig::default()
+        };
+        match EventFilter::parse(&self.raw("webhooks.events")) {
+            Ok(events) => config.events = events,
+            Err(problem) => self.error("webhooks.events", &problem),
+        }
+        let list = |text: String| -> Vec<String> {
+            text.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let urls = list(self.raw("webhooks.urls"));
+        if urls.is_empty() {
+            return config;
+        }
+        for url in &urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                self.error(
+                    "webhooks.urls",
+                    &format!("'{}' is not an http:// or https:// URL", redact(url)),
+                );
+            }
+        }
+        let secrets = list(self.raw("webhooks.secret"));
+        if secrets.is_empty() {
+            self.error("webhooks.secret", "is required when webhooks.urls is set");
+            return config;
+        }
+        if secrets.len() != 1 && secrets.len() != urls.len() {
+            self.error(
+                "webhooks.secret",
+                &format!(
+                    "has {} secrets for {} URLs: give one for all, or one per URL",
+                    secrets.len(),
+                    urls.len()
+                ),
+            );
+            return config;
+        }
+        if secrets.iter().any(|s| s.len() < 32) {
+            self.error("webhooks.secret", "must be at least 32 bytes long");
+        }
+        if config.lease < Duration::from_millis(300) {
+            self.error("webhooks.lease", "must be at least 300ms");
+        }
+        if config.retry_min > config.retry_max {
+            self.error("webhooks.retry_min", "must not exceed webhooks.retry_max");
+        }
+        config.endpoints = urls
+            .into_iter()
+            .enumerate()
+            .map(|(i, url)| Endpoint {
+                url,
+                secret: secrets[if secrets.len() == 1 { 0 } else { i }]
+                    .as_bytes()
+                    .into(),
+            })
+            .collect();
+        config
+    }
+
     fn redis(&mut self) -> Option<RedisSettings> {
         let url = self.optional("redis.url")?;
         if let Err(err) = hub::redis::parse_url(&url) {
@@ -953,6 +1076,70 @@ mod tests {
         assert_eq!(config.hub.origins, OriginPolicy::SameOrigin);
         assert_eq!(config.hub.max_subscriptions, 64);
         assert!(config.jwt.secret.is_none());
+    }
+
+    #[test]
+    fn webhook_endpoints_get_their_own_or_a_shared_secret_and_bad_settings_are_reported() {
+        let a = "a".repeat(32);
+        let b = "b".repeat(32);
+        let mut s = Sources::default();
+        s.env(env(&[
+            (
+                "LOCKSTEP_WEBHOOKS_URLS",
+                "https://one.example/in, http://127.0.0.1:9/hook",
+            ),
+            ("LOCKSTEP_WEBHOOKS_SECRET", &format!("{a},{b}")),
+            ("LOCKSTEP_WEBHOOKS_EVENTS", "topic.*,lock.acquired"),
+        ]));
+        let config = s.build().unwrap();
+        let hooks = &config.webhooks;
+        assert_eq!(hooks.endpoints.len(), 2);
+        assert_eq!(hooks.endpoints[1].url, "http://127.0.0.1:9/hook");
+        assert_eq!(&*hooks.endpoints[1].secret, b.as_bytes());
+        assert!(hooks.events.matches("topic.vacated") && !hooks.events.matches("lock.expired"));
+        assert!(
+            !format!("{hooks:?}").contains(&a),
+            "secrets stay out of Debug"
+        );
+
+        let mut s = Sources::default();
+        s.env(env(&[("LOCKSTEP_WEBHOOKS_URLS", "https://one.example/in")]));
+        assert!(
+            s.build()
+                .unwrap_err()
+                .to_string()
+                .contains("webhooks.secret")
+        );
+
+        let mut s = Sources::default();
+        s.env(env(&[
+            ("LOCKSTEP_WEBHOOKS_URLS", "ftp://x,https://y,https://z"),
+            ("LOCKSTEP_WEBHOOKS_SECRET", "short,also-short"),
+            ("LOCKSTEP_WEBHOOKS_EVENTS", "topic.occupid"),
+            ("LOCKSTEP_PRESENCE_ENABLED", "false"),
+        ]));
+        let errors = s.build().unwrap_err().to_string();
+        for needle in [
+            "'ftp://x' is not an http:// or https:// URL",
+            "has 2 secrets for 3 URLs",
+            "'topic.occupid' matches no webhook event type",
+        ] {
+            assert!(errors.contains(needle), "{needle} in {errors}");
+        }
+
+        // Occupancy needs presence.
+        let mut s = Sources::default();
+        s.env(env(&[
+            ("LOCKSTEP_WEBHOOKS_URLS", "https://one.example/in"),
+            ("LOCKSTEP_WEBHOOKS_SECRET", &a),
+            ("LOCKSTEP_PRESENCE_ENABLED", "false"),
+        ]));
+        assert!(
+            s.build()
+                .unwrap_err()
+                .to_string()
+                .contains("presence.enabled")
+        );
     }
 
     #[test]

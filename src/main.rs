@@ -6,6 +6,7 @@ mod health;
 mod secret;
 mod serve;
 mod token;
+mod webhook;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -83,6 +84,21 @@ images without curl. The address is --url, or the configured listen address (an 
 address such as 0.0.0.0 is asked on loopback)."
     )]
     Healthcheck(health::HealthcheckArgs),
+    /// Tools for webhook receivers.
+    Webhook {
+        #[command(subcommand)]
+        action: WebhookAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhookAction {
+    /// Check a delivery's `Lockstep-Signature` against its body and the secret.
+    #[command(
+        long_about = "Check that a webhook delivery is Lockstep's and unchanged: the Lockstep-Signature header (t=<unix seconds>,v1=<hex HMAC-SHA256 of \"t.body\">) must sign the body with the secret, and be at most --tolerance old. Prints `valid` and exits 0, or says what is wrong and exits 1.",
+        after_help = "Example:\n  lockstep webhook verify --secret \"$SECRET\" --signature \"$HEADER\" --body body.json"
+    )]
+    Verify(webhook::VerifyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +145,18 @@ fn main() -> ExitCode {
                 Some(ConfigAction::Check { file, ignore_env }) => check_config(file, *ignore_env),
             };
         }
+        Command::Webhook {
+            action: WebhookAction::Verify(args),
+        } => {
+            // Needs no configuration: a receiver runs it with the secret alone.
+            return match webhook::verify(args) {
+                Ok(code) => code,
+                Err(err) => {
+                    eprintln!("lockstep: {err:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Token(_) | Command::Migrate | Command::Healthcheck(_) => Vec::new(),
     };
     let config = match load_config(cli.config.as_deref(), flags, true) {
@@ -143,7 +171,7 @@ fn main() -> ExitCode {
         Command::Token(args) => token::run(&config, &args),
         Command::Migrate => serve::migrate(&config),
         Command::Healthcheck(args) => health::run(&config, &args),
-        Command::Config { .. } => Ok(()),
+        Command::Config { .. } | Command::Webhook { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

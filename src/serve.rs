@@ -166,6 +166,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut hub_config = config.hub.clone();
     hub_config.node_id.clone_from(&node_id);
     hub_config.session_key = session_key.clone();
+    let store = LockStore::open(&config.database)?;
+    info!(url = %redact(&config.database.url), "lock store");
+    // Webhooks queue in the lock store's database; the hub tells them of presence changes and
+    // the lock store moves lock events into their queue.
+    let webhooks =
+        api::webhooks::Webhooks::start(&store, config.webhooks.clone(), &node_id, &broker_stop);
+    if webhooks.is_some() {
+        info!(endpoints = config.webhooks.endpoints.len(), "webhooks on");
+    }
+    let store = store.forwarding(webhooks.as_ref().and_then(|w| w.lock_forward()));
     let hub = Hub::new(
         hub_config,
         auth.clone(),
@@ -173,11 +183,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         fanout,
         broker,
         presence,
-        Some(sessions.clone()),
+        hub::Observers {
+            sessions: Some(sessions.clone()),
+            presence: webhooks
+                .clone()
+                .map(|w| Arc::new(PresenceHooks(w)) as Arc<dyn hub::PresenceObserver>),
+        },
     );
     let publisher: Arc<dyn EventPublisher> = Arc::new(HubPublisher(hub.clone()));
-    let store = LockStore::open(&config.database)?;
-    info!(url = %redact(&config.database.url), "lock store");
     let migrated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if config.database.url.starts_with("sqlite:") {
         // The embedded store is a local file: migrate before binding, so the node is ready when
@@ -691,6 +704,29 @@ impl NodeSessions for HubSessions {
 
     fn node_expired(&self) {
         self.0.close_all(Disconnect::NODE_EXPIRED);
+    }
+}
+
+/// Turns the hub's presence decisions into webhook events.
+#[derive(Debug)]
+struct PresenceHooks(Arc<api::webhooks::Webhooks>);
+
+impl hub::PresenceObserver for PresenceHooks {
+    fn presence_changed(&self, topic: &str, change: &hub::PresenceChange) {
+        // In the order a receiver expects: the topic is occupied before its first user joined,
+        // and vacated after its last one left.
+        let user = serde_json::json!({ "user": &*change.user }).to_string();
+        if change.joined {
+            if change.occupancy() == Some(hub::Occupancy::Occupied) {
+                self.0.emit("topic.occupied", topic, "{}");
+            }
+            self.0.emit(hub::presence::JOINED, topic, &user);
+        } else {
+            self.0.emit(hub::presence::LEFT, topic, &user);
+            if change.occupancy() == Some(hub::Occupancy::Vacated) {
+                self.0.emit("topic.vacated", topic, "{}");
+            }
+        }
     }
 }
 

@@ -17,6 +17,8 @@
 //! - `health`: `/healthz`, `/readyz`, `/metrics`.
 //! - [`metrics`]: the API's Prometheus metric names and the request-counting middleware.
 //! - `openapi`: the OpenAPI document at `/api/v1/openapi.json`.
+//! - [`webhooks`]: signed deliveries of occupancy, presence and lock events to configured
+//!   endpoints, queued in the lock store's database ([`webhooks::Webhooks`]).
 
 pub mod control;
 pub mod error;
@@ -29,6 +31,7 @@ pub mod presign;
 mod publish;
 mod ratelimit;
 mod topics;
+pub mod webhooks;
 
 pub use error::ApiError;
 

@@ -26,9 +26,46 @@ pub const RATE_LIMITED: &str = "lockstep_http_rate_limited_total";
 /// The hub's publish failure counter (`hub::metrics::PUBLISH_FAILURES`, described there): the
 /// API adds the publishes it refuses before they reach the hub because the broker is away.
 pub const PUBLISH_FAILURES: &str = "lockstep_publish_failures_total";
+pub const WEBHOOK_EVENTS: &str = "lockstep_webhook_events_total";
+pub const WEBHOOK_DROPPED: &str = "lockstep_webhook_events_dropped_total";
+pub const WEBHOOK_DELIVERIES: &str = "lockstep_webhook_deliveries_total";
+pub const WEBHOOK_DEAD_LETTERS: &str = "lockstep_webhook_dead_letters_total";
+pub const WEBHOOK_LAG: &str = "lockstep_webhook_delivery_lag_seconds";
+pub const WEBHOOK_ATTEMPT_SECONDS: &str = "lockstep_webhook_attempt_duration_seconds";
+pub const WEBHOOK_QUEUE_DEPTH: &str = "lockstep_webhook_queue_depth";
 
 /// Registers help texts and units. Call once, after the recorder is installed.
 pub fn describe() {
+    describe_counter!(
+        WEBHOOK_EVENTS,
+        "Webhook events queued for every endpoint, by source (presence: occupancy and presence decided on this node; locks: lock events moved from the outbox)."
+    );
+    describe_counter!(
+        WEBHOOK_DROPPED,
+        "Webhook events dropped because this node's queue to the database was full (the database was away)."
+    );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook delivery attempts, by outcome (delivered: 2xx; failed: any other answer, a timeout or a connection error)."
+    );
+    describe_counter!(
+        WEBHOOK_DEAD_LETTERS,
+        "Webhook deliveries given up after webhooks.retry_for and moved to webhook_dead_letters, by endpoint."
+    );
+    describe_histogram!(
+        WEBHOOK_LAG,
+        Unit::Seconds,
+        "Time from a delivery being queued to its successful attempt (retries included)."
+    );
+    describe_histogram!(
+        WEBHOOK_ATTEMPT_SECONDS,
+        Unit::Seconds,
+        "Duration of one webhook delivery attempt."
+    );
+    ::metrics::describe_gauge!(
+        WEBHOOK_QUEUE_DEPTH,
+        "Deliveries waiting for an endpoint, as last seen by the node delivering it."
+    );
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests answered, by method, route template and status."

@@ -50,7 +50,7 @@ pub use config::{HistoryConfig, HubConfig, OriginPolicy, PresenceConfig};
 pub use connections::Member;
 pub use control::{ConnectionInfo, Revocation};
 pub use fanout::Fanout;
-pub use presence::{Listing, MemoryPresence, PresenceStore};
+pub use presence::{Change as PresenceChange, Listing, MemoryPresence, Occupancy, PresenceStore};
 pub use registry::Registry;
 
 use axum::Router;
@@ -75,6 +75,20 @@ use tokio_util::task::TaskTracker;
 /// release session-bound locks; the hub does not know what observers do.
 pub trait SessionObserver: Send + Sync + std::fmt::Debug + 'static {
     fn session_closed(&self, session_id: &str, user: &str);
+}
+
+/// Told of every presence change this node's store updates decided (each change is decided
+/// on exactly one node, so the cluster tells each once). Webhooks use it for
+/// `topic.occupied` / `topic.vacated`. Called on the presence task: it must not block.
+pub trait PresenceObserver: Send + Sync + std::fmt::Debug + 'static {
+    fn presence_changed(&self, topic: &str, change: &presence::Change);
+}
+
+/// Who outside the hub is told what happens in it.
+#[derive(Debug, Default)]
+pub struct Observers {
+    pub sessions: Option<Arc<dyn SessionObserver>>,
+    pub presence: Option<Arc<dyn PresenceObserver>>,
 }
 
 /// A handle to the hub: cheap to clone, shared by every session and the router.
@@ -115,6 +129,7 @@ struct Inner {
     ids: IdGenerator,
     next_conn: AtomicU64,
     observer: Option<Arc<dyn SessionObserver>>,
+    presence_observer: Option<Arc<dyn PresenceObserver>>,
     metrics: metrics::HubMetrics,
 }
 
@@ -148,7 +163,7 @@ impl Hub {
         fanout: Arc<Fanout>,
         broker: Arc<dyn Broker>,
         presence: Arc<dyn PresenceStore>,
-        observer: Option<Arc<dyn SessionObserver>>,
+        observers: Observers,
     ) -> Hub {
         let shutdown = CancellationToken::new();
         let tracker = Arc::new(presence::Tracker::new(
@@ -184,7 +199,8 @@ impl Hub {
                 tracker: TaskTracker::new(),
                 ids: IdGenerator(Mutex::new(ulid::Generator::new())),
                 next_conn: AtomicU64::new(1),
-                observer,
+                observer: observers.sessions,
+                presence_observer: observers.presence,
                 metrics: metrics::HubMetrics::new(),
             }),
         };
@@ -482,6 +498,12 @@ impl presence::Node for Hub {
             },
         );
         Box::pin(async move { published.await.map(|_| ()).map_err(|e| e.to_string()) })
+    }
+
+    fn observe(&self, topic: &str, change: &presence::Change) {
+        if let Some(observer) = &self.inner.presence_observer {
+            observer.presence_changed(topic, change);
+        }
     }
 }
 

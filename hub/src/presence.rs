@@ -62,6 +62,28 @@ pub struct Change {
     pub joined: bool,
     /// Grows with every decision of the topic: the published event's version.
     pub version: u64,
+    /// Users present in the topic after this change: a join that makes it 1 occupied the
+    /// topic, a leave that makes it 0 vacated it.
+    pub present: u64,
+}
+
+impl Change {
+    /// What this change did to the topic's occupancy.
+    pub fn occupancy(&self) -> Option<Occupancy> {
+        match (self.joined, self.present) {
+            (true, 1) => Some(Occupancy::Occupied),
+            (false, 0) => Some(Occupancy::Vacated),
+            _ => None,
+        }
+    }
+}
+
+/// A topic's first user anywhere in the cluster came, or its last one left (after the leave
+/// delay, so a reload is silent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Occupancy {
+    Occupied,
+    Vacated,
 }
 
 /// Who is present in a topic.
@@ -176,13 +198,13 @@ impl MemoryPresence {
         let mut p = self.topics.entry(topic.into()).or_default();
         let p = &mut *p;
         let gone = |users: &mut HashMap<Arc<str>, u32>,
-                    changes: &mut Vec<(Arc<str>, bool)>,
+                    changes: &mut Vec<(Arc<str>, bool, usize)>,
                     user: &Arc<str>| {
             if let Some(n) = users.get_mut(user) {
                 *n -= 1;
                 if *n == 0 {
                     users.remove(user);
-                    changes.push((user.clone(), false));
+                    changes.push((user.clone(), false, users.len()));
                 }
             }
         };
@@ -214,7 +236,7 @@ impl MemoryPresence {
                 let n = p.users.entry(e.user.clone()).or_insert(0);
                 *n += 1;
                 if *n == 1 {
-                    changes.push((e.user.clone(), true));
+                    changes.push((e.user.clone(), true, p.users.len()));
                 }
             }
         }
@@ -225,12 +247,13 @@ impl MemoryPresence {
         }
         changes
             .into_iter()
-            .map(|(user, joined)| {
+            .map(|(user, joined, present)| {
                 p.version = next_version(p.version, now);
                 Change {
                     user,
                     joined,
                     version: p.version,
+                    present: present as u64,
                 }
             })
             .collect()
@@ -295,6 +318,8 @@ pub(crate) trait Node: Send + Sync + 'static {
     fn members(&self) -> Vec<(Arc<str>, Vec<Member>)>;
     /// Publishes a presence change of `topic`.
     fn publish(&self, topic: &str, change: &Change) -> BoxFuture<'static, Result<(), String>>;
+    /// Tells the node's observer (webhooks) of a change the store decided here.
+    fn observe(&self, topic: &str, change: &Change);
 }
 
 /// The node's side of presence.
@@ -497,6 +522,7 @@ impl Tracker {
                         metrics::counter!(crate::metrics::PRESENCE_CHANGES,
                             "change" => if change.joined { "joined" } else { "left" })
                         .increment(1);
+                        node.observe(&topic, change);
                         published.push(node.publish(&topic, change));
                     }
                 }

@@ -1185,7 +1185,7 @@ impl crate::presence::PresenceStore for RedisBroker {
     }
 }
 
-/// `{(user, 1|0, version)…}` → the changes, in decision order.
+/// `{(user, 1|0, version, present)…}` → the changes, in decision order.
 fn parse_presence_changes(reply: &Value) -> Option<Vec<crate::presence::Change>> {
     let items = match reply {
         Value::Array(items) => items.as_slice(),
@@ -1194,12 +1194,13 @@ fn parse_presence_changes(reply: &Value) -> Option<Vec<crate::presence::Change>>
         _ => return None,
     };
     items
-        .chunks(3)
+        .chunks(4)
         .map(|c| {
             Some(crate::presence::Change {
                 user: c.first()?.as_string()?.into(),
                 joined: c.get(1)?.as_u64()? == 1,
                 version: c.get(2)?.as_u64()?,
+                present: c.get(3)?.as_u64()?,
             })
         })
         .collect()

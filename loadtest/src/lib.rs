@@ -9,7 +9,7 @@
 //! - [`target`]: the servers under test (Lockstep, RabbitMQ Web-STOMP, the ceiling server)
 //!   and how each is spoken to.
 //! - [`stats`]: expected/delivered accounting, latency histograms, per-second timeline.
-//! - Scenarios: [`fanout`], [`idle`], [`connect`], [`resume`], [`presence`], and [`api_load`]
+//! - Scenarios: [`fanout`], [`idle`], [`connect`], [`resume`], [`presence`], [`webhooks`], and [`api_load`]
 //!   (locks, presign, signing).
 //! - [`ceiling`]: the reference broadcast server.
 
@@ -25,4 +25,5 @@ pub mod raw_locks;
 pub mod resume;
 pub mod stats;
 pub mod target;
+pub mod webhooks;
 pub mod wire;

@@ -96,6 +96,29 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// Occupancy webhooks to a receiver this process runs: throughput and lag, against a
+    /// reference of sequential signed POSTs to the same receiver.
+    Webhooks {
+        /// WebSocket URL of the node.
+        #[arg(long)]
+        url: String,
+        /// Receiver address; the node's `webhooks.urls` must be `http://{listen}/hook`.
+        #[arg(long)]
+        listen: String,
+        #[arg(long, env = "LOADTEST_JWT_SECRET", default_value = "")]
+        jwt_secret: String,
+        /// The node's `webhooks.secret`.
+        #[arg(long, env = "LOADTEST_WEBHOOK_SECRET")]
+        webhook_secret: String,
+        #[arg(long, default_value_t = 5000)]
+        topics: usize,
+        #[arg(long, default_value_t = 50)]
+        per_connection: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 2000)]
+        reference: usize,
+    },
     /// Many clients resuming at once: SUBSCRIBE with an offset `missed` events back, time to
     /// the last replayed event.
     Resume {
@@ -390,6 +413,38 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 report.succeeded,
                 report.failed,
                 report.setup_latency.p99_ms
+            );
+            emit(&report)?;
+        }
+        Command::Webhooks {
+            url,
+            listen,
+            jwt_secret,
+            webhook_secret,
+            topics,
+            per_connection,
+            concurrency,
+            reference,
+        } => {
+            let report = loadtest::webhooks::run(&loadtest::webhooks::WebhooksConfig {
+                url,
+                listen,
+                jwt_secret,
+                webhook_secret,
+                topics,
+                per_connection,
+                concurrency,
+                reference,
+            })
+            .await?;
+            eprintln!(
+                "webhooks: {} events in {} deliveries, {} events/s, lag p50 {} ms p99 {} ms; reference {} POSTs/s",
+                report.events,
+                report.deliveries,
+                report.events_per_sec,
+                report.lag.p50_ms,
+                report.lag.p99_ms,
+                report.reference_posts_per_sec
             );
             emit(&report)?;
         }

@@ -18,6 +18,7 @@ mod presence;
 mod presign;
 mod snapshot;
 mod stomp;
+mod webhooks;
 
 use loadtest::client::StompClient;
 use protocol::{Command, Frame};

@@ -13,10 +13,11 @@
 //! `outbox`.
 
 use super::event::{LockEvent, Reason};
+use crate::webhooks::LockForward;
 use dashmap::DashMap;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row, Transaction};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -156,7 +157,7 @@ impl Dialect {
     /// rewritten on its first use and kept for the life of the process (a few dozen texts),
     /// so a decision does no string work and sqlx's statement cache, keyed by the text,
     /// prepares each once per connection.
-    fn sql(self, template: &'static str) -> &'static str {
+    pub(crate) fn sql(self, template: &'static str) -> &'static str {
         static TEXTS: LazyLock<DashMap<(Dialect, &'static str), &'static str>> =
             LazyLock::new(DashMap::new);
         if let Some(text) = TEXTS.get(&(self, template)) {
@@ -201,6 +202,9 @@ pub struct LockStore {
     heartbeat: AnyPool,
     dialect: Dialect,
     event_lease_ms: i64,
+    /// Where lock events also go once published: the webhook queue, when endpoints want
+    /// them. Set by [`LockStore::forwarding`].
+    forward: Option<Arc<LockForward>>,
 }
 
 const COLUMNS: &str =
@@ -299,7 +303,25 @@ impl LockStore {
             heartbeat,
             dialect,
             event_lease_ms: super::millis(config.event_lease),
+            forward: None,
         })
+    }
+
+    /// This store, forwarding the lock events webhooks want into their queue as the outbox
+    /// lets them go (`delete_events`), in the same transaction: an event leaves the outbox
+    /// only into the webhook queue, so a node's death between the two loses none.
+    #[must_use]
+    pub fn forwarding(mut self, forward: Option<LockForward>) -> LockStore {
+        self.forward = forward.map(Arc::new);
+        self
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub(crate) fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// Runs the migrations of this database.
@@ -335,7 +357,7 @@ impl LockStore {
         Ok(row.try_get("now")?)
     }
 
-    async fn begin(&self) -> Result<Transaction<'static, sqlx::Any>, StoreError> {
+    pub(crate) async fn begin(&self) -> Result<Transaction<'static, sqlx::Any>, StoreError> {
         Ok(self.pool.begin().await?)
     }
 
@@ -1270,9 +1292,40 @@ impl LockStore {
             return Ok(());
         }
         let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+        let list = list.join(",");
         // Ids are integers we produced, never user input, so inlining them is safe.
-        let sql = format!("DELETE FROM lock_events WHERE id IN ({})", list.join(","));
-        sqlx::query(&sql).execute(&self.pool).await?;
+        let delete = format!("DELETE FROM lock_events WHERE id IN ({list})");
+        let Some(forward) = &self.forward else {
+            sqlx::query(&delete).execute(&self.pool).await?;
+            return Ok(());
+        };
+        let mut tx = self.begin().await?;
+        let select = self.dialect.rewrite(&format!(
+            "SELECT id, topic, event_type, data, {{now}} AS now FROM lock_events WHERE id IN ({list}) ORDER BY id"
+        ));
+        let rows = sqlx::query(&select).fetch_all(&mut *tx).await?;
+        let mut events = Vec::new();
+        for row in &rows {
+            let event = stored_event(row, OUTBOX_COLUMNS)?;
+            if forward.filter.matches(&event.event_type) {
+                let now: i64 = row.try_get("now")?;
+                events.push(crate::webhooks::event_json(
+                    &event.event_type,
+                    &event.topic,
+                    now,
+                    &event.data,
+                ));
+            }
+        }
+        if !events.is_empty() {
+            crate::webhooks::queue::enqueue(&mut tx, self.dialect, &forward.endpoints, &events)
+                .await?;
+        }
+        sqlx::query(&delete).execute(&mut *tx).await?;
+        tx.commit().await?;
+        if !events.is_empty() {
+            forward.queued(events.len());
+        }
         Ok(())
     }
 }

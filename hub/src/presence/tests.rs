@@ -60,6 +60,46 @@ async fn users_join_with_their_first_node_and_leave_with_their_last() {
 }
 
 #[tokio::test]
+async fn the_first_user_in_occupies_a_topic_and_the_last_one_out_vacates_it() {
+    let store = MemoryPresence::new();
+    let occupancy = |list: &[Change]| -> Vec<(String, u64, Option<Occupancy>)> {
+        list.iter()
+            .map(|c| (c.user.to_string(), c.present, c.occupancy()))
+            .collect()
+    };
+    let first = update(&store, "A", &[entry("ana", 1), entry("bo", 1)], &[], LONG).await;
+    assert_eq!(
+        occupancy(&first),
+        [
+            ("ana".to_owned(), 1, Some(Occupancy::Occupied)),
+            ("bo".to_owned(), 2, None)
+        ]
+    );
+    // Ana on a second node changes nothing; Bo leaving leaves Ana.
+    assert!(
+        update(&store, "B", &[entry("ana", 1)], &[], LONG)
+            .await
+            .is_empty()
+    );
+    let bo = update(&store, "A", &[], &["bo"], LONG).await;
+    assert_eq!(occupancy(&bo), [("bo".to_owned(), 1, None)]);
+    assert!(update(&store, "A", &[], &["ana"], LONG).await.is_empty());
+    let last = update(&store, "B", &[], &["ana"], LONG).await;
+    assert_eq!(
+        occupancy(&last),
+        [("ana".to_owned(), 0, Some(Occupancy::Vacated))]
+    );
+    // One update with a join and the other user's leave: joins are applied first, so the
+    // topic never looks empty (no vacated-then-occupied pair for a handover).
+    update(&store, "A", &[entry("cy", 1)], &[], LONG).await;
+    let swap = update(&store, "A", &[entry("di", 1)], &["cy"], LONG).await;
+    assert_eq!(
+        occupancy(&swap),
+        [("di".to_owned(), 2, None), ("cy".to_owned(), 1, None)]
+    );
+}
+
+#[tokio::test]
 async fn a_dead_nodes_entries_expire_and_the_next_update_sweeps_them_once() {
     let store = MemoryPresence::new();
     update(
@@ -203,6 +243,8 @@ impl Node for FakeNode {
         self.notify.notify_waiters();
         Box::pin(std::future::ready(Ok(())))
     }
+
+    fn observe(&self, _topic: &str, _change: &Change) {}
 }
 
 #[tokio::test(start_paused = true)]

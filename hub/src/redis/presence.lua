@@ -9,21 +9,26 @@
 -- ARGV: 1 node, 2 entry TTL ms, 3 key TTL ms, 4 number of upserts, then per upsert: user,
 --   connections, since ms (0 connections: only extend an existing entry's expiry, the user's
 --   leave is pending on the node); then the users whose entry of this node is removed.
--- Returns {per change in decision order: user, 1 (joined) or 0 (left), version}. Versions
---   grow with every change of the topic: the last one plus one, or the time in ms times 4096
---   when that is larger (a topic whose keys expired starts above every earlier version).
+-- Returns {per change in decision order: user, 1 (joined) or 0 (left), version, users present
+--   after it}. Versions grow with every change of the topic: the last one plus one, or the time
+--   in ms times 4096 when that is larger (a topic whose keys expired starts above every earlier
+--   version). The users present tell the topic's occupancy: a join that makes it 1 occupied
+--   it, a leave that makes it 0 vacated it (webhooks' topic.occupied / topic.vacated).
 local entries, details, users, last = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local node = ARGV[1]
 local now = now_ms()
 local expiry = now + tonumber(ARGV[2])
 local reply = {}
 local version = math.max(tonumber(redis.call('GET', last) or '0'), now * 4096)
+local present = redis.call('HLEN', users)
 
 local function change(user, joined)
   version = version + 1
+  present = present + (joined == 1 and 1 or -1)
   reply[#reply + 1] = user
   reply[#reply + 1] = joined
   reply[#reply + 1] = version
+  reply[#reply + 1] = present
 end
 
 local function gone(member)
