@@ -307,7 +307,7 @@ impl Config {
                     hooks
                         .endpoints
                         .iter()
-                        .map(|e| redact(&e.url))
+                        .map(|e| api::webhooks::label(&e.url))
                         .collect::<Vec<_>>()
                         .join(", ")
                 )
@@ -851,7 +851,7 @@ impl Parser<'_> {
         };
         match EventFilter::parse(&self.raw("webhooks.events")) {
             Ok(events) => config.events = events,
-            Err(problem) => self.error("webhooks.events", &problem),
+            Err(problem) => self.error("webhooks.events", &problem.to_string()),
         }
         let list = |text: String| -> Vec<String> {
             text.split(',')
@@ -864,11 +864,23 @@ impl Parser<'_> {
         if urls.is_empty() {
             return config;
         }
-        for url in &urls {
+        for (i, url) in urls.iter().enumerate() {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 self.error(
                     "webhooks.urls",
-                    &format!("'{}' is not an http:// or https:// URL", redact(url)),
+                    &format!(
+                        "entry {} ({}) is not an http:// or https:// URL",
+                        i + 1,
+                        api::webhooks::label(url)
+                    ),
+                );
+            }
+            // Each URL is one queue, delivered by one node at a time; listed twice, one node
+            // would run two deliverers of it.
+            if urls[..i].contains(url) {
+                self.error(
+                    "webhooks.urls",
+                    &format!("entry {} repeats an earlier URL", i + 1),
                 );
             }
         }
@@ -1113,15 +1125,16 @@ mod tests {
 
         let mut s = Sources::default();
         s.env(env(&[
-            ("LOCKSTEP_WEBHOOKS_URLS", "ftp://x,https://y,https://z"),
+            ("LOCKSTEP_WEBHOOKS_URLS", "ftp://x,https://y,https://y"),
             ("LOCKSTEP_WEBHOOKS_SECRET", "short,also-short"),
             ("LOCKSTEP_WEBHOOKS_EVENTS", "topic.occupid"),
             ("LOCKSTEP_PRESENCE_ENABLED", "false"),
         ]));
         let errors = s.build().unwrap_err().to_string();
         for needle in [
-            "'ftp://x' is not an http:// or https:// URL",
+            "entry 1 (ftp://x) is not an http:// or https:// URL",
             "has 2 secrets for 3 URLs",
+            "entry 3 repeats an earlier URL",
             "'topic.occupid' matches no webhook event type",
         ] {
             assert!(errors.contains(needle), "{needle} in {errors}");

@@ -327,6 +327,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let requests_done = tokio::time::timeout_at(deadline, server).await.is_ok();
     broker_stop.cancel();
+    // The webhook writer's last batch and the workers' lease releases (another node takes
+    // over at once instead of after the lease); bounded, the node is leaving.
+    if let Some(hooks) = &webhooks
+        && tokio::time::timeout(std::time::Duration::from_secs(2), hooks.finished())
+            .await
+            .is_err()
+    {
+        warn!("webhook tasks did not stop in time; queued events may be lost");
+    }
     if sessions_done && requests_done {
         info!("shutdown complete");
     } else {

@@ -6,6 +6,7 @@ mod cluster;
 mod control;
 mod deploy;
 mod fanout;
+mod grafana;
 mod hardening;
 mod history;
 mod history_load;

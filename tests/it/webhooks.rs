@@ -194,7 +194,8 @@ fn of_topic(events: &[(String, String, String)], topic: &str) -> Vec<String> {
 fn webhooks(options: Options, urls: &str, secrets: &str, events: &str) -> Options {
     options
         .env("LOCKSTEP_PRESENCE_ENABLED", "true")
-        .env("LOCKSTEP_PRESENCE_LEAVE_DELAY", "1s")
+        // Long enough for a reload onto another node on a loaded machine.
+        .env("LOCKSTEP_PRESENCE_LEAVE_DELAY", "3s")
         .env("LOCKSTEP_WEBHOOKS_URLS", urls)
         .env("LOCKSTEP_WEBHOOKS_SECRET", secrets)
         .env("LOCKSTEP_WEBHOOKS_EVENTS", events)
@@ -298,6 +299,7 @@ async fn metric(node: &Lockstep, prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn occupancy_across_two_nodes_is_first_in_last_out_and_reloads_are_silent() {
+    let started = now();
     let redis = RedisServer::start();
     let pg = Postgres::start();
     let database = pg.database("hooks_occupancy");
@@ -413,7 +415,8 @@ async fn occupancy_across_two_nodes_is_first_in_last_out_and_reloads_are_silent(
         assert_eq!(python_tag(&hook_secret, &t, &d.body), v1, "{}", d.signature);
         let body = d.json();
         assert_eq!(body["id"], json!(d.id));
-        assert!(body["ts"].as_u64().unwrap() / 1000 <= now() + 1);
+        let ts = body["ts"].as_u64().unwrap() / 1000;
+        assert!((started..=now()).contains(&ts), "ts {ts} outside the test");
     }
     assert!(deliveries.iter().all(|d| d.status == 200));
 }
@@ -617,4 +620,109 @@ async fn a_killed_nodes_queued_deliveries_are_delivered_by_another_node() {
     topics.sort();
     assert_eq!(topics, items, "{:#?}", summary(&deliveries));
     drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_postgres_deliver_each_event_once_in_id_order() {
+    // Two nodes queue into one PostgreSQL at once: occupancy from both, and lock events the
+    // outbox's deleters forward (several may delete the same rows). Each endpoint's ids must
+    // still go out in order, and each lock event once (two copies under two ids could not be
+    // deduped by a receiver).
+    let redis = RedisServer::start();
+    let pg = Postgres::start();
+    let database = pg.database("hooks_concurrent");
+    let receiver = Receiver::start(0).await;
+    let secret = random_secret();
+    let hook_secret = random_secret();
+    let nodes: Vec<Lockstep> = (0..2)
+        .map(|_| {
+            Lockstep::start_with(
+                webhooks(
+                    Options::default()
+                        .secret(&secret)
+                        .env("LOCKSTEP_REDIS_URL", redis.url())
+                        .env("LOCKSTEP_DATABASE_URL", &database),
+                    &receiver.url,
+                    &hook_secret,
+                    "topic.occupied,lock.acquired",
+                )
+                .env("LOCKSTEP_WEBHOOKS_BATCH", "1")
+                .env("LOCKSTEP_PRESENCE_BATCH", "1ms"),
+            )
+        })
+        .collect();
+    for node in &nodes {
+        node.wait_readyz(200, Duration::from_secs(20)).unwrap();
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for c in 0..2 {
+            let ws = node.ws();
+            let token = node.token(&format!("u{n}{c}"), &["t1"], "locks");
+            let http = node.http();
+            tasks.spawn(async move {
+                let mut client = StompClient::connect(&ws, &token).await.unwrap().0;
+                for i in 0..20 {
+                    client
+                        .subscribe(&format!("s{i}"), &format!("/team/t1/items/n{n}c{c}i{i}"))
+                        .await
+                        .unwrap();
+                }
+                let http_client = reqwest::Client::new();
+                for i in 0..10 {
+                    let answer = http_client
+                        .post(format!(
+                            "{http}/api/v1/teams/t1/items/lock-n{n}c{c}i{i}/lock"
+                        ))
+                        .bearer_auth(&token)
+                        .json(&json!({}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(answer.status(), 200);
+                }
+                client
+            });
+        }
+    }
+    let mut clients = Vec::new();
+    while let Some(client) = tasks.join_next().await {
+        clients.push(client.unwrap());
+    }
+    let deliveries = receiver
+        .wait_until(
+            "80 occupied and 40 lock events",
+            Duration::from_secs(30),
+            |d| accepted_events(d).len() >= 120,
+        )
+        .await;
+    let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids out of order or repeated: {ids:?}"
+    );
+    let events = accepted_events(&deliveries);
+    let occupied: std::collections::HashSet<&String> = events
+        .iter()
+        .filter(|(k, _, _)| k == "topic.occupied")
+        .map(|(_, t, _)| t)
+        .collect();
+    assert_eq!(occupied.len(), 80);
+    let mut locks: Vec<String> = accepted(&deliveries)
+        .iter()
+        .flat_map(|d| {
+            d.json()["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["type"] == "lock.acquired")
+                .map(|e| e["data"]["item"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    locks.sort();
+    let before = locks.len();
+    locks.dedup();
+    assert_eq!((before, locks.len()), (40, 40), "each lock event once");
+    drop(clients);
 }

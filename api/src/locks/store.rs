@@ -169,7 +169,7 @@ impl Dialect {
     }
 
     /// [`Dialect::sql`] for a query whose text varies (a list of placeholders): made per call.
-    fn rewrite(self, template: &str) -> String {
+    pub(crate) fn rewrite(self, template: &str) -> String {
         let sql = template
             .replace("{columns}", COLUMNS)
             .replace("{now}", self.now())
@@ -1299,29 +1299,35 @@ impl LockStore {
             sqlx::query(&delete).execute(&self.pool).await?;
             return Ok(());
         };
+        // The rows this statement deleted, and only those: the same ids may be deleted
+        // concurrently (the batch deleter, a later decision of the item, a sweeper), and each
+        // event must enter the webhook queue once.
         let mut tx = self.begin().await?;
-        let select = self.dialect.rewrite(&format!(
-            "SELECT id, topic, event_type, data, {{now}} AS now FROM lock_events WHERE id IN ({list}) ORDER BY id"
+        let sql = self.dialect.rewrite(&format!(
+            "{delete} RETURNING id, topic, event_type, data, {{now}} AS now"
         ));
-        let rows = sqlx::query(&select).fetch_all(&mut *tx).await?;
-        let mut events = Vec::new();
+        let rows = sqlx::query(&sql).fetch_all(&mut *tx).await?;
+        let mut deleted = Vec::with_capacity(rows.len());
         for row in &rows {
-            let event = stored_event(row, OUTBOX_COLUMNS)?;
-            if forward.filter.matches(&event.event_type) {
-                let now: i64 = row.try_get("now")?;
-                events.push(crate::webhooks::event_json(
-                    &event.event_type,
-                    &event.topic,
-                    now,
-                    &event.data,
-                ));
-            }
+            let now: i64 = row.try_get("now")?;
+            deleted.push((stored_event(row, OUTBOX_COLUMNS)?, now));
         }
+        deleted.sort_by_key(|(e, _)| e.id);
+        let events: Vec<String> = deleted
+            .iter()
+            .filter(|(e, _)| forward.filter.matches(&e.event_type))
+            .map(|(e, now)| crate::webhooks::event_json(&e.event_type, &e.topic, *now, &e.data))
+            .collect();
         if !events.is_empty() {
-            crate::webhooks::queue::enqueue(&mut tx, self.dialect, &forward.endpoints, &events)
-                .await?;
+            crate::webhooks::queue::enqueue(
+                &mut tx,
+                self.dialect,
+                &forward.endpoints,
+                &events,
+                forward.batch,
+            )
+            .await?;
         }
-        sqlx::query(&delete).execute(&mut *tx).await?;
         tx.commit().await?;
         if !events.is_empty() {
             forward.queued(events.len());

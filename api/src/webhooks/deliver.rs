@@ -29,15 +29,17 @@ pub(crate) fn client(config: &WebhookConfig) -> reqwest::Client {
         })
 }
 
-/// An endpoint as logs and metrics name it: scheme, host and path, without credentials or
-/// query (either may carry a secret).
-pub(crate) fn label(url: &str) -> String {
-    let url = url.split(['?', '#']).next().unwrap_or(url);
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
+/// An endpoint as logs, metrics and `config check` name it: scheme, host and port only. The
+/// rest may carry a secret (Slack- and Discord-style hooks put their token in the path,
+/// others in the query or the user info).
+pub fn label(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(url) => match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{}://{host}:{port}", url.scheme()),
+            (Some(host), None) => format!("{}://{host}", url.scheme()),
+            _ => format!("{}://", url.scheme()),
+        },
+        Err(_) => "(not a URL)".to_owned(),
     }
 }
 
@@ -50,12 +52,17 @@ pub(crate) struct Worker {
     pub(crate) client: reqwest::Client,
     /// Notified when this node queued deliveries.
     pub(crate) wake: Arc<Notify>,
+    /// The endpoint in logs and metrics: its position in `webhooks.urls` and its host.
+    pub(crate) label: String,
 }
 
 /// How an attempt ended.
 enum Outcome {
     Delivered,
     Failed(String),
+    /// The lease went to another node while the receiver took its time: the attempt was
+    /// dropped (the new holder sends it again) and nothing is recorded.
+    LeaseLost,
 }
 
 impl Worker {
@@ -72,7 +79,7 @@ impl Worker {
     /// the lease up so another node takes over at once.
     pub(crate) async fn run(self, shutdown: CancellationToken) {
         let url = self.endpoint.url.clone();
-        let label = label(&url);
+        let label = self.label.clone();
         let mut leased_at: Option<Instant> = None;
         let mut depth_at: Option<Instant> = None;
         while !shutdown.is_cancelled() {
@@ -136,7 +143,10 @@ impl Worker {
             let read_at = Instant::now();
             let outcome = self.attempt(&head, &mut leased_at).await;
             let age_ms = head.now - head.ts + crate::locks::millis(read_at.elapsed());
-            self.record(&head, outcome, age_ms, &label).await;
+            if !self.record(&head, outcome, age_ms, &label).await {
+                // The database did not take the outcome: do not hammer the receiver meanwhile.
+                self.pause(self.config.poll_interval, &shutdown).await;
+            }
         }
         queue::release(&self.store, &url, &self.node).await;
     }
@@ -176,9 +186,12 @@ impl Worker {
                 () = tokio::time::sleep(self.renew_every()) => {
                     match queue::lease(&self.store, &self.endpoint.url, &self.node, self.lease_ms()).await {
                         Ok(true) => *leased_at = Some(Instant::now()),
-                        // Finish this attempt (the other node may send it too: at least once);
-                        // the next turn finds the lease gone.
-                        _ => *leased_at = None,
+                        Ok(false) => {
+                            *leased_at = None;
+                            return Outcome::LeaseLost;
+                        }
+                        // The database did not answer: keep trying while the lease may hold.
+                        Err(_) => {}
                     }
                 }
             }
@@ -207,34 +220,50 @@ impl Worker {
         outcome
     }
 
-    /// Records an attempt's outcome: delivered (deleted), retried later, or dead.
-    async fn record(&self, head: &queue::Head, outcome: Outcome, age_ms: i64, label: &str) {
+    /// Records an attempt's outcome: delivered (deleted), retried later, or dead. False when
+    /// the database failed.
+    async fn record(&self, head: &queue::Head, outcome: Outcome, age_ms: i64, label: &str) -> bool {
+        let holder = queue::Holder {
+            endpoint: &self.endpoint.url,
+            node: &self.node,
+        };
         match outcome {
+            Outcome::LeaseLost => {
+                info!(
+                    id = head.id,
+                    "lost the endpoint's lease during an attempt; the new holder sends it"
+                );
+                true
+            }
             Outcome::Delivered => {
                 metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "delivered")
                     .increment(1);
                 #[allow(clippy::cast_precision_loss)]
                 metrics::histogram!(crate::metrics::WEBHOOK_LAG)
                     .record(age_ms.max(0) as f64 / 1000.0);
-                if let Err(err) = queue::delivered(&self.store, head.id).await {
-                    // It goes out again: the receiver dedupes by id.
-                    warn!(%err, id = head.id, "delivered webhook not recorded; it will be sent again");
+                // Deleted even if the lease was lost meanwhile: it did go out.
+                match queue::delivered(&self.store, head.id).await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        // It goes out again: the receiver dedupes by id.
+                        warn!(%err, id = head.id, "delivered webhook not recorded; it will be sent again");
+                        false
+                    }
                 }
             }
             Outcome::Failed(error) => {
                 metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "failed")
                     .increment(1);
                 let attempts = head.attempts + 1;
-                let result = if age_ms >= crate::locks::millis(self.config.retry_for) {
-                    metrics::counter!(crate::metrics::WEBHOOK_DEAD_LETTERS, "endpoint" => label.to_owned())
-                        .increment(1);
-                    warn!(id = head.id, attempts, %error, "webhook delivery given up: moved to the dead letters");
-                    queue::dead(&self.store, head.id, attempts, &error).await
+                let spent = age_ms >= crate::locks::millis(self.config.retry_for);
+                let result = if spent {
+                    queue::dead(&self.store, holder, head.id, attempts, &error).await
                 } else {
                     let delay = backoff(&self.config, attempts);
                     debug!(id = head.id, attempts, %error, ?delay, "webhook delivery failed; retrying");
                     queue::failed(
                         &self.store,
+                        holder,
                         head.id,
                         attempts,
                         crate::locks::millis(delay),
@@ -242,8 +271,25 @@ impl Worker {
                     )
                     .await
                 };
-                if let Err(err) = result {
-                    debug!(%err, id = head.id, "webhook failure not recorded; retrying at once");
+                match result {
+                    Ok(true) if spent => {
+                        metrics::counter!(crate::metrics::WEBHOOK_DEAD_LETTERS, "endpoint" => label.to_owned())
+                            .increment(1);
+                        warn!(id = head.id, attempts, %error, "webhook delivery given up: moved to the dead letters");
+                        true
+                    }
+                    Ok(true) => true,
+                    Ok(false) => {
+                        info!(
+                            id = head.id,
+                            "lost the endpoint's lease; the new holder records this delivery"
+                        );
+                        true
+                    }
+                    Err(err) => {
+                        debug!(%err, id = head.id, "webhook failure not recorded; retrying");
+                        false
+                    }
                 }
             }
         }
@@ -279,11 +325,16 @@ mod tests {
     }
 
     #[test]
-    fn labels_drop_credentials_and_queries() {
+    fn labels_keep_scheme_host_and_port_only() {
         assert_eq!(
             label("https://user:pw@hooks.example/in?token=s3cret"),
-            "https://hooks.example/in"
+            "https://hooks.example"
         );
-        assert_eq!(label("http://127.0.0.1:9/hook"), "http://127.0.0.1:9/hook");
+        assert_eq!(
+            label("https://hooks.slack.com/services/T000/B000/XXXXsecret"),
+            "https://hooks.slack.com"
+        );
+        assert_eq!(label("http://127.0.0.1:9/a@b/hook"), "http://127.0.0.1:9");
+        assert_eq!(label("nonsense"), "(not a URL)");
     }
 }

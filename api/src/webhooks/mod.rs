@@ -24,11 +24,14 @@ mod deliver;
 pub(crate) mod queue;
 pub mod sign;
 
+pub use deliver::label;
+
 use crate::locks::store::LockStore;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, warn};
 
 /// Every event type a webhook can carry.
@@ -52,11 +55,20 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A webhook URL's path or query often carries a token of its own.
         f.debug_struct("Endpoint")
-            .field("url", &self.url)
+            .field("url", &deliver::label(&self.url))
             .field("secret", &"***")
             .finish()
     }
+}
+
+/// An entry of `webhooks.events` that matches no event type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{entry}' matches no webhook event type (known: {known})")]
+pub struct FilterError {
+    entry: String,
+    known: String,
 }
 
 /// Which event types go to the endpoints: names, `prefix.*`, or `*`.
@@ -71,18 +83,18 @@ impl EventFilter {
     ///
     /// # Errors
     ///
-    /// A message naming the first entry that matches no event type.
-    pub fn parse(list: &str) -> Result<EventFilter, String> {
+    /// [`FilterError`] naming the first entry that matches no event type.
+    pub fn parse(list: &str) -> Result<EventFilter, FilterError> {
         let mut patterns = Vec::new();
         for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             let pattern = EventFilter {
                 patterns: vec![entry.to_owned()],
             };
             if !EVENT_TYPES.iter().any(|t| pattern.matches(t)) {
-                return Err(format!(
-                    "'{entry}' matches no webhook event type (known: {})",
-                    EVENT_TYPES.join(", ")
-                ));
+                return Err(FilterError {
+                    entry: entry.to_owned(),
+                    known: EVENT_TYPES.join(", "),
+                });
             }
             patterns.push(entry.to_owned());
         }
@@ -98,8 +110,8 @@ impl EventFilter {
         })
     }
 
-    /// Whether any type of `family` (`lock.`) passes.
-    fn wants_any(&self, family: &str) -> bool {
+    /// Whether any type of `family` (`lock.`, `topic.`) passes.
+    pub fn wants_any(&self, family: &str) -> bool {
         EVENT_TYPES
             .iter()
             .any(|t| t.starts_with(family) && self.matches(t))
@@ -162,11 +174,20 @@ pub(crate) fn event_json(event_type: &str, topic: &str, ts: i64, data: &str) -> 
 
 /// How lock events reach the webhook queue: the endpoints and filter, applied by the lock
 /// store as it deletes published events from its outbox.
-#[derive(Debug)]
 pub struct LockForward {
     pub(crate) endpoints: Vec<String>,
     pub(crate) filter: EventFilter,
+    pub(crate) batch: usize,
     wake: Arc<Notify>,
+}
+
+impl std::fmt::Debug for LockForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockForward")
+            .field("endpoints", &self.endpoints.len())
+            .field("filter", &self.filter)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LockForward {
@@ -181,6 +202,11 @@ impl LockForward {
 #[derive(Debug)]
 pub struct Webhooks {
     config: Arc<WebhookConfig>,
+    /// The endpoints' URLs: their queues' keys.
+    urls: Vec<String>,
+    /// The writer and the workers, awaited at shutdown (the writer's last batch, the workers'
+    /// lease releases).
+    tasks: TaskTracker,
     /// Events (as their JSON) waiting to be written into the database; bounded by
     /// `config.queue`.
     events: mpsc::Sender<String>,
@@ -204,10 +230,11 @@ impl Webhooks {
         let wake = Arc::new(Notify::new());
         let (events, queued) = mpsc::channel(config.queue);
         let urls: Vec<String> = config.endpoints.iter().map(|e| e.url.clone()).collect();
-        tokio::spawn(
+        let tasks = TaskTracker::new();
+        tasks.spawn(
             queue::run_writer(
                 store.clone(),
-                urls,
+                urls.clone(),
                 queued,
                 config.batch,
                 wake.clone(),
@@ -216,7 +243,7 @@ impl Webhooks {
             .instrument(tracing::info_span!("webhook_writer")),
         );
         let client = deliver::client(&config);
-        for endpoint in &config.endpoints {
+        for (i, endpoint) in config.endpoints.iter().enumerate() {
             let worker = deliver::Worker {
                 store: store.clone(),
                 endpoint: endpoint.clone(),
@@ -224,15 +251,24 @@ impl Webhooks {
                 node: node.to_owned(),
                 client: client.clone(),
                 wake: wake.clone(),
+                label: format!("{i} {}", deliver::label(&endpoint.url)),
             };
-            let span = tracing::info_span!("webhook", endpoint = %deliver::label(&endpoint.url));
-            tokio::spawn(worker.run(shutdown.clone()).instrument(span));
+            let span = tracing::info_span!("webhook", endpoint = %worker.label);
+            tasks.spawn(worker.run(shutdown.clone()).instrument(span));
         }
+        tasks.close();
         Some(Arc::new(Webhooks {
             config,
+            urls,
+            tasks,
             events,
             wake,
         }))
+    }
+
+    /// Resolves once the writer and the workers stopped (after `shutdown` was cancelled).
+    pub async fn finished(&self) {
+        self.tasks.wait().await;
     }
 
     /// Whether events of this type go out.
@@ -274,13 +310,9 @@ impl Webhooks {
     /// What the lock store needs to forward lock events; `None` when no lock event is wanted.
     pub fn lock_forward(&self) -> Option<LockForward> {
         self.config.events.wants_any("lock.").then(|| LockForward {
-            endpoints: self
-                .config
-                .endpoints
-                .iter()
-                .map(|e| e.url.clone())
-                .collect(),
+            endpoints: self.urls.clone(),
             filter: self.config.events.clone(),
+            batch: self.config.batch,
             wake: self.wake.clone(),
         })
     }

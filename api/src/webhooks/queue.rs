@@ -10,8 +10,13 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-/// Queues `events` (each one event's JSON) as one delivery to each of `endpoints`, inside
-/// `tx`.
+/// Queues `events` (each one event's JSON) as deliveries to each of `endpoints`, at most
+/// `batch` events per delivery, inside `tx`.
+///
+/// On PostgreSQL the transaction first takes a lock per endpoint (held until commit), so an
+/// endpoint's ids are handed out in commit order: without it a delivery with a higher id could
+/// commit, be delivered and deleted before a lower one commits, and the lower one would then go
+/// out after it. SQLite serializes writers already.
 ///
 /// # Errors
 ///
@@ -21,20 +26,55 @@ pub(crate) async fn enqueue(
     dialect: Dialect,
     endpoints: &[String],
     events: &[String],
+    batch: usize,
 ) -> Result<(), StoreError> {
-    let body = format!("[{}]", events.join(","));
-    for endpoint in endpoints {
-        sqlx::query(
-            dialect.sql(
+    let mut sorted: Vec<&String> = endpoints.iter().collect();
+    // One order for every transaction, so two of them never wait on each other's locks.
+    sorted.sort();
+    for endpoint in sorted {
+        if dialect == Dialect::Postgres {
+            // 4711 keeps these locks apart from any other advisory lock of the database.
+            sqlx::query(
+                "SELECT 1 AS locked FROM (SELECT pg_advisory_xact_lock(4711, hashtext($1))) AS l",
+            )
+            .bind(endpoint)
+            .fetch_one(&mut **tx)
+            .await?;
+        }
+        for part in events.chunks(batch.max(1)) {
+            sqlx::query(dialect.sql(
                 "INSERT INTO webhook_deliveries (endpoint, ts, events) VALUES ($1, {now}, $2)",
-            ),
-        )
-        .bind(endpoint)
-        .bind(&body)
-        .execute(&mut **tx)
-        .await?;
+            ))
+            .bind(endpoint)
+            .bind(format!("[{}]", part.join(",")))
+            .execute(&mut **tx)
+            .await?;
+        }
     }
     Ok(())
+}
+
+/// The endpoints with deliveries queued that no URL of this configuration names (a URL was
+/// changed or removed): nobody delivers them.
+///
+/// # Errors
+///
+/// [`StoreError`] when the database fails.
+pub(crate) async fn stranded(
+    store: &LockStore,
+    endpoints: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let rows = sqlx::query("SELECT DISTINCT endpoint FROM webhook_deliveries")
+        .fetch_all(store.pool())
+        .await?;
+    let mut stranded = Vec::new();
+    for row in &rows {
+        let endpoint: String = row.try_get("endpoint")?;
+        if !endpoints.contains(&endpoint) {
+            stranded.push(endpoint);
+        }
+    }
+    Ok(stranded)
 }
 
 /// Takes or renews `node`'s lease on `endpoint`'s queue for `lease_ms`; false when another
@@ -149,52 +189,84 @@ pub(crate) async fn delivered(store: &LockStore, id: i64) -> Result<(), StoreErr
     Ok(())
 }
 
-/// An attempt failed: try again in `delay_ms`.
+/// The lease a failure is recorded under: only the node holding the endpoint's lease records
+/// one, so a node that lost it during a slow attempt cannot overwrite (or dead-letter) the row
+/// the new holder is working on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Holder<'a> {
+    pub(crate) endpoint: &'a str,
+    pub(crate) node: &'a str,
+}
+
+/// The condition "this node holds the endpoint's lease", with the endpoint and node as
+/// parameters `$e` and `$n`.
+fn holds_lease(e: u8, n: u8) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM webhook_leases WHERE endpoint = ${e} AND node = ${n} AND until_ms > {{now}})"
+    )
+}
+
+/// An attempt failed: try again in `delay_ms`. False when this node no longer holds the lease
+/// (nothing was recorded).
 ///
 /// # Errors
 ///
 /// [`StoreError`] when the database fails.
 pub(crate) async fn failed(
     store: &LockStore,
+    holder: Holder<'_>,
     id: i64,
     attempts: i64,
     delay_ms: i64,
     error: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(store.dialect().sql(
-        "UPDATE webhook_deliveries SET attempts = $1, next_attempt_at = {now} + $2, \
-         last_error = $3 WHERE id = $4",
-    ))
-    .bind(attempts)
-    .bind(delay_ms)
-    .bind(error)
-    .bind(id)
-    .execute(store.pool())
-    .await?;
-    Ok(())
+) -> Result<bool, StoreError> {
+    let sql = store.dialect().rewrite(&format!(
+        "UPDATE webhook_deliveries SET attempts = $1, next_attempt_at = {{now}} + $2, \
+         last_error = $3 WHERE id = $4 AND {}",
+        holds_lease(5, 6)
+    ));
+    let done = sqlx::query(&sql)
+        .bind(attempts)
+        .bind(delay_ms)
+        .bind(error)
+        .bind(id)
+        .bind(holder.endpoint)
+        .bind(holder.node)
+        .execute(store.pool())
+        .await?;
+    Ok(done.rows_affected() == 1)
 }
 
-/// The delivery's retry budget is spent: move it to the dead letters.
+/// The delivery's retry budget is spent: move it to the dead letters. False when this node
+/// no longer holds the lease (nothing was moved).
 ///
 /// # Errors
 ///
 /// [`StoreError`] when the database fails.
 pub(crate) async fn dead(
     store: &LockStore,
+    holder: Holder<'_>,
     id: i64,
     attempts: i64,
     error: &str,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let mut tx = store.begin().await?;
-    sqlx::query(store.dialect().sql(
+    let sql = store.dialect().rewrite(&format!(
         "INSERT INTO webhook_dead_letters (id, endpoint, ts, events, attempts, last_error, dead_at) \
-         SELECT id, endpoint, ts, events, $2, $3, {now} FROM webhook_deliveries WHERE id = $1",
-    ))
-    .bind(id)
-    .bind(attempts)
-    .bind(error)
-    .execute(&mut *tx)
-    .await?;
+         SELECT id, endpoint, ts, events, $2, $3, {{now}} FROM webhook_deliveries WHERE id = $1 AND {}",
+        holds_lease(4, 5)
+    ));
+    let moved = sqlx::query(&sql)
+        .bind(id)
+        .bind(attempts)
+        .bind(error)
+        .bind(holder.endpoint)
+        .bind(holder.node)
+        .execute(&mut *tx)
+        .await?;
+    if moved.rows_affected() == 0 {
+        return Ok(false);
+    }
     sqlx::query(
         store
             .dialect()
@@ -204,7 +276,7 @@ pub(crate) async fn dead(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Writes the events [`super::Webhooks::emit`] queued into the database, a batch of up to
@@ -219,6 +291,17 @@ pub(crate) async fn run_writer(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
+    match stranded(&store, &endpoints).await {
+        Ok(stranded) => {
+            for endpoint in stranded {
+                warn!(
+                    endpoint = %super::label(&endpoint),
+                    "webhook deliveries are queued for an endpoint no longer configured; nobody delivers them (see webhook_deliveries)"
+                );
+            }
+        }
+        Err(err) => debug!(%err, "could not look for stranded webhook deliveries"),
+    }
     // A batch the shutdown interrupted: written once more below.
     let mut unwritten = Vec::new();
     loop {
@@ -236,7 +319,7 @@ pub(crate) async fn run_writer(
         }
         let mut delay = Duration::from_millis(50);
         loop {
-            match write(&store, &endpoints, &events).await {
+            match write(&store, &endpoints, &events, batch).await {
                 Ok(()) => break,
                 Err(err) => {
                     warn!(%err, n = events.len(), ?delay, "could not queue webhook events; retrying");
@@ -259,7 +342,7 @@ pub(crate) async fn run_writer(
         rest.push(event);
     }
     for events in rest.chunks(batch.max(1)) {
-        if let Err(err) = write(&store, &endpoints, events).await {
+        if let Err(err) = write(&store, &endpoints, events, batch).await {
             warn!(%err, n = events.len(), "webhook events not queued at shutdown");
         }
     }
@@ -269,9 +352,10 @@ async fn write(
     store: &LockStore,
     endpoints: &[String],
     events: &[String],
+    batch: usize,
 ) -> Result<(), StoreError> {
     let mut tx = store.begin().await?;
-    enqueue(&mut tx, store.dialect(), endpoints, events).await?;
+    enqueue(&mut tx, store.dialect(), endpoints, events, batch).await?;
     tx.commit().await?;
     Ok(())
 }

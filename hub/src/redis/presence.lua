@@ -24,7 +24,9 @@ local present = redis.call('HLEN', users)
 
 local function change(user, joined)
   version = version + 1
-  present = present + (joined == 1 and 1 or -1)
+  -- Never below 0, even if the users hash lost a user whose entry is still here (evicted or
+  -- flushed keys): the reply must stay well-formed.
+  present = math.max(present + (joined == 1 and 1 or -1), 0)
   reply[#reply + 1] = user
   reply[#reply + 1] = joined
   reply[#reply + 1] = version
