@@ -244,3 +244,76 @@ fn stompjs_in_headless_chromium_refreshes_its_token() {
         &refresh_config(&node, Some(page_port)),
     );
 }
+
+/// The client library (clients/js, DESIGN §16) with the real stompjs: resume after a dropped
+/// socket with no gap or duplicate, a token refreshed over the socket before its `exp`, a lock
+/// renewed, refused, lost to a takeover and released, presence, `onReset` for a stored position
+/// of another epoch (`shared/library_scenario.mjs`).
+fn library_config(node: &Lockstep, page_port: Option<u16>) -> String {
+    let start = tests::now();
+    // Chromium takes a few seconds to start before the page connects.
+    let lead = if page_port.is_some() { 9 } else { 4 };
+    let expires = [start + lead + 3, start + lead + 7, start + 3600];
+    let token = |exp: u64| {
+        node.token_with(&json!({
+            "sub": "ana", "teams": ["t1"], "scope": "locks", "iat": start, "exp": exp,
+        }))
+    };
+    json!({
+        "http": node.http(),
+        "ws": node.ws(),
+        "user": "ana",
+        "team": "t1",
+        "tokens": {
+            "user0": token(expires[0]),
+            "user1": token(expires[1]),
+            "user2": token(expires[2]),
+            "publisher": node.token("backend", &["t1"], "publish"),
+            "admin": node.token_with(&json!({
+                "sub": "lead", "teams": ["t1"], "admin_of": ["t1"], "scope": "locks", "exp": start + 3600,
+            })),
+        },
+        "expires": expires,
+        "heartbeat_ms": HEARTBEAT_MS,
+        "page_port": page_port,
+    })
+    .to_string()
+}
+
+fn library_node(page_port: Option<u16>) -> Lockstep {
+    let mut options = Options::default()
+        .env("LOCKSTEP_HUB_HEARTBEAT_SEND_MS", HEARTBEAT_MS)
+        .env("LOCKSTEP_HUB_HEARTBEAT_RECV_MS", HEARTBEAT_MS)
+        .env("LOCKSTEP_PRESENCE_ENABLED", "true")
+        .env("LOCKSTEP_LOCKS_MIN_TTL", "1s");
+    if let Some(port) = page_port {
+        options = options.env(
+            "LOCKSTEP_ALLOWED_ORIGINS",
+            format!("http://127.0.0.1:{port}"),
+        );
+    }
+    Lockstep::start_with(options)
+}
+
+#[test]
+fn the_client_library_in_node() {
+    let node = library_node(None);
+    run(
+        &node,
+        "node",
+        "node/library.mjs",
+        &library_config(&node, None),
+    );
+}
+
+#[test]
+fn the_client_library_in_headless_chromium() {
+    let page_port = free_port();
+    let node = library_node(Some(page_port));
+    run(
+        &node,
+        "node",
+        "browser/library.mjs",
+        &library_config(&node, Some(page_port)),
+    );
+}
