@@ -667,8 +667,9 @@ run_control() {
 
 # Webhooks (DESIGN §15): 5,000 item topics occupied (50 per connection, 16 connections at a
 # time), each a `topic.occupied` the load generator's own receiver must get; its reference is
-# the same receiver fed sequential signed POSTs by the load generator itself. Default batching
-# (up to 100 events per delivery) on the embedded SQLite queue and on PostgreSQL.
+# the same receiver fed sequential signed POSTs by the load generator itself. Then a backlog of
+# 5,000 more queued while the receiver answers 503, drained once it answers 200. Default
+# batching (up to 100 events per delivery) on the embedded SQLite queue and on PostgreSQL.
 run_webhooks() {
   local port hook_secret store
   stop_pids "$ceiling_pid" "$lockstep_pid"
@@ -677,14 +678,14 @@ run_webhooks() {
     port=$(free_port)
     hook_secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
     extra_env=(LOCKSTEP_PRESENCE_ENABLED=true LOCKSTEP_WEBHOOKS_URLS="http://127.0.0.1:$port/hook"
-      LOCKSTEP_WEBHOOKS_SECRET="$hook_secret" LOCKSTEP_HUB_MAX_SUBSCRIPTIONS=64)
+      LOCKSTEP_WEBHOOKS_SECRET="$hook_secret" LOCKSTEP_WEBHOOKS_EVENTS=topic.occupied LOCKSTEP_HUB_MAX_SUBSCRIPTIONS=64)
     start_api_nodes 1 "$([ $store = postgres ] && echo "$pg_url")" ""
     echo "== webhooks ($store queue): 5,000 topic.occupied to a local receiver, 1 node"
-    LOADTEST_WEBHOOK_SECRET=$hook_secret "$bin/loadtest" webhooks --url "ws://${api_http#http://}/ws" \
+    LOADTEST_WEBHOOK_SECRET=$hook_secret "$bin/loadtest" webhooks --url "ws://${api_http#http://}/ws" --http "$api_http" \
       --listen "127.0.0.1:$port" --topics 5000 --per-connection 50 --concurrency 16 --reference 2000 \
       2>"$work/webhooks.$store.err" | record >"$work/webhooks.$store" \
       || { echo "loadtest webhooks failed:" >&2; tail -5 "$work/webhooks.$store.err" >&2; }
-    jq -r '"\(.events) events in \(.deliveries) deliveries (\(.duplicates) duplicates): \(.events_per_sec) events/s, \(.deliveries_per_sec) deliveries/s; lag p50 \(.lag.p50_ms) ms, p99 \(.lag.p99_ms) ms, max \(.lag.max_ms) ms; reference \(.reference_posts_per_sec) POSTs/s (p99 \(.reference_latency.p99_ms) ms); deliveries / reference POSTs = \(.deliveries_vs_reference)"' "$work/webhooks.$store"
+    jq -r '"\(.events) events in \(.deliveries) deliveries (\(.duplicates) duplicates): \(.events_per_sec) events/s, \(.deliveries_per_sec) deliveries/s; lag p50 \(.lag.p50_ms) ms, p99 \(.lag.p99_ms) ms, max \(.lag.max_ms) ms; reference \(.reference_posts_per_sec) POSTs/s (p99 \(.reference_latency.p99_ms) ms); deliveries / reference POSTs = \(.deliveries_vs_reference), events / reference POSTs = \(.events_per_sec / .reference_posts_per_sec * 100 | round / 100); backlog of \(.backlog_events) (receiver down, then up): drained in \(.backlog_drain_ms) ms, \(.backlog_events_per_sec) events/s in \(.backlog_deliveries) deliveries (\(.backlog_deliveries_per_sec)/s)"' "$work/webhooks.$store"
     curl -s "$api_http/metrics" | grep -E '^lockstep_webhook_(deliveries_total|delivery_lag_seconds_(sum|count))' || true
     stop_pids "${api_pids[@]}"
     extra_env=()

@@ -102,6 +102,9 @@ enum Command {
         /// WebSocket URL of the node.
         #[arg(long)]
         url: String,
+        /// HTTP base URL of the node (its /metrics).
+        #[arg(long)]
+        http: String,
         /// Receiver address; the node's `webhooks.urls` must be `http://{listen}/hook`.
         #[arg(long)]
         listen: String,
@@ -418,6 +421,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Webhooks {
             url,
+            http,
             listen,
             jwt_secret,
             webhook_secret,
@@ -428,6 +432,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let report = loadtest::webhooks::run(&loadtest::webhooks::WebhooksConfig {
                 url,
+                http,
                 listen,
                 jwt_secret,
                 webhook_secret,
@@ -438,12 +443,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await?;
             eprintln!(
-                "webhooks: {} events in {} deliveries, {} events/s, lag p50 {} ms p99 {} ms; reference {} POSTs/s",
+                "webhooks: {} events in {} deliveries, {} events/s, lag p50 {} ms p99 {} ms; backlog drained at {} events/s; reference {} POSTs/s",
                 report.events,
                 report.deliveries,
                 report.events_per_sec,
                 report.lag.p50_ms,
                 report.lag.p99_ms,
+                report.backlog_events_per_sec,
                 report.reference_posts_per_sec
             );
             emit(&report)?;

@@ -7,6 +7,10 @@
 //! connections at a time; each is one `topic.occupied` the receiver must get. Lag is the
 //! receiver's clock minus the event's `ts` (the node's clock when presence decided it; one
 //! machine). Every signature is verified with the configured secret; a bad one fails the run.
+//!
+//! Then a backlog: the receiver answers 503 while another `topics` topics are occupied and
+//! queued (the node's `lockstep_webhook_events_total` says when), then 200; the drain rate is
+//! measured from the first accepted delivery of the backlog to its last event.
 
 use crate::client::StompClient;
 use crate::stats::Latency;
@@ -27,6 +31,8 @@ use tokio::task::JoinSet;
 pub struct WebhooksConfig {
     /// WebSocket URL of the node.
     pub url: String,
+    /// HTTP base URL of the node (its `/metrics`).
+    pub http: String,
     /// Where the receiver listens (the node's `webhooks.urls` is `http://{listen}/hook`).
     pub listen: String,
     pub jwt_secret: String,
@@ -57,6 +63,13 @@ pub struct WebhooksReport {
     pub deliveries_vs_reference: f64,
     /// From the event's `ts` to its arrival at the receiver.
     pub lag: Latency,
+    /// The backlog: events queued while the receiver answered 503, drained afterwards.
+    pub backlog_events: usize,
+    pub backlog_deliveries: usize,
+    /// From the first accepted delivery of the backlog to its last event.
+    pub backlog_drain_ms: f64,
+    pub backlog_events_per_sec: f64,
+    pub backlog_deliveries_per_sec: f64,
 }
 
 #[derive(Debug, Default)]
@@ -69,7 +82,12 @@ struct Received {
     deliveries: usize,
     lag: Option<Histogram<u64>>,
     last: Option<Instant>,
+    /// The first accepted delivery (reset for the backlog phase).
+    first: Option<Instant>,
     bad_signatures: usize,
+    /// Answer 503 (the backlog phase's outage).
+    failing: bool,
+    refused: usize,
 }
 
 #[derive(Debug)]
@@ -111,6 +129,15 @@ async fn receive(
     let mut r = receiver.received.lock();
     if !valid {
         r.bad_signatures += 1;
+    }
+    if r.failing {
+        r.refused += 1;
+        drop(r);
+        receiver.changed.notify_waiters();
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if r.first.is_none() {
+        r.first = Some(Instant::now());
     }
     let id = parsed["id"].as_i64().unwrap_or(-1);
     if !r.ids.insert(id) {
@@ -187,18 +214,91 @@ pub async fn run(config: &WebhooksConfig) -> anyhow::Result<WebhooksReport> {
     }
     let reference_rate = config.reference as f64 / started.elapsed().as_secs_f64();
 
-    // Occupy the topics.
+    // Live: occupy the topics, every event delivered as it comes.
+    let started = Instant::now();
+    let clients = occupy(config, "live").await?;
+    wait_for_topics(&receiver, config.topics).await?;
+    drop(clients);
+    let (events, deliveries, duplicates, elapsed, lag) = {
+        let r = receiver.received.lock();
+        let elapsed = r
+            .last
+            .map_or(started.elapsed(), |l| l.duration_since(started))
+            .as_secs_f64();
+        (
+            r.topics.len(),
+            r.deliveries,
+            r.duplicates,
+            elapsed,
+            r.lag.as_ref().map(Latency::from_micros).unwrap_or_default(),
+        )
+    };
+    let deliveries_per_sec = deliveries as f64 / elapsed;
+
+    // The backlog: queued while the receiver is down, drained once it is back.
+    let queued_before = events_queued(&config.http).await?;
+    {
+        let mut r = receiver.received.lock();
+        r.failing = true;
+        r.first = None;
+    }
+    let clients = occupy(config, "backlog").await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while events_queued(&config.http).await? < queued_before + config.topics as f64 {
+        if Instant::now() > deadline {
+            bail!("the backlog's events were not queued within a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deliveries_before = {
+        let mut r = receiver.received.lock();
+        r.failing = false;
+        r.deliveries
+    };
+    wait_for_topics(&receiver, 2 * config.topics).await?;
+    drop(clients);
+    let r = receiver.received.lock();
+    if r.bad_signatures > 0 {
+        bail!("{} deliveries had a bad signature", r.bad_signatures);
+    }
+    let drain = match (r.first, r.last) {
+        (Some(first), Some(last)) => last.duration_since(first).as_secs_f64().max(1e-6),
+        _ => bail!("the backlog was not delivered"),
+    };
+    let backlog_deliveries = r.deliveries - deliveries_before;
+    Ok(WebhooksReport {
+        scenario: "webhooks",
+        topics: config.topics,
+        reference_posts_per_sec: round(reference_rate),
+        reference_latency: Latency::from_micros(&reference),
+        events,
+        deliveries,
+        duplicates: duplicates.max(r.duplicates),
+        events_per_sec: round(events as f64 / elapsed),
+        deliveries_per_sec: round(deliveries_per_sec),
+        deliveries_vs_reference: round(deliveries_per_sec / reference_rate),
+        lag,
+        backlog_events: config.topics,
+        backlog_deliveries,
+        backlog_drain_ms: round(drain * 1000.0),
+        backlog_events_per_sec: round(config.topics as f64 / drain),
+        backlog_deliveries_per_sec: round(backlog_deliveries as f64 / drain),
+    })
+}
+
+/// Opens connections subscribing `config.topics` fresh item topics; they stay open (closing
+/// would vacate the topics).
+async fn occupy(config: &WebhooksConfig, phase: &str) -> anyhow::Result<Vec<StompClient>> {
     let token = token_with_scope(&config.jwt_secret, "webhook-load", &[1], "")?;
     let per = config.per_connection.max(1);
     let connections = config.topics.div_ceil(per);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let run = unix_ms();
-    let started = Instant::now();
     for c in 0..connections {
         let (url, token, semaphore) = (config.url.clone(), token.clone(), semaphore.clone());
         let topics: Vec<String> = (c * per..((c + 1) * per).min(config.topics))
-            .map(|i| format!("/team/t1/items/hook-{run}-{i}"))
+            .map(|i| format!("/team/t1/items/hook-{phase}-{run}-{i}"))
             .collect();
         tasks.spawn(async move {
             let _permit = semaphore.acquire().await?;
@@ -209,51 +309,44 @@ pub async fn run(config: &WebhooksConfig) -> anyhow::Result<WebhooksReport> {
             anyhow::Ok(client)
         });
     }
-    // Connections stay open until every event arrived (closing would vacate the topics).
     let mut clients = Vec::new();
     while let Some(result) = tasks.join_next().await {
         clients.push(result??);
     }
+    Ok(clients)
+}
+
+/// Waits until the receiver has `n` distinct occupied topics; fails after a minute.
+async fn wait_for_topics(receiver: &Receiver, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let changed = receiver.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if receiver.received.lock().topics.len() >= config.topics {
-            break;
+        if receiver.received.lock().topics.len() >= n {
+            return Ok(());
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, changed).await.is_err() {
             bail!(
-                "only {} of {} occupied events arrived within a minute",
-                receiver.received.lock().topics.len(),
-                config.topics
+                "only {} of {n} occupied events arrived within a minute",
+                receiver.received.lock().topics.len()
             );
         }
     }
-    drop(clients);
-    let r = receiver.received.lock();
-    if r.bad_signatures > 0 {
-        bail!("{} deliveries had a bad signature", r.bad_signatures);
-    }
-    let elapsed = r
-        .last
-        .map_or(started.elapsed(), |l| l.duration_since(started))
-        .as_secs_f64();
-    let deliveries_per_sec = r.deliveries as f64 / elapsed;
-    Ok(WebhooksReport {
-        scenario: "webhooks",
-        topics: config.topics,
-        reference_posts_per_sec: round(reference_rate),
-        reference_latency: Latency::from_micros(&reference),
-        events: r.topics.len(),
-        deliveries: r.deliveries,
-        duplicates: r.duplicates,
-        events_per_sec: round(r.topics.len() as f64 / elapsed),
-        deliveries_per_sec: round(deliveries_per_sec),
-        deliveries_vs_reference: round(deliveries_per_sec / reference_rate),
-        lag: r.lag.as_ref().map(Latency::from_micros).unwrap_or_default(),
-    })
+}
+
+/// The node's `lockstep_webhook_events_total` (all sources).
+async fn events_queued(http: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{http}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("lockstep_webhook_events_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 fn round(x: f64) -> f64 {
