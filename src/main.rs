@@ -2,6 +2,7 @@
 //! and the API together, and runs until a signal asks it to stop.
 
 mod config;
+mod console;
 mod health;
 mod secret;
 mod serve;

@@ -277,6 +277,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             backends,
         );
         app = app.merge(api::app(state));
+        if config.hub_enabled {
+            // Development tokens only where nothing else can mint tokens: the embedded
+            // default's generated secret, on a single node.
+            let dev_secret = hs256_secret.clone().filter(|_| {
+                config.redis.is_none()
+                    && config.jwt.secret.is_none()
+                    && config.jwt.public_keys.is_none()
+            });
+            app = app.merge(crate::console::router(dev_secret));
+        }
     }
 
     let listener = TcpListener::bind(config.listen)

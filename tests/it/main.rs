@@ -3,6 +3,7 @@
 mod api;
 mod clients;
 mod cluster;
+mod console;
 mod control;
 mod deploy;
 mod fanout;
