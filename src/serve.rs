@@ -86,21 +86,250 @@ fn init_tracing(config: &Config) {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    for warning in config.warnings() {
-        warn!("{warning}");
-    }
-    let (auth, hs256_secret) = authenticator(&config)?;
-    let auth = Arc::new(auth);
-    let session_key = session_key(&config, hs256_secret.as_deref())?;
-    if let Some(path) = &config.jwt.public_keys
-        && !config.jwt.reload_interval.is_zero()
-    {
-        tokio::spawn(reload_public_keys(
+    let node = Node::build(&config).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let local = listener.local_addr()?;
+    announce(local);
+    info!(addr = %local, hub = config.hub_enabled, api = config.api_enabled, "lockstep listening");
+    node.run(listener, shutdown_signal()).await
+}
+
+/// A node built from its configuration: the router it serves and what its shutdown drains.
+/// [`Node::build`] wires the parts (broker, hub, lock store, webhooks, API, console);
+/// [`Node::run`] serves a bound listener until `shutdown`, then drains in order.
+struct Node {
+    app: Router,
+    hub: Hub,
+    locks: Arc<Locks>,
+    webhooks: Option<Arc<api::webhooks::Webhooks>>,
+    /// Cancelled after the hub has drained, so the broker (and the webhook tasks) outlive the
+    /// sessions they serve.
+    broker_stop: CancellationToken,
+    send_buffer: usize,
+    grace: std::time::Duration,
+}
+
+impl Node {
+    /// Builds every part of the node from `config`. Nothing binds yet.
+    ///
+    /// # Errors
+    ///
+    /// When keys cannot be read, the metrics recorder cannot be installed, the data directory
+    /// cannot be created or the SQLite store cannot be migrated.
+    async fn build(config: &Config) -> anyhow::Result<Node> {
+        for warning in config.warnings() {
+            warn!("{warning}");
+        }
+        let (auth, hs256_secret) = authenticator(config)?;
+        let auth = Arc::new(auth);
+        let session_key = session_key(config, hs256_secret.as_deref())?;
+        if let Some(path) = &config.jwt.public_keys
+            && !config.jwt.reload_interval.is_zero()
+        {
+            tokio::spawn(reload_public_keys(
+                auth.clone(),
+                path.clone(),
+                config.jwt.reload_interval,
+            ));
+        }
+        // Cancelled after the hub has drained, so the broker outlives the sessions it serves.
+        let broker_stop = CancellationToken::new();
+        let metrics = install_metrics(&broker_stop)?;
+        if config.database.url.starts_with("sqlite:") {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!("creating data directory {}", config.data_dir.display())
+            })?;
+        }
+        let registry = Arc::new(Registry::new());
+        // The brokers deliver through the node's fan-out, which keeps each topic in offset order.
+        let fanout = Fanout::new(
+            registry.clone(),
+            config.hub.history.max_replay,
+            config.hub.outbound_queue,
+        );
+        let node_id = ulid::Ulid::new().to_string();
+        let (broker, presence) = start_broker(config, &fanout, &node_id, &broker_stop)?;
+        // The hub tells the lock service when sessions end; the lock service publishes through the
+        // hub. The observer is made first and pointed at the locks once they exist.
+        let sessions = Arc::new(LockSessions::default());
+        let mut hub_config = config.hub.clone();
+        hub_config.node_id.clone_from(&node_id);
+        hub_config.session_key = session_key.clone();
+        let store = LockStore::open(&config.database)?;
+        info!(url = %redact(&config.database.url), "lock store");
+        // Webhooks queue in the lock store's database; the hub tells them of presence changes and
+        // the lock store moves lock events into their queue.
+        let webhooks =
+            api::webhooks::Webhooks::start(&store, config.webhooks.clone(), &node_id, &broker_stop);
+        if webhooks.is_some() {
+            info!(endpoints = config.webhooks.endpoints.len(), "webhooks on");
+        }
+        let store = store.forwarding(webhooks.as_ref().and_then(|w| w.lock_forward()));
+        let hub = Hub::new(
+            hub_config,
             auth.clone(),
-            path.clone(),
-            config.jwt.reload_interval,
-        ));
+            registry,
+            fanout,
+            broker,
+            presence,
+            hub::Observers {
+                sessions: Some(sessions.clone()),
+                presence: webhooks
+                    .clone()
+                    .map(|w| Arc::new(PresenceHooks(w)) as Arc<dyn hub::PresenceObserver>),
+            },
+        );
+        let publisher: Arc<dyn EventPublisher> = Arc::new(HubPublisher(hub.clone()));
+        let migrated = migrate_store(config, &store, &broker_stop).await?;
+        let locks = Locks::start(
+            store.clone(),
+            config.locks.clone(),
+            LockNode {
+                id: node_id.clone(),
+                sessions: session_key,
+                open: Arc::new(HubSessions(hub.clone())),
+            },
+            publisher.clone(),
+            &broker_stop,
+        );
+        if config.database.url.starts_with("sqlite:") {
+            // A local file: the node registers at once, so its sessions can take locks from the
+            // first moment it says it is listening.
+            if tokio::time::timeout(std::time::Duration::from_secs(5), locks.wait_registered())
+                .await
+                .is_err()
+            {
+                warn!(
+                    "the node could not register in the SQLite lock store yet; session-bound locks wait for it"
+                );
+            }
+        }
+        let _ = sessions.0.set(locks.clone());
+
+        let mut app = Router::new();
+        if config.hub_enabled {
+            app = app.merge(hub::router(hub.clone()));
+        }
+        if config.api_enabled {
+            let parts = ApiParts {
+                hub: hub.clone(),
+                store,
+                migrated,
+                locks: locks.clone(),
+                auth,
+                publisher,
+                metrics,
+            };
+            app = app.merge(api_routes(config, parts).await);
+            if config.hub_enabled {
+                // Development tokens only where nothing else can mint tokens: the embedded
+                // default's generated secret, on a single node.
+                let dev_secret = hs256_secret.clone().filter(|_| {
+                    config.redis.is_none()
+                        && config.jwt.secret.is_none()
+                        && config.jwt.public_keys.is_none()
+                });
+                app = app.merge(crate::console::router(dev_secret));
+            }
+        }
+        Ok(Node {
+            app,
+            hub,
+            locks,
+            webhooks,
+            broker_stop,
+            send_buffer: config.send_buffer_bytes,
+            grace: config.shutdown_grace,
+        })
     }
+
+    /// Serves `listener` until `shutdown` resolves; then closes the WebSockets (4010), records
+    /// their sessions' closes for the lock service, finishes requests, stops the broker and the
+    /// webhook tasks, all within the shutdown grace.
+    ///
+    /// # Errors
+    ///
+    /// None today; the signature leaves room for a server that fails to start.
+    async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let Node {
+            app,
+            hub,
+            locks,
+            webhooks,
+            broker_stop,
+            send_buffer,
+            grace,
+        } = self;
+        let stop = CancellationToken::new();
+        let listener = listener.tap_io(move |tcp| {
+            // Events are small and latency matters more than packet count; writes are already
+            // coalesced per wake-up.
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(%err, "could not set TCP_NODELAY");
+            }
+            // A backlog kept in the hub's queue can still be conflated; in the kernel it cannot.
+            if send_buffer > 0
+                && let Err(err) = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer)
+            {
+                tracing::debug!(%err, "could not set SO_SNDBUF");
+            }
+        });
+        let server = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let server = tokio::spawn(async move { server.await });
+
+        shutdown.await;
+        info!(
+            ?grace,
+            "shutting down: closing connections with 4010, finishing requests"
+        );
+        stop.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        let sessions_done = hub.shutdown(grace).await;
+        // The closed WebSockets' session-bound locks must be on record before the node goes, so
+        // another node (or this one, restarted) releases them after the grace.
+        if tokio::time::timeout_at(deadline, locks.flush_closed_sessions())
+            .await
+            .is_err()
+        {
+            warn!("could not record every closed session in time; their locks will expire by TTL");
+        }
+        let requests_done = tokio::time::timeout_at(deadline, server).await.is_ok();
+        broker_stop.cancel();
+        // The webhook writer's last batch and the workers' lease releases (another node takes
+        // over at once instead of after the lease); bounded, the node is leaving.
+        if let Some(hooks) = &webhooks
+            && tokio::time::timeout(std::time::Duration::from_secs(2), hooks.finished())
+                .await
+                .is_err()
+        {
+            warn!("webhook tasks did not stop in time; queued events may be lost");
+        }
+        if sessions_done && requests_done {
+            info!("shutdown complete");
+        } else {
+            warn!(
+                sessions_done,
+                requests_done, "shutdown grace elapsed; exiting anyway"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Installs the Prometheus recorder and folds histogram samples on a timer until `stop`.
+fn install_metrics(
+    stop: &CancellationToken,
+) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         // Histograms as Prometheus histograms (aggregatable across nodes), not summaries.
         .set_buckets(LATENCY_BUCKETS)
@@ -109,26 +338,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
     hub::metrics::describe();
     api::metrics::describe();
-
-    if config.database.url.starts_with("sqlite:") {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    }
-    let registry = Arc::new(Registry::new());
-    // The brokers deliver through the node's fan-out, which keeps each topic in offset order.
-    let history = &config.hub.history;
-    let fanout = Fanout::new(
-        registry.clone(),
-        history.max_replay,
-        config.hub.outbound_queue,
-    );
-    // Cancelled after the hub has drained, so the broker outlives the sessions it serves.
-    let broker_stop = CancellationToken::new();
     // Histogram samples wait in the recorder until upkeep folds them into buckets; without a
     // scrape (or on a node that serves no API, so no /metrics) they would pile up, so fold them
     // on a timer, on every node.
     let upkeep = metrics.clone();
-    let upkeep_stop = broker_stop.clone();
+    let upkeep_stop = stop.clone();
     tokio::spawn(
         async move {
             let mut ticker = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -141,17 +355,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         .instrument(tracing::info_span!("metrics_upkeep")),
     );
-    let node_id = ulid::Ulid::new().to_string();
-    // Presence lives where the broker does: in Redis beside each topic's stream, or in memory.
-    let (broker, presence): (Arc<dyn Broker>, Arc<dyn PresenceStore>) = match &config.redis {
+    Ok(metrics)
+}
+
+/// The broker and the presence store: Redis (both beside each topic's stream) or in memory.
+fn start_broker(
+    config: &Config,
+    fanout: &Arc<Fanout>,
+    node_id: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<(Arc<dyn Broker>, Arc<dyn PresenceStore>)> {
+    let history = &config.hub.history;
+    Ok(match &config.redis {
         Some(settings) => {
             info!(url = %redact(&settings.url), node = %node_id, "cluster broker: Redis");
             let redis = hub::redis::RedisBroker::start(
                 settings,
                 history,
                 fanout.clone(),
-                &node_id,
-                broker_stop.clone(),
+                node_id,
+                stop.clone(),
             )?;
             (redis.clone(), redis)
         }
@@ -159,202 +382,95 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Arc::new(MemoryBroker::new(fanout.clone(), history.clone())),
             Arc::new(MemoryPresence::new()),
         ),
-    };
-    // The hub tells the lock service when sessions end; the lock service publishes through the
-    // hub. The observer is made first and pointed at the locks once they exist.
-    let sessions = Arc::new(LockSessions::default());
-    let mut hub_config = config.hub.clone();
-    hub_config.node_id.clone_from(&node_id);
-    hub_config.session_key = session_key.clone();
-    let store = LockStore::open(&config.database)?;
-    info!(url = %redact(&config.database.url), "lock store");
-    // Webhooks queue in the lock store's database; the hub tells them of presence changes and
-    // the lock store moves lock events into their queue.
-    let webhooks =
-        api::webhooks::Webhooks::start(&store, config.webhooks.clone(), &node_id, &broker_stop);
-    if webhooks.is_some() {
-        info!(endpoints = config.webhooks.endpoints.len(), "webhooks on");
-    }
-    let store = store.forwarding(webhooks.as_ref().and_then(|w| w.lock_forward()));
-    let hub = Hub::new(
-        hub_config,
-        auth.clone(),
-        registry,
-        fanout,
-        broker,
-        presence,
-        hub::Observers {
-            sessions: Some(sessions.clone()),
-            presence: webhooks
-                .clone()
-                .map(|w| Arc::new(PresenceHooks(w)) as Arc<dyn hub::PresenceObserver>),
-        },
-    );
-    let publisher: Arc<dyn EventPublisher> = Arc::new(HubPublisher(hub.clone()));
+    })
+}
+
+/// Migrates the lock store: the embedded SQLite file before binding (so the node is ready when
+/// it says it is listening, and a broken file stops it with a clear error), a database server
+/// in the background until it answers (the node comes up not ready). Answers the flag that
+/// says it is done.
+async fn migrate_store(
+    config: &Config,
+    store: &LockStore,
+    stop: &CancellationToken,
+) -> anyhow::Result<Arc<std::sync::atomic::AtomicBool>> {
     let migrated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if config.database.url.starts_with("sqlite:") {
-        // The embedded store is a local file: migrate before binding, so the node is ready when
-        // it says it is listening, and a broken file stops it with a clear error.
         store
             .migrate()
             .await
             .context("migrating the SQLite lock store")?;
         migrated.store(true, std::sync::atomic::Ordering::SeqCst);
     } else {
-        // A database server may still be starting: the node comes up not ready and retries.
         tokio::spawn(migrate_until_done(
             store.clone(),
             migrated.clone(),
-            broker_stop.clone(),
+            stop.clone(),
         ));
     }
-    let locks = Locks::start(
-        store.clone(),
-        config.locks.clone(),
-        LockNode {
-            id: node_id.clone(),
-            sessions: session_key,
-            open: Arc::new(HubSessions(hub.clone())),
-        },
-        publisher.clone(),
-        &broker_stop,
-    );
-    if config.database.url.starts_with("sqlite:") {
-        // A local file: the node registers at once, so its sessions can take locks from the
-        // first moment it says it is listening.
-        if tokio::time::timeout(std::time::Duration::from_secs(5), locks.wait_registered())
-            .await
-            .is_err()
-        {
-            warn!(
-                "the node could not register in the SQLite lock store yet; session-bound locks wait for it"
-            );
-        }
-    }
-    let _ = sessions.0.set(locks.clone());
-    let locks_for_shutdown = locks.clone();
+    Ok(migrated)
+}
 
-    let mut app = Router::new();
-    if config.hub_enabled {
-        app = app.merge(hub::router(hub.clone()));
-    }
-    if config.api_enabled {
-        let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
-            Arc::new(BrokerCheck(hub.clone())),
-            Arc::new(ControlCheck(hub.clone())),
-            Arc::new(StoreCheck {
-                store: store.clone(),
-                migrated: migrated.clone(),
-                locks: locks.clone(),
-            }),
-        ];
-        let gauges = hub.clone();
-        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
-            gauges.record_gauges();
-            metrics.render()
-        });
-        let storage = match &config.storage {
-            Some(settings) => {
-                info!(bucket = %settings.bucket, endpoint = ?settings.endpoint, "object storage");
-                Some(api::presign::Storage::new(settings.clone()).await)
-            }
-            None => {
-                info!("object storage not configured: presign answers 503 storage_not_configured");
-                None
-            }
-        };
-        let backends = api::Backends {
-            locks: Some(locks),
-            storage,
-            control: Some(Arc::new(HubControl(hub.clone()))),
-        };
-        let state = ApiState::new(
-            config.api.clone(),
-            auth,
-            publisher,
-            checks,
-            Some(render),
-            backends,
-        );
-        app = app.merge(api::app(state));
-        if config.hub_enabled {
-            // Development tokens only where nothing else can mint tokens: the embedded
-            // default's generated secret, on a single node.
-            let dev_secret = hs256_secret.clone().filter(|_| {
-                config.redis.is_none()
-                    && config.jwt.secret.is_none()
-                    && config.jwt.public_keys.is_none()
-            });
-            app = app.merge(crate::console::router(dev_secret));
-        }
-    }
+/// What the HTTP API is built on.
+struct ApiParts {
+    hub: Hub,
+    store: LockStore,
+    migrated: Arc<std::sync::atomic::AtomicBool>,
+    locks: Arc<Locks>,
+    auth: Arc<Authenticator>,
+    publisher: Arc<dyn EventPublisher>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let local = listener.local_addr()?;
-    announce(local);
-    info!(addr = %local, hub = config.hub_enabled, api = config.api_enabled, "lockstep listening");
-
-    let stop = CancellationToken::new();
-    let send_buffer = config.send_buffer_bytes;
-    let listener = listener.tap_io(move |tcp| {
-        // Events are small and latency matters more than packet count; writes are already
-        // coalesced per wake-up.
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%err, "could not set TCP_NODELAY");
-        }
-        // A backlog kept in the hub's queue can still be conflated; in the kernel it cannot.
-        if send_buffer > 0
-            && let Err(err) = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer)
-        {
-            tracing::debug!(%err, "could not set SO_SNDBUF");
-        }
+/// The HTTP API's routes: readiness checks, `/metrics`, storage, locks and control.
+async fn api_routes(config: &Config, parts: ApiParts) -> Router {
+    let ApiParts {
+        hub,
+        store,
+        migrated,
+        locks,
+        auth,
+        publisher,
+        metrics,
+    } = parts;
+    let checks: Vec<Arc<dyn ReadinessCheck>> = vec![
+        Arc::new(BrokerCheck(hub.clone())),
+        Arc::new(ControlCheck(hub.clone())),
+        Arc::new(StoreCheck {
+            store,
+            migrated,
+            locks: locks.clone(),
+        }),
+    ];
+    let gauges = hub.clone();
+    let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+        gauges.record_gauges();
+        metrics.render()
     });
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
-
-    shutdown_signal().await;
-    let grace = config.shutdown_grace;
-    info!(
-        ?grace,
-        "shutting down: closing connections with 4010, finishing requests"
+    let storage = match &config.storage {
+        Some(settings) => {
+            info!(bucket = %settings.bucket, endpoint = ?settings.endpoint, "object storage");
+            Some(api::presign::Storage::new(settings.clone()).await)
+        }
+        None => {
+            info!("object storage not configured: presign answers 503 storage_not_configured");
+            None
+        }
+    };
+    let backends = api::Backends {
+        locks: Some(locks),
+        storage,
+        control: Some(Arc::new(HubControl(hub))),
+    };
+    let state = ApiState::new(
+        config.api.clone(),
+        auth,
+        publisher,
+        checks,
+        Some(render),
+        backends,
     );
-    stop.cancel();
-    let deadline = tokio::time::Instant::now() + grace;
-    let sessions_done = hub.shutdown(grace).await;
-    // The closed WebSockets' session-bound locks must be on record before the node goes, so
-    // another node (or this one, restarted) releases them after the grace.
-    if tokio::time::timeout_at(deadline, locks_for_shutdown.flush_closed_sessions())
-        .await
-        .is_err()
-    {
-        warn!("could not record every closed session in time; their locks will expire by TTL");
-    }
-    let requests_done = tokio::time::timeout_at(deadline, server).await.is_ok();
-    broker_stop.cancel();
-    // The webhook writer's last batch and the workers' lease releases (another node takes
-    // over at once instead of after the lease); bounded, the node is leaving.
-    if let Some(hooks) = &webhooks
-        && tokio::time::timeout(std::time::Duration::from_secs(2), hooks.finished())
-            .await
-            .is_err()
-    {
-        warn!("webhook tasks did not stop in time; queued events may be lost");
-    }
-    if sessions_done && requests_done {
-        info!("shutdown complete");
-    } else {
-        warn!(
-            sessions_done,
-            requests_done, "shutdown grace elapsed; exiting anyway"
-        );
-    }
-    Ok(())
+    api::app(state)
 }
 
 /// Log targets whose `trace` events are never written: they contain message payloads, which may
