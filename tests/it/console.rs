@@ -69,3 +69,31 @@ fn the_console_offers_no_dev_token_when_a_secret_is_configured() {
     // The script also checks that POST /console/dev-token answers 404.
     run(&node, &config);
 }
+
+#[test]
+fn the_console_offers_no_dev_token_when_public_keys_verify_tokens() {
+    // No secret at all: tokens come from an identity provider (RS256 keys in a JWKS file).
+    let data = tempfile::tempdir().unwrap();
+    // The harness reads a generated secret from here after start; the node, verifying with
+    // public keys only, never uses one.
+    std::fs::write(
+        data.path().join("jwt-secret"),
+        "unused by a node with public keys",
+    )
+    .unwrap();
+    let node = Lockstep::start_with(
+        Options::default().data_dir(data.path()).env(
+            "LOCKSTEP_JWT_PUBLIC_KEYS",
+            workspace()
+                .join("protocol/src/auth/testdata/jwks.json")
+                .display(),
+        ),
+    );
+    let config = json!({
+        "http": node.http(),
+        "dev": false,
+        "shots": shots("public-keys"),
+        "tokens": {},
+    });
+    run(&node, &config);
+}
