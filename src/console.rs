@@ -3,12 +3,14 @@
 //! (`clients/js/src/index.js`, unchanged) and @stomp/stompjs's UMD bundle (vendored,
 //! Apache-2.0).
 //!
-//! In the embedded default only (no Redis, no configured secret or keys: a laptop), the page
+//! In the embedded default only (no Redis, no configured secret or keys, listening on a
+//! loopback address: a laptop), and only to a request whose `Host` is a loopback name, the page
 //! offers a one-click development token, minted here with the generated secret. Anywhere else
-//! that endpoint answers 404: a cluster's tokens come from its identity provider.
+//! that endpoint answers 404: a cluster's tokens come from its identity provider, and a
+//! container listening on 0.0.0.0 must not hand admin tokens to its network.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -96,8 +98,58 @@ fn file(body: &'static str, content_type: &'static str) -> Response {
     response
 }
 
-async fn config(State(console): State<Console>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "dev_token": console.dev_secret.is_some() }))
+async fn config(State(console): State<Console>, headers: HeaderMap) -> Json<serde_json::Value> {
+    Json(
+        serde_json::json!({ "dev_token": console.dev_secret.is_some() && loopback_host(&headers) }),
+    )
+}
+
+/// Whether the request names a loopback host (`127.0.0.1`, `[::1]`, `localhost`, any port).
+/// Development tokens are for the person at the machine: a page reached through another name
+/// (DNS rebinding onto 127.0.0.1, or a node reachable from elsewhere) gets none.
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    matches!(name, "127.0.0.1" | "::1" | "localhost")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn only_loopback_host_names_get_dev_tokens() {
+        for ok in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "localhost",
+            "[::1]:8080",
+            "127.0.0.1",
+        ] {
+            assert!(loopback_host(&host(ok)), "{ok}");
+        }
+        for no in [
+            "evil.example:8080",
+            "10.0.0.5:8080",
+            "127.0.0.1.evil.example",
+            "[::2]:80",
+            "localhost.evil:1",
+        ] {
+            assert!(!loopback_host(&host(no)), "{no}");
+        }
+        assert!(!loopback_host(&HeaderMap::new()));
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -118,13 +170,18 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
 /// presign), valid for eight hours.
 async fn dev_token(
     State(console): State<Console>,
+    headers: HeaderMap,
     body: Result<Json<DevTokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Some(secret) = &console.dev_secret else {
+    let Some(secret) = console
+        .dev_secret
+        .as_ref()
+        .filter(|_| loopback_host(&headers))
+    else {
         return error(
             StatusCode::NOT_FOUND,
             "not_found",
-            "development tokens exist only on a node running its embedded defaults (no Redis, no configured jwt.secret or jwt.public_keys)",
+            "development tokens exist only on a node running its embedded defaults (no Redis, no configured jwt.secret or jwt.public_keys) on a loopback address, asked for through a loopback host name",
         );
     };
     let Ok(Json(request)) = body else {
@@ -147,7 +204,7 @@ async fn dev_token(
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let sub = format!("dev-{:04x}", rand::random::<u16>());
+    let sub = format!("dev-{:08x}", rand::random::<u32>());
     let claims = serde_json::json!({
         "sub": sub,
         "teams": [request.team],

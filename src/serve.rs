@@ -225,11 +225,13 @@ impl Node {
             app = app.merge(api_routes(config, parts).await);
             if config.hub_enabled {
                 // Development tokens only where nothing else can mint tokens: the embedded
-                // default's generated secret, on a single node.
+                // default's generated secret, on a single node listening on loopback (the
+                // container image listens on 0.0.0.0: its network gets none).
                 let dev_secret = hs256_secret.clone().filter(|_| {
                     config.redis.is_none()
                         && config.jwt.secret.is_none()
                         && config.jwt.public_keys.is_none()
+                        && config.listen.ip().is_loopback()
                 });
                 app = app.merge(crate::console::router(dev_secret));
             }

@@ -16,6 +16,7 @@ const state = {
   team: null,
   jobs: new Map(), // job id → {done, total, stage}
   locks: new Map(), // item → lock.acquired data
+  ended: new Map(), // item → the highest token whose end the stream showed
   teamPresence: new Map(), // user → true
   itemPresence: new Map(),
   item: null,
@@ -133,6 +134,7 @@ function apply(event, people) {
     case 'lock.taken_over':
       // Only the grant it ends: a newer grant of the item has a higher token.
       if (state.locks.get(d.item)?.token === d.token) state.locks.delete(d.item);
+      state.ended.set(d.item, Math.max(state.ended.get(d.item) ?? 0, d.token));
       renderLocks();
       break;
     case 'presence.joined':
@@ -159,6 +161,7 @@ async function connect(token, team) {
   state.team = team;
   state.jobs.clear();
   state.locks.clear();
+  state.ended.clear();
   state.teamPresence.clear();
   state.itemPresence.clear();
   state.events = [];
@@ -190,12 +193,30 @@ async function connect(token, team) {
     apply(event, state.teamPresence);
     renderPeople($('team-presence'), state.teamPresence);
     record(event);
-  }, { from: 'snapshot', onReset });
+  }, {
+    from: 'snapshot',
+    onReset,
+    onEnd: ({ reason, message }) => setStatus(`Team ${team} closed by the server (${reason}${message ? `: ${message}` : ''})`),
+  });
   if (state.item) openItem(state.item);
+  // The snapshot forgets keys idle for history.key_idle (1 h): seed the long-present users and
+  // long-held locks from the API too.
+  ls.presence(`/team/${team}`).then((p) => {
+    for (const u of p.users || []) state.teamPresence.set(u.user, true);
+    renderPeople($('team-presence'), state.teamPresence);
+  }).catch(() => {});
+  pollLocks();
 }
+
+// Ids as the server takes them (protocol/src/topic.rs).
+const ID = /^[A-Za-z0-9_.:-]{1,128}$/;
 
 function openItem(item) {
   if (!state.ls) return;
+  if (!ID.test(item) || item === '.' || item === '..') {
+    setStatus(`Not an item id: ${item} (letters, digits, _ . : -)`);
+    return;
+  }
   if (state.itemSub) state.itemSub.unsubscribe();
   state.item = item;
   state.itemPresence.clear();
@@ -206,7 +227,12 @@ function openItem(item) {
     apply(event, state.itemPresence);
     renderPeople($('item-presence'), state.itemPresence);
     record(event);
-  }, { from: 'snapshot' });
+  }, {
+    from: 'snapshot',
+    // Missed events are gone: start the item over from a fresh snapshot.
+    onReset: () => openItem(item),
+    onEnd: ({ reason, message }) => setStatus(`Item ${item} closed by the server (${reason}${message ? `: ${message}` : ''})`),
+  });
   const saved = JSON.parse(sessionStorage.getItem(STORE) || '{}');
   sessionStorage.setItem(STORE, JSON.stringify({ ...saved, item }));
 }
@@ -231,7 +257,13 @@ async function pollLocks() {
     for (const lock of list.locks || []) {
       const shown = state.locks.get(lock.item);
       if (shown && shown.token === lock.token) shown.expires_at = lock.expires_at;
+      // A grant older than the snapshot's memory (held for over an hour), or one the stream
+      // has not shown yet; an ended grant (a lower token than shown) is never added back.
+      else if ((!shown || shown.token < lock.token) && lock.token > (state.ended.get(lock.item) ?? 0)) {
+        state.locks.set(lock.item, lock);
+      }
     }
+    renderLocks();
   } catch (_) {
     // The next poll tries again; the stream still drives the table.
   }

@@ -285,7 +285,10 @@ fn library_node(page_port: Option<u16>) -> Lockstep {
         .env("LOCKSTEP_HUB_HEARTBEAT_SEND_MS", HEARTBEAT_MS)
         .env("LOCKSTEP_HUB_HEARTBEAT_RECV_MS", HEARTBEAT_MS)
         .env("LOCKSTEP_PRESENCE_ENABLED", "true")
-        .env("LOCKSTEP_LOCKS_MIN_TTL", "1s");
+        .env("LOCKSTEP_LOCKS_MIN_TTL", "1s")
+        // A lock whose socket closed is released after 1 s: the scenario shows the library
+        // binding it to the new connection's session in time.
+        .env("LOCKSTEP_LOCKS_SESSION_GRACE", "1s");
     if let Some(port) = page_port {
         options = options.env(
             "LOCKSTEP_ALLOWED_ORIGINS",

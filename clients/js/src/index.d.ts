@@ -42,8 +42,9 @@ export interface SubscribeOptions {
   from?: 'next' | 'last' | 'snapshot' | Position;
   onReset?: (reset: Reset) => void;
   onSubscribed?: (subscribed: Subscribed) => void;
-  /** The server ended the subscription (control API, or a refreshed token that no longer allows it). */
-  onEnd?: (end: { reason: string }) => void;
+  /** The server ended the subscription: `refused` (the SUBSCRIBE was refused: foreign topic,
+   * bad id, revoked), or the reason of its `lockstep.unsubscribed` (`revoked`, `token`). */
+  onEnd?: (end: { reason: string; message?: string }) => void;
   /** false: no presence events on this subscription. */
   presence?: boolean;
 }
@@ -86,7 +87,7 @@ export interface LockstepOptions {
   url?: string;
   /** Tried in turn on every reconnect (a cluster's nodes). */
   urls?: string[];
-  /** The HTTP API's base URL; default: the WebSocket URL's origin. */
+  /** The HTTP API's base URL; default: the first WebSocket URL's origin (ws → http, wss → https). */
   http?: string;
   token: TokenProvider;
   /** How long before `exp` a new token is sent over the socket (default 30 s, at most half the lifetime). */
@@ -117,6 +118,9 @@ export class Lockstep {
   readonly session: string | null;
   /** Token refreshes applied over the socket so far. */
   readonly refreshed: number;
+  /** The underlying @stomp/stompjs Client (e.g. `forceDisconnect()` to test a blip). */
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  readonly stomp: any;
   connect(): Promise<unknown>;
   subscribe<T = unknown>(
     topic: string,

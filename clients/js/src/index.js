@@ -62,7 +62,10 @@ class Subscription {
 
   /** The headers of the next SUBSCRIBE: the asked start the first time, a resume after. */
   headers() {
-    const h = { id: this.id };
+    // A receipt, so a refused SUBSCRIBE (its ERROR names it) ends this subscription instead of
+    // being sent again after every reconnect.
+    this.receipt = `${this.id}-r${this.owner.nextId++}`;
+    const h = { id: this.id, receipt: this.receipt };
     if (this.offset !== null && this.epoch !== null) {
       h['x-stream-offset'] = `offset=${this.offset}`;
       h['x-stream-epoch'] = this.epoch;
@@ -79,6 +82,13 @@ class Subscription {
     this.resuming = resuming;
     this.resumedFrom = resuming ? { offset: this.offset, epoch: this.epoch } : null;
     this.stomp = stomp.subscribe(this.topic, (message) => this.onMessage(message), this.headers());
+  }
+
+  /** The server refused the SUBSCRIBE (its ERROR closes the connection): final. */
+  refused(message) {
+    this.active = false;
+    this.owner.subscriptions.delete(this);
+    this.call(this.options.onEnd, { reason: 'refused', message });
   }
 
   onMessage(message) {
@@ -179,8 +189,21 @@ class Lock {
     this.item = item;
     this.options = options;
     this.token = grant.token;
-    this.expiresAt = Date.parse(grant.expires_at);
     this.held = true;
+    this.granted(grant);
+  }
+
+  /**
+   * A grant or renewal answered. Its lifetime is taken from the server's own times
+   * (`expires_at - acquired_at` the first time, then the asked TTL), measured from when the
+   * answer arrived: the browser's clock never decides when to renew.
+   */
+  granted(grant) {
+    if (!this.ttl) {
+      this.ttl = this.options.ttlMs || Math.max(1000, Date.parse(grant.expires_at) - Date.parse(grant.acquired_at));
+    }
+    this.deadline = Date.now() + this.ttl;
+    this.expiresAt = Date.parse(grant.expires_at);
     this.schedule();
   }
 
@@ -188,12 +211,11 @@ class Lock {
     return `/api/v1/teams/${encodeURIComponent(this.team)}/items/${encodeURIComponent(this.item)}/lock`;
   }
 
-  /** Renews at two thirds of the time left, so a slow renewal still lands in time. */
+  /** Renews at two thirds of the lifetime, so a slow renewal still lands in time. */
   schedule() {
     clearTimeout(this.timer);
-    if (!this.held) return;
-    const left = this.expiresAt - Date.now();
-    this.timer = setTimeout(() => this.renew().catch(() => {}), Math.max(100, (left * 2) / 3));
+    if (!this.held || this.owner.closed) return;
+    this.timer = setTimeout(() => this.renew().catch(() => {}), Math.max(100, (this.ttl * 2) / 3));
   }
 
   /** Renews now. Rejects (and reports the loss) when the grant is over. */
@@ -203,8 +225,8 @@ class Lock {
       const body = { token: this.token };
       if (this.options.ttlMs) body.ttl_ms = this.options.ttlMs;
       const grant = await this.owner.api('PUT', this.path, body);
-      this.expiresAt = Date.parse(grant.expires_at);
-      this.schedule();
+      if (!this.held) return grant;
+      this.granted(grant);
       if (typeof this.options.onRenewed === 'function') this.options.onRenewed(this);
       return grant;
     } catch (e) {
@@ -213,8 +235,11 @@ class Lock {
       } else {
         // The API is away: try again soon while the grant may still be live.
         clearTimeout(this.timer);
-        if (Date.now() < this.expiresAt) this.timer = setTimeout(() => this.renew().catch(() => {}), 1000);
-        else this.lost('expired');
+        if (Date.now() < this.deadline) {
+          if (this.held && !this.owner.closed) this.timer = setTimeout(() => this.renew().catch(() => {}), 1000);
+        } else {
+          this.lost('expired');
+        }
       }
       throw e;
     }
@@ -231,6 +256,31 @@ class Lock {
       } catch (e) {
         this.owner.report(e);
       }
+    }
+  }
+
+  /**
+   * A new connection: bind the lock to its session (the server releases a lock a few seconds
+   * after its session's socket closed). The holder asking again keeps the token; another token
+   * means the grant was lost meanwhile.
+   */
+  async rebind(session) {
+    if (!this.held) return;
+    try {
+      const body = { session };
+      if (this.options.ttlMs) body.ttl_ms = this.options.ttlMs;
+      const grant = await this.owner.api('POST', this.path, body);
+      if (!this.held) return;
+      if (grant.token !== this.token) {
+        // Granted again, but as a new grant: the old one (whose token the app holds) is over.
+        this.lost('lock_lost');
+        await this.owner.api('DELETE', `${this.path}?token=${grant.token}`).catch(() => {});
+        return;
+      }
+      this.granted(grant);
+    } catch (e) {
+      if (e instanceof LockstepError && (e.status === 409 || e.status === 410)) this.lost(e.code);
+      else this.owner.report(e);
     }
   }
 
@@ -263,7 +313,7 @@ export class Lockstep {
     }
     this.options = options;
     this.urls = options.urls || [options.url];
-    this.http = (options.http || this.urls[0].replace(/^ws/, 'http').replace(/\/ws$/, '')).replace(/\/$/, '');
+    this.http = (options.http || Lockstep.httpOf(this.urls[0])).replace(/\/$/, '');
     this.subscriptions = new Set();
     this.locks = new Set();
     this.nextId = 1;
@@ -271,6 +321,8 @@ export class Lockstep {
     this.token = null;
     this.session = null;
     this.refreshTimer = null;
+    /** Set by close(): no timer or reconnect starts after it. */
+    this.closed = false;
     /** Refreshes sent, and applied (the server's RECEIPT came). */
     this.refreshes = 0;
     this.refreshed = 0;
@@ -283,7 +335,7 @@ export class Lockstep {
       beforeConnect: async () => {
         this.stomp.brokerURL = this.urls[this.attempt % this.urls.length];
         this.attempt += 1;
-        this.token = await this.freshToken();
+        this.token = await this.providedToken();
         this.stomp.connectHeaders = { passcode: this.token };
       },
       onConnect: (frame) => this.onConnect(frame),
@@ -296,9 +348,35 @@ export class Lockstep {
     });
   }
 
+  /** The HTTP origin of a WebSocket URL (`wss://h/ws?x` → `https://h`). */
+  static httpOf(url) {
+    const u = new URL(url);
+    u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
+    return u.origin;
+  }
+
   async freshToken() {
     const t = this.options.token;
     return typeof t === 'function' ? await t() : t;
+  }
+
+  /**
+   * The token for a connect. stompjs schedules no reconnect when this rejects, so a provider
+   * that fails (its backend is down) is retried here, with backoff, until it answers or the
+   * client is closed.
+   */
+  async providedToken() {
+    let delay = 250;
+    for (;;) {
+      try {
+        return await this.freshToken();
+      } catch (e) {
+        this.report(new Error(`token provider failed: ${e && e.message ? e.message : e}; retrying in ${delay} ms`));
+        if (this.closed) throw e;
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        delay = Math.min(delay * 2, 10000);
+      }
+    }
   }
 
   report(error) {
@@ -316,6 +394,7 @@ export class Lockstep {
   onConnect(frame) {
     this.session = frame.headers.session || null;
     for (const sub of this.subscriptions) sub.open(this.stomp);
+    if (this.session) for (const lock of this.locks) lock.rebind(this.session);
     this.scheduleRefresh();
     const waiters = this.connectedWaiters.splice(0);
     for (const w of waiters) w.resolve(frame);
@@ -324,37 +403,60 @@ export class Lockstep {
 
   onStompError(frame) {
     const receipt = frame.headers['receipt-id'];
+    const text = `${frame.headers.message || ''}: ${frame.body || ''}`;
     if (receipt && this.pendingRefresh && receipt === this.pendingRefresh.receipt) {
       // A refused refresh keeps the connection and its current token: try again later.
-      this.pendingRefresh.reject(new Error(`token refused: ${frame.body || frame.headers.message}`));
+      this.pendingRefresh.reject(new Error(`token refused ${text}`));
       return;
     }
-    this.report(new Error(`STOMP ERROR ${frame.headers.message || ''}: ${frame.body || ''}`));
+    const sub = receipt && [...this.subscriptions].find((s) => s.receipt === receipt);
+    if (sub) {
+      // A refused SUBSCRIBE: the server closes the connection; the reconnect goes on without it.
+      sub.refused(text);
+      return;
+    }
+    const error = new Error(`STOMP ERROR ${text}`);
+    if (!this.stomp.connected && this.connectedWaiters.length) {
+      // CONNECT refused (bad, expired or revoked token): connect() says so. stompjs keeps
+      // trying; close() stops it.
+      for (const w of this.connectedWaiters.splice(0)) w.reject(error);
+    }
+    this.report(error);
   }
 
   /** Sends a new token over the open socket before the current one expires. */
   scheduleRefresh() {
     clearTimeout(this.refreshTimer);
-    if (typeof this.options.token !== 'function') return;
+    if (this.closed || !this.stomp.connected || typeof this.options.token !== 'function') return;
     const exp = tokenExpiry(this.token);
     if (exp === null) return;
     const lifetime = exp - Date.now();
     const before = Math.min(this.options.refreshBeforeMs ?? 30000, lifetime / 2);
+    const due = lifetime - before;
+    // setTimeout holds at most 2^31 - 1 ms (24.8 days); a longer wait is taken in steps.
+    const MAX_WAIT = 2 ** 31 - 1;
+    if (due > MAX_WAIT) {
+      this.refreshTimer = setTimeout(() => this.scheduleRefresh(), MAX_WAIT);
+      return;
+    }
     this.refreshTimer = setTimeout(() => {
       this.refresh().catch((e) => {
+        if (this.closed || !this.stomp.connected) return;
         this.report(e);
         // The current token still holds: try again in a while, well before it runs out.
         const left = (tokenExpiry(this.token) ?? Date.now()) - Date.now();
         clearTimeout(this.refreshTimer);
         if (left > 1000) this.refreshTimer = setTimeout(() => this.scheduleRefresh(), Math.min(left / 3, 5000));
       });
-    }, Math.max(0, lifetime - before));
+    }, Math.max(0, due));
   }
 
   /** Refreshes the token now; resolves once the server applied it (its RECEIPT). */
   async refresh() {
     if (!this.stomp.connected) throw new Error('not connected');
     const token = await this.freshToken();
+    // The socket may have gone while the provider answered; the next connect uses a fresh one.
+    if (this.closed || !this.stomp.connected) throw new Error('not connected');
     const receipt = `ls-token-${++this.refreshes}`;
     await new Promise((resolve, reject) => {
       this.pendingRefresh = { receipt, reject };
@@ -377,10 +479,14 @@ export class Lockstep {
    * `presence: false` to opt out of presence events.
    */
   subscribe(topic, handler, options = {}) {
-    const sub = new Subscription(this, topic, handler, options);
-    if (options.from && typeof options.from === 'object') {
-      sub.offset = options.from.offset;
-      sub.epoch = options.from.epoch;
+    const from = options.from;
+    const stored = from && typeof from === 'object';
+    const sub = new Subscription(this, topic, handler, stored ? { ...options, from: 'next' } : options);
+    // A stored position resumes only when it has both halves (position() before the first
+    // event has neither): otherwise the subscription starts from `next`.
+    if (stored && Number.isInteger(from.offset) && from.offset >= 0 && typeof from.epoch === 'string' && from.epoch) {
+      sub.offset = from.offset;
+      sub.epoch = from.epoch;
     }
     this.subscriptions.add(sub);
     if (this.stomp.connected) sub.open(this.stomp);
@@ -430,6 +536,11 @@ export class Lockstep {
     if (options.ttlMs) body.ttl_ms = options.ttlMs;
     const grant = await this.api('POST', `/api/v1/teams/${encodeURIComponent(team)}/items/${encodeURIComponent(item)}/lock`, body);
     const lock = new Lock(this, team, item, grant, options);
+    if (this.closed) {
+      // close() ran while this was in flight: do not leave a renewing lock behind.
+      await lock.release().catch(() => {});
+      throw new Error('closed');
+    }
     this.locks.add(lock);
     return lock;
   }
@@ -441,6 +552,7 @@ export class Lockstep {
 
   /** Releases held locks and closes the connection. */
   async close() {
+    this.closed = true;
     clearTimeout(this.refreshTimer);
     await Promise.allSettled([...this.locks].map((l) => l.release()));
     await this.stomp.deactivate();

@@ -52,6 +52,7 @@ export async function runScenario({ Client, Lockstep, cfg, fetch, log }) {
   };
 
   let handed = 0;
+  let providerFailed = false;
   const userTokens = [cfg.tokens.user0, cfg.tokens.user1, cfg.tokens.user2];
   const connects = [];
   const disconnects = [];
@@ -60,7 +61,14 @@ export async function runScenario({ Client, Lockstep, cfg, fetch, log }) {
     url: cfg.ws,
     http: cfg.http,
     Client,
-    token: () => userTokens[Math.min(handed++, userTokens.length - 1)],
+    // The provider fails once first (its backend is down): the library retries it.
+    token: () => {
+      if (!providerFailed) {
+        providerFailed = true;
+        throw new Error('token backend unavailable');
+      }
+      return userTokens[Math.min(handed++, userTokens.length - 1)];
+    },
     refreshBeforeMs: 2000,
     stomp: { reconnectDelay: 300, heartbeatIncoming: cfg.heartbeat_ms, heartbeatOutgoing: cfg.heartbeat_ms, debug: log },
     onConnect: (frame) => {
@@ -125,24 +133,30 @@ export async function runScenario({ Client, Lockstep, cfg, fetch, log }) {
       if (offsets[i] !== offsets[i - 1] + 1) fail(`offsets not contiguous: ${offsets} (lib.test: ${showJson(seen, 600)})`);
     }
     const resumed = subscribed[1];
-    if (!resumed.recovered || resumed.resumedFrom?.offset < seen[2].offset) {
+    if (!resumed.recovered || !resumed.resumedFrom || resumed.resumedFrom.offset < seen[2].offset) {
       fail(`the resume: ${showJson(resumed, 300)}, expected recovered from offset ${seen[2].offset} or later`);
     }
 
     step = 'd token refresh over the socket';
     // The reconnect took the second token; the third must arrive over the socket before the
     // second's exp, and the connection must outlive it.
+    if (handed !== 2 || ls.refreshed !== 0) fail(`before the refresh: ${handed} tokens handed out, ${ls.refreshed} refreshes (steps a-c took too long?)`);
     const expiry = cfg.expires[1] * 1000;
     await waits.until(() => ls.refreshed >= 1, 'a refresh', Math.max(0, expiry - Date.now()) + 5000);
+    if (handed !== 3) fail(`the refresh must take the third token; ${handed} handed out`);
     await sleep(Math.max(0, expiry - Date.now()) + 1000);
     await publish(8);
     await waits.until(() => seen.length === 8, () => `n=8 after the old token's exp; got ${showJson(seen.slice(-3), 300)}`);
     if (connects.length !== 2) fail(`${connects.length} connections: the refresh must not reconnect`);
 
     step = 'e locks';
-    const lock = await ls.lock(cfg.team, 'lib-item', { ttlMs: 1000, onRenewed: () => waits.changed() });
-    const firstExpiry = lock.expiresAt;
-    await waits.until(() => lock.expiresAt > firstExpiry + 500, 'two renewals', 5000);
+    let renewals = 0;
+    const lockLost = [];
+    const lock = await waits.wait(
+      ls.lock(cfg.team, 'lib-item', { ttlMs: 1000, onRenewed: () => { renewals += 1; waits.changed(); }, onLost: (l) => { lockLost.push(l); waits.changed(); } }),
+      'lock(lib-item)',
+    );
+    await waits.until(() => renewals >= 2, 'two renewals', 5000);
     const held = await api('GET', `/api/v1/teams/${cfg.team}/items/lib-item/lock`, cfg.tokens.admin);
     if (held.status !== 200 || held.json.holder !== cfg.user || held.json.token !== lock.token) {
       fail(`renewed lock: ${held.status} ${showJson(held.json, 300)}, expected ${cfg.user}'s token ${lock.token}`);
@@ -151,7 +165,7 @@ export async function runScenario({ Client, Lockstep, cfg, fetch, log }) {
     if (other.status !== 200) fail(`the admin's lock: ${other.status}`);
     let refused = null;
     try {
-      await ls.lock(cfg.team, 'lib-taken');
+      await waits.wait(ls.lock(cfg.team, 'lib-taken'), 'lock(lib-taken)');
     } catch (e) {
       refused = e;
     }
@@ -159,12 +173,22 @@ export async function runScenario({ Client, Lockstep, cfg, fetch, log }) {
       fail(`a held item: ${refused ? `${refused.name} ${refused.status} ${refused.code}` : 'granted'}, expected LockstepError 409 lock_held`);
     }
     const lost = [];
-    const doomed = await ls.lock(cfg.team, 'lib-doomed', { ttlMs: 1000, onLost: (l) => { lost.push(l); waits.changed(); } });
+    const doomed = await waits.wait(ls.lock(cfg.team, 'lib-doomed', { ttlMs: 1000, onLost: (l) => { lost.push(l); waits.changed(); } }), 'lock(lib-doomed)');
     const taken = await api('DELETE', `/api/v1/teams/${cfg.team}/items/lib-doomed/lock?force=true`, cfg.tokens.admin);
     if (taken.status !== 200) fail(`takeover: ${taken.status} ${showJson(taken.json, 300)}`);
     await waits.until(() => lost.length === 1, 'onLost after the takeover', 5000);
     if (doomed.held || lost[0].reason !== 'lock_lost') fail(`lost: ${showJson(lost, 300)}`);
-    await lock.release();
+    // The socket drops while the lock is held: the server would release it after the session
+    // grace (1 s here); the library binds it to the new session, so it outlives that.
+    const rebindFrom = connects.length;
+    ls.stomp.forceDisconnect();
+    await waits.until(() => connects.length === rebindFrom + 1, 'the reconnect with a lock held');
+    await sleep(2500);
+    const kept = await api('GET', `/api/v1/teams/${cfg.team}/items/lib-item/lock`, cfg.tokens.admin);
+    if (kept.status !== 200 || kept.json.token !== lock.token || kept.json.session !== ls.session || lockLost.length) {
+      fail(`the lock after a reconnect: ${kept.status} ${showJson(kept.json, 300)}, lost ${showJson(lockLost, 200)}; expected token ${lock.token} on session ${ls.session}`);
+    }
+    await waits.wait(lock.release(), 'release()');
     const gone = await api('GET', `/api/v1/teams/${cfg.team}/items/lib-item/lock`, cfg.tokens.admin);
     if (gone.status !== 404) fail(`after release: ${gone.status} ${showJson(gone.json, 300)}`);
 
@@ -190,9 +214,26 @@ export async function runScenario({ Client, Lockstep, cfg, fetch, log }) {
     await waits.until(() => again.length === 1 && seen.length === 9, 'n=9 on both subscriptions');
     if (again[0] !== 9 || resets.length !== 0) fail(`after the reset: ${again}, first subscription's resets ${showJson(resets, 300)}`);
 
-    step = 'h close';
+    step = 'h a refused subscription ends, the others go on';
+    const ended = [];
+    ls.subscribe('/team/not-my-team', () => {}, { onEnd: (e) => { ended.push(e); waits.changed(); } });
+    await waits.until(() => ended.length === 1, 'onEnd for a foreign team');
+    if (ended[0].reason !== 'refused') fail(`onEnd: ${showJson(ended, 300)}`);
+    // The server closed the connection with its ERROR; the library reconnects without it.
+    const reconnects = connects.length;
+    await waits.until(() => connects.length === reconnects + 1 || ls.stomp.connected, 'the reconnect after the refusal');
+    await publish(10);
+    await waits.until(() => seen.length === 10 && again.length === 2, 'n=10 on both team subscriptions after the refusal');
+    if (ls.subscriptions.size !== 2) fail(`${ls.subscriptions.size} subscriptions left, expected the two team ones`);
+
+    step = 'i close';
     await waits.wait(ls.close(), 'close()');
-    return { events: seen.length, connections: connects.length, refreshes: ls.refreshed, lock_token: lock.token, errors };
+    // The token provider runs out of tokens at the third: any error the library reported
+    // (other than the refused SUBSCRIBE above) is a failure.
+    if (!errors.some((e) => e.includes('token provider failed'))) fail(`the failing provider was not reported: ${showJson(errors, 400)}`);
+    const unexpected = errors.filter((e) => !e.includes('not-my-team') && !e.includes('forbidden') && !e.includes('token provider failed'));
+    if (unexpected.length) fail(`library errors: ${showJson(unexpected, 600)}`);
+    return { events: seen.length, connections: connects.length, refreshes: ls.refreshed, lock_token: lock.token };
   } catch (e) {
     try {
       await ls.stomp.deactivate({ force: true });
