@@ -74,19 +74,17 @@ try {
   const context = await browser.newContext({ viewport: { width: 1366, height: 768 } });
   const page = await context.newPage();
   watch(page, 'page 1');
-  let bytes = 0;
-  page.on('response', async (r) => {
-    try {
-      bytes += (await r.body()).length;
-    } catch (_) {
-      // redirects and the like have no body
-    }
-  });
   const started = Date.now();
   await page.goto(`${cfg.http}/console`, { waitUntil: 'load' });
   await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS });
   const loadMs = Date.now() - started;
-  const weight = bytes;
+  // The page's weight: what it loaded to be ready (the document and every resource, /metrics
+  // polls aside), decoded, from the browser's own resource timing.
+  const weight = await page.evaluate(() =>
+    [...performance.getEntriesByType('navigation'), ...performance.getEntriesByType('resource')]
+      .filter((e) => !e.name.endsWith('/metrics'))
+      .reduce((sum, e) => sum + e.decodedBodySize, 0),
+  );
 
   if (!cfg.dev) {
     if (await page.isVisible('#dev-token')) fail('the development-token button is shown on a node with a configured secret');
