@@ -719,6 +719,16 @@ impl Parser<'_> {
         }
     }
 
+    /// A comma-separated key's entries, trimmed, empty ones left out.
+    fn list(&self, name: &str) -> Vec<String> {
+        self.raw(name)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn optional(&self, name: &str) -> Option<String> {
         Some(self.raw(name)).filter(|v| !v.trim().is_empty())
     }
@@ -853,14 +863,7 @@ impl Parser<'_> {
             Ok(events) => config.events = events,
             Err(problem) => self.error("webhooks.events", &problem.to_string()),
         }
-        let list = |text: String| -> Vec<String> {
-            text.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        };
-        let urls = list(self.raw("webhooks.urls"));
+        let urls = self.list("webhooks.urls");
         if urls.is_empty() {
             return config;
         }
@@ -884,7 +887,7 @@ impl Parser<'_> {
                 );
             }
         }
-        let secrets = list(self.raw("webhooks.secret"));
+        let secrets = self.list("webhooks.secret");
         if secrets.is_empty() {
             self.error("webhooks.secret", "is required when webhooks.urls is set");
             return config;
@@ -946,11 +949,10 @@ impl Parser<'_> {
     }
 
     fn content_types(&mut self) -> Vec<String> {
-        let raw = self.raw("s3.content_types");
-        let list: Vec<String> = raw
-            .split(',')
-            .map(|s| s.trim().to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
+        let list: Vec<String> = self
+            .list("s3.content_types")
+            .iter()
+            .map(|s| s.to_ascii_lowercase())
             .collect();
         for ct in &list {
             if ct != "*"
@@ -971,10 +973,10 @@ impl Parser<'_> {
     }
 
     fn origins(&mut self) -> OriginPolicy {
-        let raw = self.raw("allowed_origins");
-        let list: Vec<String> = raw
-            .split(',')
-            .map(|s| s.trim().trim_end_matches('/').to_owned())
+        let list: Vec<String> = self
+            .list("allowed_origins")
+            .iter()
+            .map(|s| s.trim_end_matches('/').to_owned())
             .filter(|s| !s.is_empty())
             .collect();
         if list.iter().any(|o| o == "*") {

@@ -852,17 +852,30 @@ impl hub::PresenceObserver for PresenceHooks {
     fn presence_changed(&self, topic: &str, change: &hub::PresenceChange) {
         // In the order a receiver expects: the topic is occupied before its first user joined,
         // and vacated after its last one left.
-        let user = serde_json::json!({ "user": &*change.user }).to_string();
-        if change.joined {
-            if change.occupancy() == Some(hub::Occupancy::Occupied) {
-                self.0.emit("topic.occupied", topic, "{}");
-            }
-            self.0.emit(hub::presence::JOINED, topic, &user);
+        let kind = if change.joined {
+            hub::presence::JOINED
         } else {
-            self.0.emit(hub::presence::LEFT, topic, &user);
-            if change.occupancy() == Some(hub::Occupancy::Vacated) {
-                self.0.emit("topic.vacated", topic, "{}");
-            }
+            hub::presence::LEFT
+        };
+        let occupancy = match change.occupancy() {
+            Some(hub::Occupancy::Occupied) => Some("topic.occupied"),
+            Some(hub::Occupancy::Vacated) => Some("topic.vacated"),
+            None => None,
+        };
+        if change.joined
+            && let Some(occupied) = occupancy
+        {
+            self.0.emit(occupied, topic, "{}");
+        }
+        // Built only when wanted: this runs for every presence change of the node.
+        if self.0.wants(kind) {
+            let user = serde_json::json!({ "user": &*change.user }).to_string();
+            self.0.emit(kind, topic, &user);
+        }
+        if !change.joined
+            && let Some(vacated) = occupancy
+        {
+            self.0.emit(vacated, topic, "{}");
         }
     }
 }

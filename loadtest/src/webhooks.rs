@@ -342,11 +342,10 @@ async fn events_queued(http: &str) -> anyhow::Result<f64> {
         .await?
         .text()
         .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("lockstep_webhook_events_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    Ok(crate::stats::metric_sum(
+        &text,
+        "lockstep_webhook_events_total",
+    ))
 }
 
 fn round(x: f64) -> f64 {

@@ -4,7 +4,7 @@
 // latest progress, every item's latest lock event, who is present), then live events, so a
 // reload shows the same view without an HTTP call or a race.
 
-import { Lockstep } from '/console/lockstep.js';
+import { Lockstep, tokenClaims } from '/console/lockstep.js';
 
 const $ = (id) => document.getElementById(id);
 const MAX_EVENTS = 300;
@@ -27,15 +27,6 @@ const state = {
 
 function setStatus(text) {
   $('status').textContent = text;
-}
-
-function claims(token) {
-  try {
-    const part = token.split('.')[1];
-    return JSON.parse(atob(part.replace(/-/g, '+').replace(/_/g, '/')));
-  } catch (_) {
-    return {};
-  }
 }
 
 // --- Rendering -------------------------------------------------------------------------------
@@ -157,7 +148,7 @@ function record(event) {
 
 async function connect(token, team) {
   await disconnect();
-  state.user = claims(token).sub || '?';
+  state.user = tokenClaims(token).sub || '?';
   state.team = team;
   state.jobs.clear();
   state.locks.clear();

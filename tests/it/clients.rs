@@ -10,9 +10,17 @@ use tests::{Lockstep, Options, free_port, workspace};
 const HEARTBEAT_MS: u32 = 500;
 
 fn node(page_port: Option<u16>) -> Lockstep {
+    node_with(page_port, &[])
+}
+
+/// [`node`] with extra `LOCKSTEP_*` settings.
+fn node_with(page_port: Option<u16>, extra: &[(&str, &str)]) -> Lockstep {
     let mut options = Options::default()
         .env("LOCKSTEP_HUB_HEARTBEAT_SEND_MS", HEARTBEAT_MS)
         .env("LOCKSTEP_HUB_HEARTBEAT_RECV_MS", HEARTBEAT_MS);
+    for (key, value) in extra {
+        options = options.env(key, value);
+    }
     if let Some(port) = page_port {
         options = options.env(
             "LOCKSTEP_ALLOWED_ORIGINS",
@@ -281,21 +289,16 @@ fn library_config(node: &Lockstep, page_port: Option<u16>) -> String {
 }
 
 fn library_node(page_port: Option<u16>) -> Lockstep {
-    let mut options = Options::default()
-        .env("LOCKSTEP_HUB_HEARTBEAT_SEND_MS", HEARTBEAT_MS)
-        .env("LOCKSTEP_HUB_HEARTBEAT_RECV_MS", HEARTBEAT_MS)
-        .env("LOCKSTEP_PRESENCE_ENABLED", "true")
-        .env("LOCKSTEP_LOCKS_MIN_TTL", "1s")
-        // A lock whose socket closed is released after 1 s: the scenario shows the library
-        // binding it to the new connection's session in time.
-        .env("LOCKSTEP_LOCKS_SESSION_GRACE", "1s");
-    if let Some(port) = page_port {
-        options = options.env(
-            "LOCKSTEP_ALLOWED_ORIGINS",
-            format!("http://127.0.0.1:{port}"),
-        );
-    }
-    Lockstep::start_with(options)
+    node_with(
+        page_port,
+        &[
+            ("LOCKSTEP_PRESENCE_ENABLED", "true"),
+            ("LOCKSTEP_LOCKS_MIN_TTL", "1s"),
+            // A lock whose socket closed is released after 1 s: the scenario shows the library
+            // binding it to the new connection's session in time.
+            ("LOCKSTEP_LOCKS_SESSION_GRACE", "1s"),
+        ],
+    )
 }
 
 #[test]

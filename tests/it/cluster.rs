@@ -420,6 +420,44 @@ async fn wait_for(condition: impl Fn() -> bool, what: &str) {
     }
 }
 
+/// Publishes `event_type` events numbered from 0 (`data.n`) to `/team/t1` through `node`'s HTTP
+/// API every 20 ms until `true` is sent on the returned channel; the task answers how many.
+fn numbered_publisher(
+    node: &Lockstep,
+    event_type: &str,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<u64>,
+) {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let (http, token, event_type) = (
+        node.http(),
+        node.token("backend", &["t1"], "publish"),
+        event_type.to_owned(),
+    );
+    let publisher = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut n = 0u64;
+        loop {
+            let body = json!({"topic": "/team/t1", "type": event_type, "data": {"n": n}});
+            let response = client
+                .post(format!("{http}/api/v1/publish"))
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 202);
+            n += 1;
+            tokio::select! {
+                _ = stopped.changed() => return n,
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    });
+    (stop, publisher)
+}
+
 /// A node is SIGKILLed: its stompjs client reconnects to another node by itself and receives
 /// events again, and clients of the surviving nodes see no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,33 +467,7 @@ async fn killed_node_clients_reconnect_elsewhere() {
     let mut witness = crate::client(&nodes[2], "witness", &["t1"], "").await;
     witness.subscribe("t", "/team/t1").await.unwrap();
     // A publisher on node 1 sends a numbered event every 20 ms until told to stop.
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let publisher = {
-        let (http, token) = (
-            nodes[1].http(),
-            nodes[1].token("backend", &["t1"], "publish"),
-        );
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let mut n = 0u64;
-            loop {
-                let body = json!({"topic": "/team/t1", "type": "job.progress", "data": {"n": n}});
-                let response = client
-                    .post(format!("{http}/api/v1/publish"))
-                    .bearer_auth(&token)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status().as_u16(), 202);
-                n += 1;
-                tokio::select! {
-                    _ = stopped.changed() => return n,
-                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-            }
-        })
-    };
+    let (stop, publisher) = numbered_publisher(&nodes[1], "job.progress");
     let config = json!({
         "urls": [nodes[0].ws(), nodes[1].ws()],
         "kill_pid": nodes[0].pid(),
@@ -493,33 +505,7 @@ async fn the_client_library_resumes_on_another_node_after_a_kill() {
     use tests::streams::{Seen, check};
     let redis = RedisServer::start();
     let nodes = nodes(2, &redis.url(), &[]);
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let publisher = {
-        let (http, token) = (
-            nodes[1].http(),
-            nodes[1].token("backend", &["t1"], "publish"),
-        );
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let mut n = 0u64;
-            loop {
-                let body = json!({"topic": "/team/t1", "type": "job.step", "data": {"n": n}});
-                let response = client
-                    .post(format!("{http}/api/v1/publish"))
-                    .bearer_auth(&token)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status().as_u16(), 202);
-                n += 1;
-                tokio::select! {
-                    _ = stopped.changed() => return n,
-                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-            }
-        })
-    };
+    let (stop, publisher) = numbered_publisher(&nodes[1], "job.step");
     let config = json!({
         "urls": [nodes[0].ws(), nodes[1].ws()],
         "http": nodes[1].http(),

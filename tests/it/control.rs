@@ -82,6 +82,13 @@ async fn call(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// A 403 whose message says the access was revoked.
+fn assert_revoked(status: u16, body: &Value) {
+    assert_eq!(status, 403, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("revoked"), "{body}");
+}
+
 async fn connect(node: &Lockstep, token: &str) -> StompClient {
     StompClient::connect(&node.ws(), token)
         .await
@@ -334,14 +341,7 @@ async fn unsubscribe_ends_a_team_and_holds_on_a_node_that_missed_it() {
         &json!({"topic": "/team/t1/items/doc-1", "type": "note.added", "data": {}}),
     )
     .await;
-    assert_eq!(status, 403, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("revoked"),
-        "{body}"
-    );
+    assert_revoked(status, &body);
     let (status, _) = call(
         &nodes[0],
         &token,
@@ -370,14 +370,7 @@ async fn unsubscribe_ends_a_team_and_holds_on_a_node_that_missed_it() {
         None,
     )
     .await;
-    assert_eq!(status, 403, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("revoked"),
-        "{body}"
-    );
+    assert_revoked(status, &body);
     let (status, body) = call(
         &nodes[2],
         &token,

@@ -458,20 +458,6 @@ fn stompjs_in_chromium_sees_item_presence_across_three_nodes_with_redis_cluster(
     item_pages_in_chromium(&cluster.url());
 }
 
-/// A lockstep counter's value on a node.
-async fn counter(node: &Lockstep, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", node.http()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn two_thousand_members_are_listed_counted_and_joined_in_batches() {
     const MEMBERS: usize = 2000;
@@ -523,8 +509,8 @@ async fn two_thousand_members_are_listed_counted_and_joined_in_batches() {
     }
     assert_eq!(listed.len(), MEMBERS + 1);
     // Updates went in batches: far fewer store updates than joins.
-    let updates = counter(&nodes[0], "lockstep_presence_updates_total").await
-        + counter(&nodes[1], "lockstep_presence_updates_total").await;
+    let updates = nodes[0].metric("lockstep_presence_updates_total").await
+        + nodes[1].metric("lockstep_presence_updates_total").await;
     assert!(
         updates < (MEMBERS / 4) as f64,
         "{updates} updates for {MEMBERS} joins"

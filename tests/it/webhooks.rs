@@ -204,6 +204,26 @@ fn webhooks(options: Options, urls: &str, secrets: &str, events: &str) -> Option
         .env("LOCKSTEP_WEBHOOKS_LEASE", "1s")
 }
 
+/// [`webhooks`] for a node of a cluster: one JWT secret, Redis and PostgreSQL shared.
+fn cluster_node(
+    secret: &str,
+    redis: &RedisServer,
+    database: &str,
+    receiver: &Receiver,
+    hook_secret: &str,
+    events: &str,
+) -> Options {
+    webhooks(
+        Options::default()
+            .secret(secret)
+            .env("LOCKSTEP_REDIS_URL", redis.url())
+            .env("LOCKSTEP_DATABASE_URL", database),
+        &receiver.url,
+        hook_secret,
+        events,
+    )
+}
+
 async fn connect(node: &Lockstep, user: &str, topics: &[&str]) -> StompClient {
     let token = node.token(user, &["t1"], "");
     let mut client = StompClient::connect(&node.ws(), &token)
@@ -283,20 +303,6 @@ fn parts(signature: &str) -> (String, String) {
     (t, v1)
 }
 
-/// The sum of a counter's samples in `/metrics` whose line starts with `prefix`.
-async fn metric(node: &Lockstep, prefix: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", node.http()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn occupancy_across_two_nodes_is_first_in_last_out_and_reloads_are_silent() {
     let started = now();
@@ -308,12 +314,11 @@ async fn occupancy_across_two_nodes_is_first_in_last_out_and_reloads_are_silent(
     let hook_secret = random_secret();
     let nodes: Vec<Lockstep> = (0..2)
         .map(|_| {
-            Lockstep::start_with(webhooks(
-                Options::default()
-                    .secret(&secret)
-                    .env("LOCKSTEP_REDIS_URL", redis.url())
-                    .env("LOCKSTEP_DATABASE_URL", &database),
-                &receiver.url,
+            Lockstep::start_with(cluster_node(
+                &secret,
+                &redis,
+                &database,
+                &receiver,
                 &hook_secret,
                 "topic.*,presence.*",
             ))
@@ -510,7 +515,7 @@ async fn a_failing_receiver_gets_its_deliveries_later_in_id_order_and_a_dead_one
     })
     .await;
     let deadline = Instant::now() + within;
-    while metric(&node, "lockstep_webhook_dead_letters_total").await < 5.0 {
+    while node.metric("lockstep_webhook_dead_letters_total").await < 5.0 {
         assert!(
             Instant::now() < deadline,
             "five dead letters counted:\n{}",
@@ -519,19 +524,13 @@ async fn a_failing_receiver_gets_its_deliveries_later_in_id_order_and_a_dead_one
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        metric(
-            &node,
-            "lockstep_webhook_deliveries_total{outcome=\"failed\""
-        )
-        .await
+        node.metric("lockstep_webhook_deliveries_total{outcome=\"failed\"")
+            .await
             >= 8.0
     );
     assert!(
-        metric(
-            &node,
-            "lockstep_webhook_deliveries_total{outcome=\"delivered\""
-        )
-        .await
+        node.metric("lockstep_webhook_deliveries_total{outcome=\"delivered\"")
+            .await
             >= 5.0
     );
 
@@ -572,12 +571,11 @@ async fn a_killed_nodes_queued_deliveries_are_delivered_by_another_node() {
     let secret = random_secret();
     let hook_secret = random_secret();
     let options = || {
-        webhooks(
-            Options::default()
-                .secret(&secret)
-                .env("LOCKSTEP_REDIS_URL", redis.url())
-                .env("LOCKSTEP_DATABASE_URL", &database),
-            &receiver.url,
+        cluster_node(
+            &secret,
+            &redis,
+            &database,
+            &receiver,
             &hook_secret,
             "topic.occupied",
         )
@@ -637,12 +635,11 @@ async fn concurrent_writers_on_postgres_deliver_each_event_once_in_id_order() {
     let nodes: Vec<Lockstep> = (0..2)
         .map(|_| {
             Lockstep::start_with(
-                webhooks(
-                    Options::default()
-                        .secret(&secret)
-                        .env("LOCKSTEP_REDIS_URL", redis.url())
-                        .env("LOCKSTEP_DATABASE_URL", &database),
-                    &receiver.url,
+                cluster_node(
+                    &secret,
+                    &redis,
+                    &database,
+                    &receiver,
                     &hook_secret,
                     "topic.occupied,lock.acquired",
                 )

@@ -292,6 +292,21 @@ impl Lockstep {
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
     }
+
+    /// The sum of this node's `/metrics` samples whose line starts with `prefix`.
+    ///
+    /// # Panics
+    ///
+    /// When `/metrics` cannot be read.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.http()))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("/metrics body");
+        loadtest::stats::metric_sum(&text, prefix)
+    }
 }
 
 impl Drop for Lockstep {

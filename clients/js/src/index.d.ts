@@ -110,6 +110,8 @@ export class LockstepError extends Error {
   readonly body: unknown;
 }
 
+/** The claims of a JWT (its payload, not verified); {} when it is not a JWT. */
+export function tokenClaims(token: string): Record<string, unknown>;
 export function tokenExpiry(token: string): number | null;
 
 export class Lockstep {

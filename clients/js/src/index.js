@@ -22,16 +22,21 @@ const RESET = 'lockstep.reset';
 const UNSUBSCRIBED = 'lockstep.unsubscribed';
 const TOKEN_DESTINATION = '/lockstep/token';
 
+/** The claims of a JWT (its payload, not verified); {} when it is not a JWT. */
+export function tokenClaims(token) {
+  const part = String(token).split('.')[1];
+  if (!part) return {};
+  try {
+    return JSON.parse(atob(part.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(part.length / 4) * 4, '=')));
+  } catch (_) {
+    return {};
+  }
+}
+
 /** The `exp` claim of a JWT, in ms since the epoch; null when it has none or is not a JWT. */
 export function tokenExpiry(token) {
-  const part = String(token).split('.')[1];
-  if (!part) return null;
-  try {
-    const json = JSON.parse(atob(part.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(part.length / 4) * 4, '=')));
-    return typeof json.exp === 'number' ? json.exp * 1000 : null;
-  } catch (_) {
-    return null;
-  }
+  const exp = tokenClaims(token).exp;
+  return typeof exp === 'number' ? exp * 1000 : null;
 }
 
 /** An error of the HTTP API: `status` and the API's `code` (e.g. `lock_held`, `lock_lost`). */

@@ -3,7 +3,6 @@
 // scenario is ../shared/library_scenario.mjs. Exit 0 after printing `OK {summary}` on stdout;
 // exit 1 with `FAIL [node] [step] reason` (and a stompjs trace) on stderr.
 
-import { Lockstep } from '../../../clients/js/src/index.js';
 import { WAIT_MS } from '../shared/common.mjs';
 import { runScenarioInNode } from '../shared/node_harness.mjs';
 import { runScenario } from '../shared/library_scenario.mjs';
@@ -11,7 +10,7 @@ import { runScenario } from '../shared/library_scenario.mjs';
 runScenarioInNode({
   script: 'node/library.mjs',
   configFail: 'FAIL [node]',
-  scenario: (args) => runScenario({ ...args, Lockstep }),
+  scenario: runScenario,
   overallMs: (cfg) => Math.max(0, cfg.expires[2] * 1000 - Date.now()) + 6 * WAIT_MS,
   versions: { stompjs: '@stomp/stompjs' },
 });

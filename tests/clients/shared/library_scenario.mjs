@@ -1,7 +1,7 @@
 // @lockstep/client (clients/js) against a real node, with the real @stomp/stompjs: run from Node
-// (node/library.mjs) and inside headless Chromium (browser/library.mjs serves
-// browser/library.html, which imports the library as /lockstep.js and this file as
-// /scenario.mjs). Uses only what both platforms have; the library class comes in as `Lockstep`.
+// (node/library.mjs) and inside headless Chromium (browser/library.mjs serves browser/page.html,
+// this file as /scenario.mjs and the library as /lockstep.js). Uses only what both platforms
+// have; `./lockstep.js` is shared/lockstep.js in Node and the library itself in the browser.
 //
 // Steps (`n` is data.n of the `lib.test` events the backend publishes to /team/<team>):
 //  a. connect with a token provider (each call hands out the next of cfg.tokens.user0..2);
@@ -20,6 +20,7 @@
 //  h. close(): locks released, socket closed.
 
 import { ScenarioFailure, Waits, showJson } from './common.mjs';
+import { Lockstep } from './lockstep.js';
 
 export { makeRedactor } from './common.mjs';
 
@@ -32,7 +33,7 @@ function fail(message) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-export async function runScenario({ Client, Lockstep, cfg, fetch, log }) {
+export async function runScenario({ Client, cfg, fetch, log }) {
   const waits = new Waits(() => step);
   const team = `/team/${cfg.team}`;
   const api = async (method, path, token, body) => {
